@@ -1,0 +1,487 @@
+"""The context-window budget: the concept note's diagram, made to fit real conversations.
+
+Sections, in the order they appear in the conversation sent to the model:
+
+    system prompt         never dropped (the system message and any few-shot turns)
+    retrieved context     chunks dropped lowest score first (without scores: last first);
+                          the first chunk that does not fit may be cut to fit when a
+                          `truncate(text, n_tokens)` function is given
+    conversation history  whole turns dropped oldest first (a user message and the
+                          replies after it go together)
+    current message       never dropped
+    reserved for response tokens kept free for the reply
+
+All counting goes through the caller's `count_messages(messages) -> int`, which for real
+models renders the chat template and tokenizes it. Template overhead is not additive per
+message, so every decision counts the whole candidate conversation, never a sum of parts.
+The report attributes tokens by adding the sections one at a time to a conversation of
+empty messages and counting after each step; the steps telescope, so the rows (template
+overhead first) add up exactly to the counted prompt.
+
+When history and retrieved context compete for room, `drop_first` says which gives way
+first ("history" by default: the retrieved context answers the current question).
+When the system prompt, the current message and the reserve cannot fit, `fit` raises a
+PellucidError with the numbers; nothing undroppable is ever cut silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pellucid.errors import PellucidError
+from pellucid.prompts.system import SystemPrompt
+
+Message = dict[str, str]
+CountMessages = Callable[[list[Message]], int]
+Truncate = Callable[[str, int], str]
+
+OVERHEAD = "template overhead"
+SYSTEM = "system prompt"
+RETRIEVED = "retrieved context"
+HISTORY = "conversation history"
+CURRENT = "current message"
+RESERVED = "reserved for response"
+
+
+@dataclass
+class Chunk:
+    """One piece of retrieved context; a higher `score` is more relevant."""
+
+    text: str
+    score: float | None = None
+    source: str = ""
+
+
+@dataclass
+class Limits:
+    """Optional per-section token limits (None: only the window limits the section).
+
+    A limit on the system prompt or the current message is a check: those are never cut,
+    so exceeding it is an error.
+    """
+
+    system: int | None = None
+    retrieved: int | None = None
+    history: int | None = None
+    current: int | None = None
+
+
+@dataclass
+class SectionUsage:
+    """One row of the allocation report; items are messages, or chunks for retrieval."""
+
+    name: str
+    tokens: int
+    limit: int | None = None
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+@dataclass
+class Allocation:
+    """What `ContextBudget.fit` decided: the messages to send and the accounting."""
+
+    messages: list[Message]  # the conversation to render and send
+    sections: list[SectionUsage]  # overhead, system, retrieved, history, current, reserved
+    prompt_tokens: int  # count_messages(messages)
+    reserve: int
+    window: int
+    chunks: list[Chunk]  # the retrieved chunks kept (one possibly truncated), in input order
+    chunk_status: list[str]  # per input chunk: "kept", "truncated" or "dropped"
+    history_dropped: int  # how many of the oldest history messages were left out
+    history: list[Message] = field(default_factory=list)  # the history messages kept
+
+    @property
+    def total(self) -> int:
+        """Prompt tokens plus the reserve: never more than the window."""
+        return self.prompt_tokens + self.reserve
+
+    @property
+    def free(self) -> int:
+        return self.window - self.total
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens the reply may have (at least the reserve)."""
+        return self.window - self.prompt_tokens
+
+    def section(self, name: str) -> SectionUsage:
+        for s in self.sections:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def table(self) -> object:
+        """The allocation as a rich Table: one row per section, then total and window."""
+        from rich.table import Table
+
+        t = Table(title=f"Context budget: {self.total:,} of {self.window:,} tokens")
+        for col in ("section", "tokens", "limit", "% window", "kept", "dropped"):
+            t.add_column(col, justify="left" if col == "section" else "right")
+        for s in self.sections:
+            dropped = str(s.dropped) + (f" (+{s.truncated} cut)" if s.truncated else "")
+            itemized = s.name not in (OVERHEAD, RESERVED)
+            t.add_row(
+                s.name,
+                f"{s.tokens:,}",
+                "" if s.limit is None else f"{s.limit:,}",
+                f"{100 * s.tokens / self.window:.1f}",
+                str(s.kept) if itemized else "",
+                dropped if itemized else "",
+                end_section=s.name == RESERVED,
+            )
+        t.add_row("total", f"{self.total:,}", "", f"{100 * self.total / self.window:.1f}")
+        t.add_row("free", f"{self.free:,}", "", f"{100 * self.free / self.window:.1f}")
+        t.add_row("context window", f"{self.window:,}", "", "100.0")
+        return t
+
+    def render_text(self, width: int = 100) -> str:
+        """The table as plain text."""
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def format_context(chunks: Sequence[Chunk]) -> str:
+    """The default layout of retrieved chunks: an instruction, then numbered chunks."""
+    parts = ["Use the following retrieved context where it is relevant."]
+    for i, c in enumerate(chunks, 1):
+        head = f"[{i}]" + (f" ({c.source})" if c.source else "")
+        parts.append(f"{head} {c.text}")
+    return "\n\n".join(parts)
+
+
+def group_turns(history: Sequence[Message]) -> list[list[Message]]:
+    """Split history into turns: a user message and the messages after it, up to the next."""
+    turns: list[list[Message]] = []
+    for m in history:
+        if m.get("role") == "user" or not turns:
+            turns.append([m])
+        else:
+            turns[-1].append(m)
+    return turns
+
+
+def _limit(name: str, value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise PellucidError(
+            f"budget limit for {name} must be a non-negative integer or None, got {value!r}",
+            param=f"limits.{name}",
+        )
+    return value
+
+
+def _check_message(m: object, where: str) -> Message:
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
+        raise PellucidError(
+            f"{where} must be a message {{'role': ..., 'content': ...}}, got {m!r}", param=where
+        )
+    if not isinstance(m["content"], str):
+        raise PellucidError(f"{where} content must be text, got {m['content']!r}", param=where)
+    return m
+
+
+@dataclass
+class ContextBudget:
+    """Fits a conversation into a model's context window by a stated policy.
+
+    `count_messages` counts the tokens of a whole conversation as the model will see it
+    (chat template included); `truncate(text, n)` cuts text to at most n tokens at a
+    token boundary and enables truncating a retrieved chunk.
+    """
+
+    window: int
+    count_messages: CountMessages
+    reserve: int = 0
+    limits: Limits = field(default_factory=Limits)
+    truncate: Truncate | None = None
+    drop_first: str = "history"  # or "retrieved": which section gives way first
+    context_placement: str = "system"  # retrieved context goes into "system" or "user"
+    format_context: Callable[[Sequence[Chunk]], str] = format_context
+    min_chunk_tokens: int = 16  # a chunk cut shorter than this is dropped instead
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise PellucidError(
+                f"context window must be a positive integer, got {self.window!r}",
+                param="window",
+            )
+        if isinstance(self.reserve, bool) or not isinstance(self.reserve, int) or self.reserve < 0:
+            raise PellucidError(
+                f"reserve must be a non-negative integer, got {self.reserve!r}", param="reserve"
+            )
+        for name in ("system", "retrieved", "history", "current"):
+            _limit(name, getattr(self.limits, name))
+        if self.drop_first not in ("history", "retrieved"):
+            raise PellucidError(
+                f"drop_first must be 'history' or 'retrieved', got {self.drop_first!r}",
+                param="drop_first",
+            )
+        if self.context_placement not in ("system", "user"):
+            raise PellucidError(
+                f"context_placement must be 'system' or 'user', got {self.context_placement!r}",
+                param="context_placement",
+            )
+
+    def fit(
+        self,
+        current: str | Message,
+        *,
+        system: str | SystemPrompt | Sequence[Message] | None = None,
+        history: Sequence[Message] = (),
+        retrieved: Sequence[Chunk | str] = (),
+    ) -> Allocation:
+        """Choose what to send: everything that fits, dropping by the stated policy."""
+        return _Fit(self, current, system, history, retrieved).run()
+
+
+class _Fit:
+    """One fitting run; caches counts, since many candidates share their prefixes."""
+
+    def __init__(
+        self,
+        budget: ContextBudget,
+        current: str | Message,
+        system: str | SystemPrompt | Sequence[Message] | None,
+        history: Sequence[Message],
+        retrieved: Sequence[Chunk | str],
+    ):
+        self.b = budget
+        if isinstance(current, str):
+            current = {"role": "user", "content": current}
+        self.current = dict(_check_message(current, "current"))
+        if system is None:
+            self.system: list[Message] = []
+        elif isinstance(system, str):
+            self.system = [{"role": "system", "content": system}] if system else []
+        elif isinstance(system, SystemPrompt):
+            self.system = system.prefix_messages()
+        else:
+            self.system = [dict(_check_message(m, f"system[{i}]")) for i, m in enumerate(system)]
+        self.history = [dict(_check_message(m, f"history[{i}]")) for i, m in enumerate(history)]
+        self.turns = group_turns(self.history)
+        self.chunks = [c if isinstance(c, Chunk) else Chunk(str(c)) for c in retrieved]
+        # keep order: highest score first, unscored after scored, ties by position
+        self.priority = sorted(
+            range(len(self.chunks)),
+            key=lambda i: (
+                self.chunks[i].score is None,
+                -(self.chunks[i].score or 0.0),
+                i,
+            ),
+        )
+        self.cache: dict[str, int] = {}
+
+    # -- counting -----------------------------------------------------------------------
+
+    def count(self, messages: list[Message]) -> int:
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        if key not in self.cache:
+            n = self.b.count_messages([dict(m) for m in messages])
+            assert isinstance(n, int) and n >= 0, f"count_messages returned {n!r}"
+            self.cache[key] = n
+        return self.cache[key]
+
+    def assemble(
+        self,
+        system: list[Message],
+        chunks: list[Chunk],
+        history: list[Message],
+        current: Message,
+    ) -> list[Message]:
+        msgs = [dict(m) for m in system]
+        ctx = self.b.format_context(chunks) if chunks else ""
+        if ctx and self.b.context_placement == "system":
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0]["content"] = (msgs[0]["content"] + "\n\n" + ctx).lstrip("\n")
+            else:
+                msgs.insert(0, {"role": "system", "content": ctx})
+        msgs += [dict(m) for m in history]
+        cur = dict(current)
+        if ctx and self.b.context_placement == "user":
+            cur["content"] = ctx + "\n\n" + cur["content"]
+        msgs.append(cur)
+        return msgs
+
+    def measure(self, chunks: list[Chunk], history: list[Message]) -> dict[str, int]:
+        """Tokens per section, by adding sections one at a time; the values telescope."""
+        empty_user = {**self.current, "content": ""}
+        has_system = bool(self.system) and self.system[0]["role"] == "system"
+        blank = [{"role": "system", "content": ""}] if has_system else []
+        steps = [
+            (OVERHEAD, self.assemble(blank, [], [], empty_user)),
+            (SYSTEM, self.assemble(self.system, [], [], empty_user)),
+            (RETRIEVED, self.assemble(self.system, chunks, [], empty_user)),
+            (HISTORY, self.assemble(self.system, chunks, history, empty_user)),
+            (CURRENT, self.assemble(self.system, chunks, history, self.current)),
+        ]
+        out, before = {}, 0
+        for name, msgs in steps:
+            n = self.count(msgs)
+            out[name] = n - before
+            before = n
+        return out
+
+    def fits(self, chunks: list[Chunk], history: list[Message]) -> bool:
+        room = self.b.window - self.b.reserve
+        if self.count(self.assemble(self.system, chunks, history, self.current)) > room:
+            return False
+        lim = self.b.limits
+        if lim.retrieved is None and lim.history is None:
+            return True
+        m = self.measure(chunks, history)
+        return (lim.retrieved is None or m[RETRIEVED] <= lim.retrieved) and (
+            lim.history is None or m[HISTORY] <= lim.history
+        )
+
+    # -- candidates ---------------------------------------------------------------------
+
+    def kept_chunks(self, k: int, cut: str | None) -> list[Chunk]:
+        """The k highest-priority chunks (plus the next one, cut to `cut`), input order."""
+        keep = {i: self.chunks[i] for i in self.priority[:k]}
+        if cut is not None:
+            i = self.priority[k]
+            c = self.chunks[i]
+            keep[i] = Chunk(cut, c.score, c.source)
+        return [keep[i] for i in sorted(keep)]
+
+    def kept_history(self, n: int) -> list[Message]:
+        """The newest n turns."""
+        return [m for turn in self.turns[len(self.turns) - n :] for m in turn] if n else []
+
+    @staticmethod
+    def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+        """The largest x in [lo, hi] with ok(x), given ok(lo); binary search."""
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def pick_chunks(self, history: list[Message]) -> tuple[int, str | None]:
+        k = self.largest(
+            0, len(self.chunks), lambda k: self.fits(self.kept_chunks(k, None), history)
+        )
+        if self.b.truncate is None or k == len(self.chunks):
+            return k, None
+        # cut the next chunk: it costs at least n tokens, so n is bounded by the room left
+        used = self.count(
+            self.assemble(self.system, self.kept_chunks(k, None), history, self.current)
+        )
+        hi = self.b.window - self.b.reserve - used
+        if self.b.limits.retrieved is not None:
+            hi = min(
+                hi,
+                self.b.limits.retrieved
+                - self.measure(self.kept_chunks(k, None), history)[RETRIEVED],
+            )
+        lo = self.b.min_chunk_tokens
+        text = self.chunks[self.priority[k]].text
+
+        def ok(n: int) -> bool:
+            return self.fits(self.kept_chunks(k, self.b.truncate(text, n)), history)  # type: ignore[misc]
+
+        if hi < lo or not ok(lo):
+            return k, None
+        n = self.largest(lo, hi, ok)
+        cut = self.b.truncate(text, n)
+        return (k, cut) if cut.strip() else (k, None)
+
+    def pick_history(self, chunks: list[Chunk]) -> int:
+        return self.largest(0, len(self.turns), lambda n: self.fits(chunks, self.kept_history(n)))
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> Allocation:
+        b, lim = self.b, self.b.limits
+        base = self.measure([], [])
+        base_total = sum(base.values())
+        if base_total + b.reserve > b.window:
+            raise PellucidError(
+                f"the parts that are never dropped do not fit: system prompt {base[SYSTEM]} "
+                f"+ current message {base[CURRENT]} + template overhead {base[OVERHEAD]} = "
+                f"{base_total} tokens, plus {b.reserve} reserved for the response = "
+                f"{base_total + b.reserve}, over the context window of {b.window} by "
+                f"{base_total + b.reserve - b.window}; shorten the system prompt or the "
+                "message, or reserve fewer tokens",
+                param="messages",
+            )
+        for name, limit in ((SYSTEM, lim.system), (CURRENT, lim.current)):
+            if limit is not None and base[name] > limit:
+                raise PellucidError(
+                    f"the {name} is {base[name]} tokens, over its limit of {limit}; it is "
+                    "never cut, so shorten it or raise the limit",
+                    param=f"limits.{'system' if name == SYSTEM else 'current'}",
+                )
+
+        if b.drop_first == "history":
+            k, cut = self.pick_chunks([])
+            n = self.pick_history(self.kept_chunks(k, cut))
+        else:
+            n = self.pick_history([])
+            k, cut = self.pick_chunks(self.kept_history(n))
+        # templates are not additive: make sure the combination fits, dropping by policy
+        while not self.fits(self.kept_chunks(k, cut), self.kept_history(n)):
+            if b.drop_first == "history" and n > 0:
+                n -= 1
+            elif cut is not None:
+                cut = None
+            elif k > 0:
+                k -= 1
+            else:
+                assert n > 0, "the empty selection was checked to fit"
+                n -= 1
+
+        chunks, history = self.kept_chunks(k, cut), self.kept_history(n)
+        messages = self.assemble(self.system, chunks, history, self.current)
+        used = self.measure(chunks, history)
+        prompt_tokens = self.count(messages)
+        assert sum(used.values()) == prompt_tokens, (used, prompt_tokens)
+        assert prompt_tokens + b.reserve <= b.window, (prompt_tokens, b.reserve, b.window)
+
+        status = ["dropped"] * len(self.chunks)
+        for i in self.priority[:k]:
+            status[i] = "kept"
+        if cut is not None:
+            status[self.priority[k]] = "truncated"
+        n_kept_chunks = sum(s != "dropped" for s in status)
+        sections = [
+            SectionUsage(OVERHEAD, used[OVERHEAD]),
+            SectionUsage(SYSTEM, used[SYSTEM], lim.system, kept=len(self.system)),
+            SectionUsage(
+                RETRIEVED,
+                used[RETRIEVED],
+                lim.retrieved,
+                kept=n_kept_chunks,
+                dropped=len(self.chunks) - n_kept_chunks,
+                truncated=int(cut is not None),
+            ),
+            SectionUsage(
+                HISTORY,
+                used[HISTORY],
+                lim.history,
+                kept=len(history),
+                dropped=len(self.history) - len(history),
+            ),
+            SectionUsage(CURRENT, used[CURRENT], lim.current, kept=1),
+            SectionUsage(RESERVED, b.reserve),
+        ]
+        return Allocation(
+            messages=messages,
+            sections=sections,
+            prompt_tokens=prompt_tokens,
+            reserve=b.reserve,
+            window=b.window,
+            chunks=chunks,
+            chunk_status=status,
+            history_dropped=len(self.history) - len(history),
+            history=history,
+        )
