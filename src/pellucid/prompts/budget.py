@@ -299,7 +299,8 @@ class _Fit:
         ctx = self.b.format_context(chunks) if chunks else ""
         if ctx and self.b.context_placement == "system":
             if msgs and msgs[0]["role"] == "system":
-                msgs[0]["content"] = (msgs[0]["content"] + "\n\n" + ctx).lstrip("\n")
+                text = msgs[0]["content"]
+                msgs[0]["content"] = f"{text}\n\n{ctx}" if text else ctx
             else:
                 msgs.insert(0, {"role": "system", "content": ctx})
         msgs += [dict(m) for m in history]

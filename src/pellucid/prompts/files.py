@@ -399,7 +399,8 @@ def _field_name(names: list[str]) -> str:
 def _validation_error(
     e: ValidationError, *, where: str, node: yaml.Node | None = None
 ) -> PellucidError:
-    err = e.errors()[0]
+    # an unknown key is usually a misspelt one, the root cause of a "missing" next to it
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = err["loc"]
     target, names = _walk(node, loc)
     if err["type"] == "extra_forbidden" and isinstance(target, yaml.ScalarNode):
@@ -409,6 +410,8 @@ def _validation_error(
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; allowed here: " + ", ".join(_allowed_fields(loc))
+    elif err["type"] == "missing":
+        msg = "required field is missing"
     elif (
         err["type"] not in ("missing",)
         and "input" in err

@@ -258,7 +258,7 @@ def check_format(reply: str, skeleton: Skeleton | str) -> FormatReport:
 
 _WORD = re.compile(r"\w+(?:['’-]\w+)*")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+\S")
-_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
 
 
 @dataclass
@@ -289,7 +289,7 @@ def check_bullets(reply: str, min_items: int = 2) -> Check:
 
 def check_table(reply: str) -> Check:
     """Does the reply contain a Markdown table (a header rule such as |---|---|)?"""
-    ok = any(_TABLE_RULE.match(line) for line in reply.splitlines())
+    ok = any("|" in line and _TABLE_RULE.match(line) for line in reply.splitlines())
     return Check("table", ok, "Markdown table found" if ok else "no Markdown table")
 
 
