@@ -183,7 +183,8 @@ def test_a_chunk_is_truncated_only_with_a_truncate_function():
     assert a.chunk_status == ["kept", "truncated"]
     cut = a.chunks[1].text
     assert 16 <= len(cut.split()) < 100 and ("beta " * 100).startswith(cut)
-    assert a.section(RETRIEVED).truncated == 1
+    assert a.section(RETRIEVED).truncated == 1 and a.section(RETRIEVED).kept == 2
+    assert "2 (1 cut)" in a.render_text()
     assert a.prompt_tokens == b.window  # the cut fills the room exactly with this counter
     assert_adds_up(a, b.count_messages)
     # too little room for a useful piece: dropped, not cut to a few tokens

@@ -78,7 +78,7 @@ class SectionUsage:
     limit: int | None = None
     kept: int = 0
     dropped: int = 0
-    truncated: int = 0
+    truncated: int = 0  # of the kept items, how many were cut to fit
 
 
 @dataclass
@@ -123,15 +123,15 @@ class Allocation:
         for col in ("section", "tokens", "limit", "% window", "kept", "dropped"):
             t.add_column(col, justify="left" if col == "section" else "right")
         for s in self.sections:
-            dropped = str(s.dropped) + (f" (+{s.truncated} cut)" if s.truncated else "")
+            kept = str(s.kept) + (f" ({s.truncated} cut)" if s.truncated else "")
             itemized = s.name not in (OVERHEAD, RESERVED)
             t.add_row(
                 s.name,
                 f"{s.tokens:,}",
                 "" if s.limit is None else f"{s.limit:,}",
                 f"{100 * s.tokens / self.window:.1f}",
-                str(s.kept) if itemized else "",
-                dropped if itemized else "",
+                kept if itemized else "",
+                str(s.dropped) if itemized else "",
                 end_section=s.name == RESERVED,
             )
         t.add_row("total", f"{self.total:,}", "", f"{100 * self.total / self.window:.1f}")
@@ -368,33 +368,31 @@ class _Fit:
         return lo
 
     def pick_chunks(self, history: list[Message]) -> tuple[int, str | None]:
-        k = self.largest(
-            0, len(self.chunks), lambda k: self.fits(self.kept_chunks(k, None), history)
-        )
-        if self.b.truncate is None or k == len(self.chunks):
+        """How many chunks to keep whole, in priority order, and the cut of the next one."""
+
+        def fits_whole(k: int) -> bool:
+            return self.fits(self.kept_chunks(k, None), history)
+
+        k = self.largest(0, len(self.chunks), fits_whole)
+        truncate = self.b.truncate
+        if truncate is None or k == len(self.chunks):
             return k, None
-        # cut the next chunk: it costs at least n tokens, so n is bounded by the room left
-        used = self.count(
-            self.assemble(self.system, self.kept_chunks(k, None), history, self.current)
-        )
+        # n tokens of the next chunk cost at least n, so the room left bounds n
+        kept = self.kept_chunks(k, None)
+        used = self.count(self.assemble(self.system, kept, history, self.current))
         hi = self.b.window - self.b.reserve - used
-        if self.b.limits.retrieved is not None:
-            hi = min(
-                hi,
-                self.b.limits.retrieved
-                - self.measure(self.kept_chunks(k, None), history)[RETRIEVED],
-            )
-        lo = self.b.min_chunk_tokens
+        if (limit := self.b.limits.retrieved) is not None:
+            hi = min(hi, limit - self.measure(kept, history)[RETRIEVED])
         text = self.chunks[self.priority[k]].text
 
-        def ok(n: int) -> bool:
-            return self.fits(self.kept_chunks(k, self.b.truncate(text, n)), history)  # type: ignore[misc]
+        def fits_cut(n: int) -> bool:
+            return self.fits(self.kept_chunks(k, truncate(text, n)), history)
 
-        if hi < lo or not ok(lo):
+        lo = self.b.min_chunk_tokens
+        if hi < lo or not fits_cut(lo):
             return k, None
-        n = self.largest(lo, hi, ok)
-        cut = self.b.truncate(text, n)
-        return (k, cut) if cut.strip() else (k, None)
+        cut = truncate(text, self.largest(lo, hi, fits_cut))
+        return k, (cut if cut.strip() else None)
 
     def pick_history(self, chunks: list[Chunk]) -> int:
         return self.largest(0, len(self.turns), lambda n: self.fits(chunks, self.kept_history(n)))

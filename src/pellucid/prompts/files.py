@@ -300,6 +300,7 @@ class PromptFile:
     description: str = ""
     path: Path | None = None
     sha256: str = field(default="", init=False)
+    spec: PromptSpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         data = {
@@ -372,24 +373,25 @@ def _located(path: Path | str, node: yaml.Node | None) -> str:
     return f"{path}:{node.start_mark.line + 1}" if node is not None else str(path)
 
 
-def _walk(node: yaml.Node | None, loc: Sequence[Any]) -> tuple[yaml.Node | None, list[str]]:
-    """The YAML node that an error location points at, and the field path walked."""
-    names: list[str] = []
+def _walk(
+    root: yaml.Node | None, loc: Sequence[Any]
+) -> tuple[yaml.Node | None, yaml.Node | None, list[str]]:
+    """Where an error location points in the YAML: (value node, key node, field path)."""
+    node, key, names = root, None, []
     for item in loc:
         if item in _UNION_TAGS:
             continue
         names.append(f"[{item}]" if isinstance(item, int) else str(item))
+        key = None
         if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == item:
-                    node = v
-                    break
-            else:
-                continue  # a missing key: stay on the mapping that should hold it
+            # a missing key leaves us on the mapping that should hold it
+            match = next(((k, v) for k, v in node.value if k.value == item), None)
+            if match is not None:
+                key, node = match
         elif isinstance(node, yaml.SequenceNode) and isinstance(item, int):
             if item < len(node.value):
                 node = node.value[item]
-    return node, names
+    return node, key, names
 
 
 def _field_name(names: list[str]) -> str:
@@ -402,44 +404,22 @@ def _validation_error(
     # an unknown key is usually a misspelt one, the root cause of a "missing" next to it
     err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = err["loc"]
-    target, names = _walk(node, loc)
-    if err["type"] == "extra_forbidden" and isinstance(target, yaml.ScalarNode):
-        # point at the unknown key, not at its value
-        target = _key_node(node, loc) or target
+    target, key, names = _walk(node, loc)
+    if err["type"] == "extra_forbidden":
+        target = key or target  # point at the unknown key, not at its value
     fieldname = _field_name(names) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; allowed here: " + ", ".join(_allowed_fields(loc))
     elif err["type"] == "missing":
         msg = "required field is missing"
-    elif (
-        err["type"] not in ("missing",)
-        and "input" in err
-        and not isinstance(err["input"], dict | list)
-    ):
+    elif "input" in err and not isinstance(err["input"], dict | list):
         msg += f" (got {err['input']!r})"
     more = len(e.errors()) - 1
     tail = f" (and {more} more error{'s' * (more > 1)})" if more else ""
     return PellucidError(
         f"{_located(where, target)}: field {fieldname}: {msg}{tail}", param=fieldname
     )
-
-
-def _key_node(root: yaml.Node | None, loc: Sequence[Any]) -> yaml.Node | None:
-    node = root
-    for i, item in enumerate(x for x in loc if x not in _UNION_TAGS):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == item:
-                    if i == len([x for x in loc if x not in _UNION_TAGS]) - 1:
-                        return k
-                    node = v
-                    break
-            else:
-                return None
-        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int):
-            node = node.value[item] if item < len(node.value) else None
-    return None
 
 
 _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
@@ -690,7 +670,8 @@ class PromptStore:
         existing = {p.version: p for p in self.versions(prompt.name)}
         if (old := existing.get(prompt.version)) is not None:
             if old.sha256 == prompt.sha256:
-                return old.path or Path()
+                assert old.path is not None
+                return old.path
             raise self._overwrite_error(prompt, old, existing)
         target = Path(directory) if directory is not None else self.home
         target.mkdir(parents=True, exist_ok=True)
