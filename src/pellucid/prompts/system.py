@@ -103,10 +103,8 @@ class SystemPrompt:
     examples: list[Example] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.examples = [
-            e if isinstance(e, Example) else Example(*e)
-            for e in self.examples  # type: ignore[misc]
-        ]
+        # (user, assistant) pairs are accepted too
+        self.examples = [e if isinstance(e, Example) else Example(*e) for e in self.examples]
         if not isinstance(self.output_format, str):
             self.output_format = format_template(self.output_format)
 
