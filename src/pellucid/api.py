@@ -1,0 +1,125 @@
+"""The Python API: `LLM("smollm2-135m-instruct").chat([...])`.
+
+Every door (this API, the CLI, the HTTP server) drives the same Engine and consumes the
+same stream of RequestOutputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pellucid import registry
+from pellucid.engine.engine import Engine
+from pellucid.engine.request import Request, RequestOutput, TokenLogprob
+from pellucid.errors import PellucidError
+from pellucid.sampling.params import SamplingParams
+from pellucid.weights.load import LoadedModel, load_model
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: str | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def make_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    if params is None:
+        try:
+            return SamplingParams(**overrides)
+        except TypeError as e:
+            raise PellucidError(f"unknown sampling parameter: {e}") from None
+    if overrides:
+        from dataclasses import replace
+
+        return replace(params, **overrides)
+    return params
+
+
+class LLM:
+    """A loaded model with its tokenizer, chat template and engine."""
+
+    def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str = "cpu",
+                 max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
+                 loaded: LoadedModel | None = None):  # fmt: skip
+        self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len)
+        self.model_name = str(model)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.chat_template = self.loaded.chat_template
+        self.config = self.loaded.config
+        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device)
+
+    # -- prompts ----------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
+            return list(prompt)
+        raise PellucidError("prompt must be a string or a list of token ids", param="prompt")
+
+    def request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                constraint=None) -> Request:  # fmt: skip
+        return self.engine.make_request(self.encode_prompt(prompt), params, request_id, constraint)
+
+    # -- generation ---------------------------------------------------------------------------
+    def stream_request(self, req: Request) -> Iterator[RequestOutput]:
+        return self.engine.run(req)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        """Raw completion, streamed as text pieces."""
+        req = self.request(prompt, make_params(params, kw))
+        for out in self.engine.run(req):
+            if out.new_text:
+                yield out.new_text
+
+    def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        return self.stream(self.render_chat(messages), params, **kw)
+
+    def generate(self, prompt: str | list[int] | list[str], params: SamplingParams | None = None, **kw: Any):
+        """Raw completion of one prompt (-> Completion) or of a list of prompts, batched (-> list)."""
+        p = make_params(params, kw)
+        if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+            return self._run_batch([self.request(x, p) for x in prompt], prompts=prompt)
+        return self._run_batch([self.request(prompt, p)], prompts=[prompt if isinstance(prompt, str) else None])[0]
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kw: Any) -> Completion:
+        text = self.render_chat(messages)
+        return self._run_batch([self.request(text, make_params(params, kw))], prompts=[text])[0]
+
+    def _run_batch(self, reqs: list[Request], prompts: list) -> list[Completion]:
+        for r in reqs:
+            self.engine.add_request(r)
+        logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
+        try:
+            while not all(r.finished for r in reqs):
+                for o in self.engine.step():
+                    if o.request_id in logprobs:
+                        logprobs[o.request_id] += o.logprobs
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.engine.abort(r.request_id)
+        return [
+            Completion(r.text, list(r.output_ids), r.finish_reason, r.stop_reason, len(r.prompt_ids),
+                       len(r.output_ids), logprobs[r.request_id], prompt)  # fmt: skip
+            for r, prompt in zip(reqs, prompts, strict=True)
+        ]

@@ -1,0 +1,54 @@
+"""Preallocated key/value cache, written by index.
+
+One tensor each for keys and values, (layers, S slots, K heads, max_len, D). A request
+owns one slot for its lifetime; its token at position p lives at [:, slot, :, p].
+Memory per token position: 2 x layers x K x D x bytes per element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pellucid.models.layers import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_slots, self.max_len = n_slots, max_len
+        self.free = list(range(n_slots))[::-1]
+
+    @property
+    def bytes_per_token(self) -> int:
+        L, _, K, _, D = self.k.shape
+        return 2 * L * K * D * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise RuntimeError("no free KV-cache slot")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        assert slot not in self.free, f"slot {slot} released twice"
+        self.free.append(slot)
+
+    @property
+    def used_slots(self) -> int:
+        return self.n_slots - len(self.free)
+
+    def update(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Write k, v (B, T, K, D) at `pos` (B, T) of `slots` (B,); return (B, K, kv_len, D) views."""
+        kc, vc = self.k[layer], self.v[layer]  # (S, K, max_len, D)
+        kc[slots[:, None], :, pos] = k.to(kc.dtype)
+        vc[slots[:, None], :, pos] = v.to(vc.dtype)
+        if slots.shape[0] == 1:
+            s = slots[0]
+            return kc[s, :, :kv_len].unsqueeze(0), vc[s, :, :kv_len].unsqueeze(0)
+        return kc[slots, :, :kv_len], vc[slots, :, :kv_len]

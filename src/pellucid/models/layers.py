@@ -1,0 +1,188 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, attention, MLPs.
+
+Shape letters used across pellucid: B batch, T query positions, L key positions,
+H query heads, K key/value heads, D head dim, E d_model, F d_ff, V vocabulary, S cache slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pellucid.models.hooks import HookPoint
+
+
+@dataclass
+class ModelConfig:
+    """Fields every architecture has; each architecture's config adds its own."""
+
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    context_length: int
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = False
+    name: str = ""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token position at bfloat16: 2 (K and V) x layers x K x D x 2."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementations do, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_table(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, D) for the rotate-half (NeoX / HF) layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos, sin (B, T, D) already gathered at each token's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    xf = x.float()
+    out = xf * cos[:, :, None, :] + rotated.float() * sin[:, :, None, :]
+    return out.to(x.dtype)
+
+
+@dataclass
+class ForwardContext:
+    """Where this forward's tokens sit: positions, and the cache slots they write to.
+
+    Without a cache, the tokens are the whole sequence and attention is causal over them.
+    With a cache, row b writes its keys at `input_pos[b]` of slot `slots[b]` and attends to
+    the first `kv_len` positions of that slot, masked to those at or before its own.
+    """
+
+    input_pos: torch.Tensor  # (B, T) int64
+    cache: object | None = None  # engine.kv_cache.KVCache
+    slots: torch.Tensor | None = None  # (B,) int64
+    kv_len: int = 0
+    _masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def full(cls, tokens: torch.Tensor) -> ForwardContext:
+        B, T = tokens.shape
+        return cls(input_pos=torch.arange(T, device=tokens.device).expand(B, T))
+
+    def mask(self, window: int | None = None) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L) mask, True where a query may attend; None = plain causal."""
+        if self.cache is None and window is None:
+            return None
+        if window not in self._masks:
+            q = self.input_pos[:, None, :, None]  # (B, 1, T, 1)
+            if self.cache is None:
+                k = self.input_pos[:, None, None, :]  # (B, 1, 1, T)
+            else:
+                k = torch.arange(self.kv_len, device=q.device)[None, None, None, :]  # (1, 1, 1, L)
+            m = k <= q
+            if window is not None:
+                m = m & (q - k < window)
+            self._masks[window] = m
+        return self._masks[window]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, bias: bool = False, window: int | None = None,
+                 scale: float | None = None):  # fmt: skip
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = window
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        E, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(E, H * D, bias=bias)
+        self.k_proj = nn.Linear(E, K * D, bias=bias)
+        self.v_proj = nn.Linear(E, K * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, E, bias=False)
+        self.hook_q = HookPoint()  # (B, T, H, D) after rotary
+        self.hook_k = HookPoint()  # (B, T, K, D) after rotary
+        self.hook_v = HookPoint()  # (B, T, K, D)
+        self.hook_pattern = HookPoint()  # (B, H, T, L) attention probabilities
+        self.hook_z = HookPoint()  # (B, T, H, D) per-head outputs before o_proj
+
+    def qk_transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head transform of q, k before rotary (Gemma's q/k norms); identity here."""
+        return q, k
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, K, D)
+        v = self.v_proj(x).view(B, T, K, D)
+        q, k = self.qk_transform(q, k)
+        q = self.hook_q(apply_rope(q, *rope))
+        k = self.hook_k(apply_rope(k, *rope))
+        v = self.hook_v(v)
+        if ctx.cache is not None:
+            keys, values = ctx.cache.update(self.layer_idx, ctx.slots, ctx.input_pos, k, v, ctx.kv_len)  # (B, K, L, D)
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        mask = ctx.mask(self.window)
+        if self.hook_pattern.active:
+            z = self._explicit(q, keys, values, mask)
+        else:
+            z = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=H != K
+            )  # (B, H, T, D)
+        z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
+        return self.o_proj(z.reshape(B, T, H * D))
+
+    def _explicit(self, q, keys, values, mask) -> torch.Tensor:
+        """Attention with the probabilities materialised, for hooks that read or edit them."""
+        rep = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(rep, dim=1)  # (B, H, L, D)
+        values = values.repeat_interleave(rep, dim=1)
+        scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale  # (B, H, T, L)
+        if mask is None:
+            T, L = scores.shape[-2:]
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        return (pattern @ values.float()).to(q.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with tanh-GELU (Gemma)."""
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = act
+        self.hook_post = HookPoint()  # (B, T, F) activations before down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.down_proj(self.hook_post(g * self.up_proj(x)))

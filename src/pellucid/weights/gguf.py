@@ -1,0 +1,242 @@
+"""GGUF reader: metadata, tensor directory, and dequantized tensors.
+
+The header is parsed here with `struct` and numpy because `gguf.GGUFReader` spends about
+5 s building Python objects for a 49k-token vocabulary; block dequantization is left to
+llama.cpp's own `gguf` package. The file is untrusted input: every count, length and
+offset is checked against limits and against the file's size before it is used.
+This module knows nothing about architectures.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as _gguf_dequantize
+
+from pellucid.errors import PellucidError
+
+MAGIC = b"GGUF"
+MAX_STRING = 64 << 20  # one metadata string (a chat template is a few KiB)
+MAX_ARRAY = 16 << 20  # entries in one metadata array (vocabularies are ~10^5)
+MAX_TENSORS = 1 << 16
+MAX_DIMS = 4
+
+# GGUF metadata value types -> (struct format, numpy dtype)
+_SCALARS = {
+    0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
+    4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
+    10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64),
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+
+SUPPORTED_TYPES = {
+    GGMLQuantizationType[n]
+    for n in (
+        "F32 F16 BF16 F64 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K "
+        "IQ4_NL IQ4_XS"
+    ).split()
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (rows first): GGUF's ne reversed
+    qtype: GGMLQuantizationType
+    offset: int  # absolute, in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise PellucidError(
+                f"{self.path}: truncated or corrupt GGUF header (needed {n} bytes at offset "
+                f"{self.pos}, file has {len(self.buf)})"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if n > MAX_STRING:
+            raise PellucidError(f"{self.path}: a metadata string of {n:,} bytes exceeds the limit of {MAX_STRING:,}")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype][0])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.scalar("<I"), self.scalar("<Q")
+            if count > MAX_ARRAY:
+                raise PellucidError(f"{self.path}: metadata array {key!r} has {count:,} entries (limit {MAX_ARRAY:,})")
+            if itype in _SCALARS:
+                dt = np.dtype(_SCALARS[itype][1]).newbyteorder("<")
+                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).copy()
+            if itype == _STRING:
+                return [self.string() for _ in range(count)]
+            raise PellucidError(f"{self.path}: metadata array {key!r} has unsupported item type {itype}")
+        raise PellucidError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
+
+
+class GGUFFile:
+    """A parsed GGUF file: `metadata` (dict), `tensors` (name -> TensorInfo), `load(name)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PellucidError(f"GGUF file {str(self.path)!r} does not exist.")
+        size = self.path.stat().st_size
+        if size < 24:
+            raise PellucidError(f"{self.path}: {size} bytes is too small to be a GGUF file.")
+        try:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise PellucidError(f"{self.path}: cannot map the file: {e}") from e
+        cur = _Cursor(memoryview(self._mm), self.path)
+        if bytes(cur.take(4)) != MAGIC:
+            raise PellucidError(f"{self.path}: not a GGUF file (bad magic; expected 'GGUF').")
+        self.version = cur.scalar("<I")
+        if self.version not in (2, 3):
+            raise PellucidError(f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are).")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        if n_tensors > MAX_TENSORS or n_kv > MAX_TENSORS:
+            raise PellucidError(f"{self.path}: implausible header ({n_tensors} tensors, {n_kv} metadata keys)")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.scalar("<I"), key)
+        raw = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise PellucidError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
+            ne = [cur.scalar("<Q") for _ in range(n_dims)]
+            qt, off = cur.scalar("<I"), cur.scalar("<Q")
+            raw.append((name, ne, qt, off))
+        align = int(self.metadata.get("general.alignment", 32))
+        data_start = (cur.pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, ne, qt, off in raw:
+            try:
+                qtype = GGMLQuantizationType(qt)
+            except ValueError:
+                raise PellucidError(f"{self.path}: tensor {name!r} has unknown GGML type {qt}") from None
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            numel = int(np.prod(ne)) if ne else 1
+            if ne and ne[0] % block:
+                raise PellucidError(f"{self.path}: tensor {name!r} row of {ne[0]} is not a multiple of {qtype.name}'s block {block}")
+            nbytes = numel // block * type_size
+            start = data_start + off
+            if start + nbytes > size:
+                raise PellucidError(
+                    f"{self.path}: truncated file: tensor {name!r} needs bytes {start:,}..{start + nbytes:,} "
+                    f"but the file has {size:,}. Pull or copy it again."
+                )
+            self.tensors[name] = TensorInfo(name, tuple(reversed(ne)), qtype, start, nbytes)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor (no copy)."""
+        t = self.tensors[name]
+        return self._mm[t.offset : t.offset + t.nbytes]
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize one tensor to `dtype`, shaped rows-first like PyTorch."""
+        if name not in self.tensors:
+            raise PellucidError(f"{self.path}: tensor {name!r} is missing.")
+        t = self.tensors[name]
+        if t.qtype not in SUPPORTED_TYPES:
+            ok = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
+            raise PellucidError(f"{self.path}: tensor {name!r} is stored as {t.qtype.name}, which pellucid cannot read. Supported: {ok}.")
+        data = self.raw(name)
+        if t.qtype == GGMLQuantizationType.F32:
+            arr = data.view(np.float32)
+        elif t.qtype == GGMLQuantizationType.F16:
+            arr = data.view(np.float16)
+        elif t.qtype == GGMLQuantizationType.BF16:
+            return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(t.shape).to(dtype)
+        else:
+            arr = dequantize_blocks(data, t)
+        return torch.from_numpy(np.array(arr).reshape(t.shape)).to(dtype)  # a copy: the map is read-only
+
+
+def dequantize_blocks(data: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """Block-quantized bytes -> float32 values (flat)."""
+    fast = _TORCH_DEQUANT.get(t.qtype)
+    if fast is not None:
+        return fast(np.asarray(data)).numpy()
+    block, type_size = GGML_QUANT_SIZES[t.qtype]
+    rows = np.asarray(data).reshape(-1, type_size)
+    return _gguf_dequantize(rows, t.qtype).reshape(-1)
+
+
+# The common layouts, read through numpy structured views (no per-block Python, no
+# copies of misaligned slices); everything else goes through the gguf package.
+# Layouts from ggml-common.h:
+#   Q8_0: fp16 d, 32 x int8 q                -> d * q
+#   Q4_0: fp16 d, 16 bytes of nibbles        -> d * (q - 8), low nibbles first
+#   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles -> d * q + m, low nibbles first
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+
+
+def _scale(s: np.ndarray, field: str) -> torch.Tensor:
+    return torch.from_numpy(s[field].astype(np.float32))[:, None]  # (N, 1)
+
+
+def _nibbles(s: np.ndarray) -> torch.Tensor:
+    qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (N, 16) uint8
+    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+    q[:, :16] = qs & 0x0F
+    q[:, 16:] = qs >> 4
+    return q
+
+
+def _dequant_q8_0(b: np.ndarray) -> torch.Tensor:
+    s = b.view(_Q8_0)
+    q = torch.from_numpy(np.ascontiguousarray(s["qs"])).float()
+    return q.mul_(_scale(s, "d")).reshape(-1)
+
+
+def _dequant_q4_0(b: np.ndarray) -> torch.Tensor:
+    s = b.view(_Q4_0)
+    return _nibbles(s).sub_(8.0).mul_(_scale(s, "d")).reshape(-1)
+
+
+def _dequant_q4_1(b: np.ndarray) -> torch.Tensor:
+    s = b.view(_Q4_1)
+    return _nibbles(s).mul_(_scale(s, "d")).add_(_scale(s, "m")).reshape(-1)
+
+
+_TORCH_DEQUANT = {
+    GGMLQuantizationType.Q8_0: _dequant_q8_0,
+    GGMLQuantizationType.Q4_1: _dequant_q4_1,
+    GGMLQuantizationType.Q4_0: _dequant_q4_0,
+}

@@ -1,0 +1,139 @@
+"""load_model: a file or folder -> architecture -> config -> model with its tensors.
+
+The readers (gguf.py, safetensors.py) know nothing about architectures; each
+architecture's name table says which stored tensor fills which parameter.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pellucid import registry
+from pellucid.errors import PellucidError
+from pellucid.models import architecture
+from pellucid.models.layers import ModelConfig
+from pellucid.text.chat_template import ChatTemplate
+from pellucid.text.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    config: ModelConfig
+    path: Path
+    format: str  # "gguf" or "hf"
+    storage: dict[str, str] = field(default_factory=dict)  # our parameter name -> stored type (Q4_1, F32, ...)
+    stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    load_seconds: float = 0.0
+    metadata: dict = field(default_factory=dict)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise PellucidError(f"dtype {name!r} is not one of: float32, bfloat16, float16", param="dtype")
+    return DTYPES[name]
+
+
+def _template_key(name: str) -> str:
+    return re.sub(r"\.(\d+)\.", ".{L}.", name, count=1)
+
+
+def _layer(name: str) -> str | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return m.group(1) if m else None
+
+
+def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = "bfloat16",
+               device: str = "cpu", max_len: int | None = None) -> LoadedModel:  # fmt: skip
+    """Load a registry name, a .gguf file or an HF folder into an eval-mode model."""
+    t0 = time.perf_counter()
+    dt = parse_dtype(dtype)
+    path = registry.resolve(name_or_path)
+    if path.is_dir():
+        from pellucid.weights.hf import load_hf_folder
+
+        lm = load_hf_folder(path, dt, device, max_len)
+    elif _is_gguf(path):
+        lm = _load_gguf(path, dt, device, max_len)
+    else:
+        raise PellucidError(f"{path}: not a .gguf file or a Hugging Face folder (config.json + *.safetensors).")
+    lm.load_seconds = time.perf_counter() - t0
+    return lm
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None) -> nn.Module:
+    """Instantiate without spending time on random init, then compute the buffers."""
+    with torch.device("meta"):
+        model = mod.MODEL(cfg, max_len=max_len)
+    model = model.to_empty(device=device)
+    model.init_buffers()
+    return model
+
+
+def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None) -> LoadedModel:
+    from pellucid.weights.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    arch = f.get("general.architecture")
+    if arch is None:
+        raise PellucidError(f"{path}: no general.architecture in the metadata; is this a model file?")
+    mod = architecture(str(arch))
+    try:
+        cfg = mod.config_from_gguf(f.metadata, str(arch))
+    except KeyError as e:
+        raise PellucidError(f"{path}: metadata key {e.args[0]!r} is missing for architecture {arch!r}") from None
+    cfg.tied_embeddings = "output.weight" not in f.tensors
+    model = build_empty(mod, cfg, device, max_len)
+    storage, shapes = {}, {}
+    params = dict(model.named_parameters())  # tied weights appear once
+    with torch.no_grad():
+        for name, p in params.items():
+            tmpl = mod.GGUF_NAMES.get(_template_key(name))
+            if tmpl is None:
+                raise PellucidError(f"{path}: no GGUF name for parameter {name!r} of {arch!r}")
+            layer = _layer(name)
+            src = tmpl.replace("{L}", layer) if layer is not None else tmpl
+            if src not in f.tensors:
+                raise PellucidError(f"{path}: tensor {src!r} is missing (needed for {name}).")
+            w = mod.from_gguf_tensor(name, f.load(src, torch.float32), cfg)
+            if tuple(w.shape) != tuple(p.shape):
+                raise PellucidError(f"{path}: tensor {src!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)} for {arch!r}")
+            p.copy_(w.to(dt) if p.dtype != dt else w)
+            storage[name] = f.tensors[src].qtype.name
+            shapes[name] = f.tensors[src].shape
+    model = model.to(dt).eval()
+    _keep_float32_buffers(model)
+    tok = Tokenizer.from_gguf(f.metadata)
+    bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
+    tmpl_src = f.get("tokenizer.chat_template")
+    return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
+                       storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
+
+
+def _keep_float32_buffers(model: nn.Module) -> None:
+    for mod in model.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                mod._buffers[name] = buf.float()
