@@ -132,15 +132,17 @@ class Attention(nn.Module):
         """Per-head transform of q, k before rotary (Gemma's q/k norms); identity here."""
         return q, k
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: ForwardContext) -> torch.Tensor:
+        """`rope`: cos, sin (B, T, D) at each token's position; None for learned positions (GPT-2)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D)
         k = self.k_proj(x).view(B, T, K, D)
         v = self.v_proj(x).view(B, T, K, D)
         q, k = self.qk_transform(q, k)
-        q = self.hook_q(apply_rope(q, *rope))
-        k = self.hook_k(apply_rope(k, *rope))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(v)
         if ctx.cache is not None:
             keys, values = ctx.cache.update(self.layer_idx, ctx.slots, ctx.input_pos, k, v, ctx.kv_len)  # (B, K, L, D)
