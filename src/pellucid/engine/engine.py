@@ -47,7 +47,7 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.cfg = lm.config
         self.device = device or next(self.model.parameters()).device
-        self.max_len = min(max_len or min(self.cfg.context_length, 4096), self.model.rope_cos.shape[0])
+        self.max_len = min(max_len or min(self.cfg.context_length, 4096), self.model.max_len)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.use_cache = use_cache
