@@ -167,7 +167,8 @@ def config_from_hf(c: dict) -> LlamaConfig:
         head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
         d_ff=c["intermediate_size"],
         context_length=c.get("max_position_embeddings", 4096),
-        rope_base=float(c.get("rope_theta", 10_000.0)),
+        # transformers 5 writes rope_theta inside rope_parameters; older configs at the top level
+        rope_base=float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0),
         norm_eps=float(c.get("rms_norm_eps", 1e-5)),
         tied_embeddings=bool(c.get("tie_word_embeddings", False)),
         sliding_window=c.get("sliding_window") if c.get("use_sliding_window", True) else None,
