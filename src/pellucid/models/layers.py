@@ -150,17 +150,19 @@ class Attention(nn.Module):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
         q = q.transpose(1, 2)  # (B, H, T, D)
         mask = ctx.mask(self.window)
-        if self.hook_pattern.active:
-            z = self._explicit(q, keys, values, mask)
-        else:
+        z = self._explicit(q, keys, values, mask) if self.hook_pattern.active else None
+        if z is None:  # no pattern hook, or hooks that only read it: the fast path's exact numbers
             z = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=H != K
             )  # (B, H, T, D)
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
         return self.o_proj(z.reshape(B, T, H * D))
 
-    def _explicit(self, q, keys, values, mask) -> torch.Tensor:
-        """Attention with the probabilities materialised, for hooks that read or edit them."""
+    def _explicit(self, q, keys, values, mask) -> torch.Tensor | None:
+        """Attention with the probabilities materialised, for hooks that read or edit them.
+
+        None when the hooks left the pattern as it was, so reading it changes no output bit.
+        """
         rep = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(rep, dim=1)  # (B, H, L, D)
         values = values.repeat_interleave(rep, dim=1)
@@ -169,7 +171,11 @@ class Attention(nn.Module):
             T, L = scores.shape[-2:]
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
         scores = scores.masked_fill(~mask, float("-inf"))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        version = probs._version
+        pattern = self.hook_pattern(probs)
+        if pattern is probs and probs._version == version:  # neither replaced nor edited in place
+            return None
         return (pattern @ values.float()).to(q.dtype)
 
 
