@@ -1,38 +1,52 @@
-"""SamplingParams: every control of a request, validated at construction."""
+"""SamplingParams: every control of a request, validated at construction.
+
+One type for every door (Python API, CLI, HTTP server). Errors name the field, the value
+and the valid range. Semantics (order of the chain, penalties, logit_bias, stop, logprobs,
+determinism) are in the sampler's docstring and DESIGN.md "Semantics".
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pellucid.errors import PellucidError
+
+BIAS_BAN = -100.0  # a logit_bias of exactly -100 bans the token (its logit becomes -inf)
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     max_tokens: int | None = 256  # None = up to the context window
     min_tokens: int = 0
-    seed: int | None = None
+    seed: int | None = None  # None = a fresh random seed per request
     n: int = 1
     logprobs: bool = False
-    top_logprobs: int = 0
-    processed_logprobs: bool = False
+    top_logprobs: int = 0  # 0..20; > 0 turns logprobs on
+    processed_logprobs: bool = False  # False: from the raw model distribution
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if self.logit_bias is None:
+            self.logit_bias = {}
         _range("temperature", self.temperature, 0.0, 100.0)
-        _int("top_k", self.top_k, 0, None)
+        _int("top_k", self.top_k, 0, None, note="0 = off")
         _range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _range("min_p", self.min_p, 0.0, 1.0)
         _range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -40,30 +54,87 @@ class SamplingParams:
         _range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
         if self.max_tokens is not None:
             _int("max_tokens", self.max_tokens, 1, None)
-        _int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        _int("min_tokens", self.min_tokens, 0, self.max_tokens, note="at most max_tokens" if self.max_tokens else "")
         _int("n", self.n, 1, 128)
-        _int("top_logprobs", self.top_logprobs, 0, 20)
+        _int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        for name in ("logprobs", "processed_logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise PellucidError(f"{name} must be true or false, got {getattr(self, name)!r}", param=name)
+        if self.top_logprobs > 0:
+            self.logprobs = True
         if self.seed is not None:
-            _int("seed", self.seed, -(2**63), 2**63 - 1)
+            _int("seed", self.seed, -(2**63), 2**64 - 1)
+        if not isinstance(self.logit_bias, dict):
+            raise PellucidError(f"logit_bias must be a mapping of token id -> bias, got {self.logit_bias!r}", param="logit_bias")
+        self.logit_bias = {_bias_key(k): v for k, v in self.logit_bias.items()}
         for k, v in self.logit_bias.items():
-            if not isinstance(k, int) or isinstance(k, bool):
-                raise PellucidError(f"logit_bias key {k!r} must be a token id (integer)", param="logit_bias")
-            _range(f"logit_bias[{k}]", v, -100.0, 100.0)
+            check_bias_value(k, v)
+            self.logit_bias[k] = float(v)
+        if not isinstance(self.stop, list | tuple):
+            raise PellucidError(f"stop must be a string or a list of strings, got {self.stop!r}", param="stop")
+        self.stop = list(dict.fromkeys(self.stop))  # duplicates change nothing
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise PellucidError(f"stop sequence {s!r} must be a non-empty string", param="stop")
+        if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
+            raise PellucidError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}", param="stop_token_ids")
+        self.stop_token_ids = list(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            _int("stop_token_ids", t, 0, None, shown=f"stop_token_ids entry {t!r}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Every token id in the params must exist in a vocabulary of `vocab_size` tokens."""
+        for k in self.logit_bias:
+            if k >= vocab_size:
+                raise PellucidError(f"logit_bias token id {k} is not in the vocabulary (0..{vocab_size - 1})", param="logit_bias")
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise PellucidError(f"stop_token_ids entry {t} is not in the vocabulary (0..{vocab_size - 1})", param="stop_token_ids")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _bias_key(k) -> int:
+    """A logit_bias key: a token id, or its decimal string (JSON object keys are strings)."""
+    if isinstance(k, str) and k.strip().isdigit():
+        k = int(k.strip())
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise PellucidError(
+            f"logit_bias key {k!r} is not a token id: keys are integers 0..vocab_size-1 "
+            "(the CLI and the YAML config also take the text of a single token)",
+            param="logit_bias",
+        )
+    if k < 0:
+        raise PellucidError(f"logit_bias key {k} is not a token id: token ids are >= 0", param="logit_bias")
+    return k
+
+
+def check_bias_value(key, v) -> None:
+    """A logit_bias value must be a number in [-100, 100] (-100 bans the token)."""
+    _range(f"logit_bias[{key!r}]", v, -100.0, 100.0)
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and v == v
 
 
 def _range(name: str, v, lo: float, hi: float, *, low_open: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
-        raise PellucidError(f"{name} must be a number, got {v!r}", param=name.split("[")[0])
+    allowed = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
+    param = name.split("[")[0]
+    if not _is_number(v):
+        raise PellucidError(f"{name} must be a number in {allowed}, got {v!r}", param=param)
     if v > hi or v < lo or (low_open and v == lo):
-        lo_s = f"({lo}" if low_open else f"[{lo}"
-        raise PellucidError(f"{name} = {v} is out of range; allowed: {lo_s}, {hi}]", param=name.split("[")[0])
+        raise PellucidError(f"{name} = {v!r} is out of range; allowed: {allowed}", param=param)
 
 
-def _int(name: str, v, lo: int, hi: int | None) -> None:
+def _int(name: str, v, lo: int, hi: int | None, *, note: str = "", shown: str | None = None) -> None:
+    allowed = f"{lo}..{hi if hi is not None else 'inf'}" + (f" ({note})" if note else "")
+    shown = shown or name
+    if isinstance(v, float) and v.is_integer():
+        raise PellucidError(f"{shown} must be an integer in {allowed}, got the float {v!r}", param=name)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise PellucidError(f"{name} must be an integer, got {v!r}", param=name)
+        raise PellucidError(f"{shown} must be an integer in {allowed}, got {v!r}", param=name)
     if v < lo or (hi is not None and v > hi):
-        raise PellucidError(f"{name} = {v} is out of range; allowed: {lo}..{hi if hi is not None else 'inf'}", param=name)
+        raise PellucidError(f"{shown} = {v} is out of range; allowed: {allowed}", param=name)
