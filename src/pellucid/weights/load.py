@@ -69,17 +69,10 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
         from pellucid.weights.hf import load_hf_folder
 
         lm = load_hf_folder(path, dt, device, max_len)
-    elif _is_gguf(path):
+    else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
         lm = _load_gguf(path, dt, device, max_len)
-    else:
-        raise PellucidError(f"{path}: not a .gguf file or a Hugging Face folder (config.json + *.safetensors).")
     lm.load_seconds = time.perf_counter() - t0
     return lm
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None) -> nn.Module:
