@@ -88,27 +88,14 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None) ->
     from pellucid.weights.gguf import GGUFFile
 
     f = GGUFFile(path)
-    arch = f.get("general.architecture")
-    if arch is None:
-        raise PellucidError(f"{path}: no general.architecture in the metadata; is this a model file?")
-    mod = architecture(str(arch))
-    try:
-        cfg = mod.config_from_gguf(f.metadata, str(arch))
-    except KeyError as e:
-        raise PellucidError(f"{path}: metadata key {e.args[0]!r} is missing for architecture {arch!r}") from None
-    cfg.tied_embeddings = "output.weight" not in f.tensors
+    mod, cfg = gguf_architecture(f)
+    arch = cfg.arch
     model = build_empty(mod, cfg, device, max_len)
     storage, shapes = {}, {}
     params = dict(model.named_parameters())  # tied weights appear once
     with torch.no_grad():
         for name, p in params.items():
-            tmpl = mod.GGUF_NAMES.get(_template_key(name))
-            if tmpl is None:
-                raise PellucidError(f"{path}: no GGUF name for parameter {name!r} of {arch!r}")
-            layer = _layer(name)
-            src = tmpl.replace("{L}", layer) if layer is not None else tmpl
-            if src not in f.tensors:
-                raise PellucidError(f"{path}: tensor {src!r} is missing (needed for {name}).")
+            src = gguf_tensor_name(mod, f, name)
             w = mod.from_gguf_tensor(name, f.load(src, torch.float32), cfg)
             if tuple(w.shape) != tuple(p.shape):
                 raise PellucidError(f"{path}: tensor {src!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)} for {arch!r}")
@@ -123,6 +110,32 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None) ->
     tmpl_src = f.get("tokenizer.chat_template")
     return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
+
+
+def gguf_architecture(f) -> tuple[object, ModelConfig]:
+    """A parsed GGUFFile -> (architecture module, config); no tensors are read."""
+    path, arch = f.path, f.get("general.architecture")
+    if arch is None:
+        raise PellucidError(f"{path}: no general.architecture in the metadata; is this a model file?")
+    mod = architecture(str(arch))
+    try:
+        cfg = mod.config_from_gguf(f.metadata, str(arch))
+    except KeyError as e:
+        raise PellucidError(f"{path}: metadata key {e.args[0]!r} is missing for architecture {arch!r}") from None
+    cfg.tied_embeddings = "output.weight" not in f.tensors
+    return mod, cfg
+
+
+def gguf_tensor_name(mod, f, name: str) -> str:
+    """The GGUF tensor that fills our parameter `name` (checked to exist in file `f`)."""
+    tmpl = mod.GGUF_NAMES.get(_template_key(name))
+    if tmpl is None:
+        raise PellucidError(f"{f.path}: no GGUF name for parameter {name!r} of {f.get('general.architecture')!r}")
+    layer = _layer(name)
+    src = tmpl.replace("{L}", layer) if layer is not None else tmpl
+    if src not in f.tensors:
+        raise PellucidError(f"{f.path}: tensor {src!r} is missing (needed for {name}).")
+    return src
 
 
 def _keep_float32_buffers(model: nn.Module) -> None:
