@@ -1,25 +1,111 @@
-"""Options shared by the commands that generate; flags are the API's names in kebab case."""
+"""Options shared by the commands that generate; flags are the API's names in kebab case.
+
+Sampling flags default to None, which means "not given": only flags the user typed
+override the YAML config (`--config`), which overrides the command's defaults.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from pellucid.registry import DEFAULT_MODEL
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder.")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.")]
+Temperature = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling; same seed, same output.")]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
-TopP = Annotated[float, typer.Option("--top-p", help="Keep the smallest set with this much probability.")]
-MinP = Annotated[float, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max.")]
-FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty")]
-PresencePenalty = Annotated[float, typer.Option("--presence-penalty")]
-RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty")]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Keep the smallest set with this much probability (1 = off).")]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).")]
+FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="logit -= count * this, for generated tokens; -2..2.")]
+PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="logit -= this, for tokens generated at least once; -2..2.")]
+RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.")]
+LogitBias = Annotated[list[str] | None, typer.Option("--logit-bias", help='TOKEN=BIAS, TOKEN a token id or the text of one token: 9=5, " Paris=-100" (repeatable; -100 bans).')]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text, which is not included (repeatable).")]
+StopTokenId = Annotated[list[int] | None, typer.Option("--stop-token-id", help="Stop at this token id (repeatable).")]
+IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.")]
 
 DEFAULT_DTYPE = "bfloat16"
 __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE"]
+
+# flag name of each SamplingParams field, for error messages
+FLAG_NAMES = {
+    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+    "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
+    "repetition_penalty": "--repetition-penalty", "logit_bias": "--logit-bias", "stop": "--stop",
+    "stop_token_ids": "--stop-token-id", "max_tokens": "--max-tokens", "min_tokens": "--min-tokens",
+    "seed": "--seed", "ignore_eos": "--ignore-eos",
+}  # fmt: skip
+
+
+def sampling_flags(*, temperature=None, top_k=None, top_p=None, min_p=None, frequency_penalty=None,
+                   presence_penalty=None, repetition_penalty=None, logit_bias=None, stop=None,
+                   stop_token_id=None, max_tokens=None, min_tokens=None, seed=None,
+                   ignore_eos=False) -> dict[str, Any]:  # fmt: skip
+    """The sampling flags as SamplingParams fields; None = not given on the command line."""
+    from pellucid.sampling.bias import parse_bias_entry
+
+    bias = dict(parse_bias_entry(e) for e in logit_bias) if logit_bias else None
+    return {
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+        "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
+        "repetition_penalty": repetition_penalty, "logit_bias": bias, "stop": list(stop) if stop else None,
+        "stop_token_ids": list(stop_token_id) if stop_token_id else None, "max_tokens": max_tokens,
+        "min_tokens": min_tokens, "seed": seed, "ignore_eos": True if ignore_eos else None,
+    }  # fmt: skip
+
+
+def read_config(path: Path | None):
+    from pellucid.config import load_config
+
+    return load_config(path) if path is not None else None
+
+
+def model_name(model: str | None, config) -> str:
+    """--model, else the config's model.name, else the default model."""
+    if model is not None:
+        return model
+    if config is not None and config.model:
+        return config.model
+    return DEFAULT_MODEL
+
+
+def load_llm(model: str, dtype: str, *, max_batch: int = 1, quiet: bool = False):
+    """Load a model with a spinner on stderr (one request at a time: a batch of 1)."""
+    from rich.console import Console
+
+    from pellucid.api import LLM
+
+    err = Console(stderr=True, quiet=quiet)
+    t = time.perf_counter()
+    with err.status(f"loading {model} ({dtype})"):
+        llm = LLM(model, dtype=dtype, max_batch=max_batch)
+    err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
+    return llm
+
+
+def build_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokenizer, *, without_bias: bool = False):
+    """defaults < config < flags given, with errors naming the flag or the config line."""
+    from pellucid.config import merge_params
+
+    return merge_params(defaults, config, flags, tokenizer=tokenizer, flag_names=FLAG_NAMES, without_bias=without_bias)
+
+
+def fit_context(llm, prompt_len: int, max_tokens: int | None) -> None:
+    """Grow the engine's context to the model's own window when prompt + max_tokens needs it,
+    instead of failing at the default 4,096 positions (one slot, so the cache stays small)."""
+    from pellucid.engine.engine import Engine
+
+    need = prompt_len + (max_tokens or 0)
+    eng = llm.engine
+    limit = min(llm.config.context_length, getattr(llm.model, "max_len", llm.config.context_length))
+    if need > eng.max_len and eng.max_len < limit:
+        llm.engine = Engine(llm.loaded, max_batch=eng.max_batch, max_len=min(need, limit), use_cache=eng.use_cache,
+                            device=str(eng.device))  # fmt: skip

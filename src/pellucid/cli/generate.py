@@ -3,58 +3,80 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import typer
 from rich.console import Console
 
 from pellucid.cli import app
 from pellucid.cli.common import (
-    DEFAULT_DTYPE, DEFAULT_MODEL, Dtype, FrequencyPenalty, MaxTokens, MinP, Model, PresencePenalty,
-    RepetitionPenalty, Seed, Stop, Temperature, TopK, TopP,
-)  # fmt: skip
+    DEFAULT_DTYPE,
+    ConfigFile,
+    Dtype,
+    FrequencyPenalty,
+    IgnoreEos,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    MinTokens,
+    Model,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    StopTokenId,
+    Temperature,
+    TopK,
+    TopP,
+    build_params,
+    fit_context,
+    load_llm,
+    model_name,
+    read_config,
+    sampling_flags,
+)
 
 err = Console(stderr=True)
-
-
-def _params(**kw):
-    from pellucid.sampling.params import SamplingParams
-
-    kw["stop"] = list(kw.get("stop") or [])
-    return SamplingParams(**kw)
-
-
-def _load(model: str, dtype: str):
-    from pellucid.api import LLM
-
-    t = time.perf_counter()
-    with err.status(f"loading {model} ({dtype})"):
-        llm = LLM(model, dtype=dtype)
-    err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
-    return llm
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue (raw completion, no chat template)."),
-    model: Model = DEFAULT_MODEL,
+    model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
-    max_tokens: MaxTokens = 128,
-    temperature: Temperature = 0.0,
+    config: ConfigFile = None,
+    max_tokens: MaxTokens = None,
+    min_tokens: MinTokens = None,
+    temperature: Temperature = None,
     seed: Seed = None,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    frequency_penalty: FrequencyPenalty = 0.0,
-    presence_penalty: PresencePenalty = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    frequency_penalty: FrequencyPenalty = None,
+    presence_penalty: PresencePenalty = None,
+    repetition_penalty: RepetitionPenalty = None,
+    logit_bias: LogitBias = None,
     stop: Stop = None,
+    stop_token_id: StopTokenId = None,
+    ignore_eos: IgnoreEos = False,
 ) -> None:
-    """Continue PROMPT; prints only the continuation, streamed."""
-    params = _params(max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, min_p=min_p,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                     repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
-    llm = _load(model, dtype)
+    """Continue PROMPT; prints only the continuation, streamed.
+
+    Defaults: greedy (temperature 0), 128 tokens; a --config file overrides them and the
+    flags you give override the config.
+    """
+    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                           repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
+                           stop_token_id=stop_token_id, max_tokens=max_tokens, min_tokens=min_tokens,
+                           seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    defaults = {"max_tokens": 128, "temperature": 0.0}
+    cfg = read_config(config)
+    build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
+    if cfg is not None and cfg.system_prompt:
+        err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
+    llm = load_llm(model_name(model, cfg), dtype)
+    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     for piece in llm.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -63,26 +85,43 @@ def generate(
 
 @app.command()
 def chat(
-    model: Model = DEFAULT_MODEL,
+    model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
-    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    config: ConfigFile = None,
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt (default: the config's system_prompt)."),
     once: str | None = typer.Option(None, "--once", help="Answer this one message and exit."),
-    max_tokens: MaxTokens = 512,
-    temperature: Temperature = 0.0,
+    max_tokens: MaxTokens = None,
+    min_tokens: MinTokens = None,
+    temperature: Temperature = None,
     seed: Seed = None,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    frequency_penalty: FrequencyPenalty = 0.0,
-    presence_penalty: PresencePenalty = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    frequency_penalty: FrequencyPenalty = None,
+    presence_penalty: PresencePenalty = None,
+    repetition_penalty: RepetitionPenalty = None,
+    logit_bias: LogitBias = None,
     stop: Stop = None,
+    stop_token_id: StopTokenId = None,
+    ignore_eos: IgnoreEos = False,
 ) -> None:
-    """Talk to the model, multi-turn, streaming tokens as they come. Ctrl-D or /exit ends."""
-    params = _params(max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, min_p=min_p,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                     repetition_penalty=repetition_penalty, stop=stop)  # fmt: skip
-    llm = _load(model, dtype)
+    """Talk to the model, multi-turn, streaming tokens as they come. Ctrl-D or /exit ends.
+
+    Defaults: greedy (temperature 0), 512 tokens a reply; a --config file overrides them
+    and the flags you give override the config.
+    """
+    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                           repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
+                           stop_token_id=stop_token_id, max_tokens=max_tokens, min_tokens=min_tokens,
+                           seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    defaults = {"max_tokens": 512, "temperature": 0.0}
+    cfg = read_config(config)
+    build_params(defaults, cfg, flags, None, without_bias=True)
+    if system is None and cfg is not None:
+        system = cfg.system_prompt
+    llm = load_llm(model_name(model, cfg), dtype)
+    params = build_params(defaults, cfg, flags, llm.tokenizer)
     messages = [{"role": "system", "content": system}] if system else []
     interactive = once is None
     while True:
@@ -98,6 +137,7 @@ def chat(
         else:
             user = once
         messages.append({"role": "user", "content": user})
+        fit_context(llm, len(llm.encode_prompt(llm.render_chat(messages))), params.max_tokens)
         reply = []
         for piece in llm.stream_chat(messages, params):
             reply.append(piece)

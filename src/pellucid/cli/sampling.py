@@ -1,0 +1,118 @@
+"""pellucid next-token: the next-token distribution after each step of the sampler chain."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pellucid.cli import app
+from pellucid.cli.common import (
+    DEFAULT_DTYPE,
+    ConfigFile,
+    Dtype,
+    FrequencyPenalty,
+    IgnoreEos,
+    LogitBias,
+    MinP,
+    MinTokens,
+    Model,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopTokenId,
+    Temperature,
+    TopK,
+    TopP,
+    build_params,
+    load_llm,
+    model_name,
+    read_config,
+    sampling_flags,
+)
+
+
+@app.command("next-token")
+def next_token(
+    prompt: str = typer.Argument(..., help="Text whose next token to show (raw; --chat wraps it as a user message)."),
+    model: Model = None,
+    dtype: Dtype = DEFAULT_DTYPE,
+    config: ConfigFile = None,
+    chat: bool = typer.Option(False, "--chat", help="Apply the chat template, PROMPT as the user's message."),
+    top: int = typer.Option(10, "--top", help="How many candidate tokens to show.", min=1, max=200),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    temperature: Temperature = None,
+    seed: Seed = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    frequency_penalty: FrequencyPenalty = None,
+    presence_penalty: PresencePenalty = None,
+    repetition_penalty: RepetitionPenalty = None,
+    logit_bias: LogitBias = None,
+    min_tokens: MinTokens = None,
+    stop_token_id: StopTokenId = None,
+    ignore_eos: IgnoreEos = False,
+) -> None:
+    """Show the top candidates and their probabilities after each step of the sampler:
+    raw, after bias and penalties, after temperature, top-k, top-p and min-p, and the draw.
+
+    Defaults: temperature 1, every filter off. A removed token shows as "cut".
+    """
+    from pellucid.sampling.explain import explain_next_token
+
+    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                           repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                           stop_token_id=stop_token_id, min_tokens=min_tokens, seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    defaults = {"max_tokens": None}
+    cfg = read_config(config)
+    build_params(defaults, cfg, flags, None, without_bias=True)
+    name = model_name(model, cfg)
+    llm = load_llm(name, dtype, quiet=json_out)
+    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    stages = explain_next_token(llm, prompt, params, top=top, chat=chat)
+    drawn = next(c for c in stages[-1].candidates if c.kept)
+    if json_out:
+        out = {
+            "model": name, "prompt": prompt, "chat": chat,
+            "params": {k: v for k, v in vars(params).items() if k not in ("stop", "n", "logprobs", "top_logprobs", "processed_logprobs")},
+            "stages": [s.to_dict() for s in stages],
+            "chosen": {"id": drawn.id, "text": drawn.text},
+        }  # fmt: skip
+        out["params"]["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+        typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    Console().print(stage_table(prompt, stages))
+    Console().print(f"chosen: [bold]{drawn.text!r}[/] (id {drawn.id}) - {stages[-1].title}", highlight=False)
+
+
+SHORT = {"raw": "raw", "bias_penalties": "bias+pen", "temperature": "temp", "top_k": "top-k", "top_p": "top-p",
+         "min_p": "min-p", "greedy": "greedy", "draw": "draw"}  # fmt: skip
+
+
+def stage_table(prompt: str, stages) -> Table:
+    """Candidates as rows, the steps of the chain as columns; probabilities in percent."""
+    t = Table(title=f"next token after {prompt!r}", caption="; ".join(f"{SHORT.get(s.name, s.name)} = {s.title}" for s in stages), title_justify="left")
+    t.add_column("token", no_wrap=True, max_width=16)
+    t.add_column("id", justify="right", style="dim")
+    for s in stages:
+        setting = s.setting if len(s.setting) <= 12 else s.setting[:11] + "…"
+        t.add_column(f"{SHORT.get(s.name, s.name)}\n[dim]{setting}[/]", justify="right", no_wrap=True)
+    for row, c in enumerate(stages[0].candidates):
+        cells = []
+        for s in stages:
+            x = s.candidates[row]
+            cells.append(_pct(x.prob) if x.kept else "[red dim]cut[/]")
+        t.add_row(repr(c.text), str(c.id), *cells)
+    t.add_section()
+    t.add_row("tokens kept", "", *[f"{s.kept:,}" for s in stages])
+    return t
+
+
+def _pct(p: float) -> str:
+    if p >= 0.001:
+        return f"{100 * p:.1f}%"
+    return f"{100 * p:.2g}%"
