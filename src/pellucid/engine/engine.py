@@ -79,7 +79,8 @@ class Engine:
         bad_bias = [k for k in params.logit_bias if not 0 <= k < self.cfg.vocab_size]
         if bad_bias:
             raise PellucidError(f"logit_bias token id {bad_bias[0]} is not in the vocabulary (0..{self.cfg.vocab_size - 1})", param="logit_bias")
-        seq = sampling.SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids)
+        seq = sampling.SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids,
+                                     constraint=constraint)  # fmt: skip
         req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint)
         req.max_len = self.max_len
         return req
@@ -212,6 +213,8 @@ class Engine:
             text = req.stop.push(piece) if req.stop else piece
             if req.stop and req.stop.matched is not None:
                 reason, stop_reason = "stop", req.stop.matched
+            elif req.constraint is not None and req.constraint.is_finished():
+                reason = "stop"  # the grammar is complete: nothing but end-of-generation may follow
             elif p.max_tokens is not None and n_out >= p.max_tokens:
                 reason = "length"
             elif len(req.prompt_ids) + n_out >= req.max_len:
