@@ -14,6 +14,7 @@ from pellucid import registry
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
+from pellucid.sampling.constraints import Constraint, is_incomplete, pop_constraint
 from pellucid.sampling.params import SamplingParams
 from pellucid.weights.load import LoadedModel, load_model
 
@@ -28,6 +29,7 @@ class Completion:
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt: str | None = None
+    incomplete: bool = False  # structured output cut before the grammar was complete: not valid
 
     @property
     def usage(self) -> dict[str, int]:
@@ -84,9 +86,15 @@ class LLM:
     def stream_request(self, req: Request) -> Iterator[RequestOutput]:
         return self.engine.run(req)
 
+    def structured(self, kw: dict[str, Any]) -> Constraint | None:
+        """Pop the structured-output keywords (response_format, json, json_schema, regex,
+        choice, grammar, strict, constraint) from `kw` and build their constraint."""
+        return pop_constraint(self.tokenizer, kw, vocab_size=self.config.vocab_size)
+
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
         """Raw completion, streamed as text pieces."""
-        req = self.request(prompt, make_params(params, kw))
+        c = self.structured(kw)
+        req = self.request(prompt, make_params(params, kw), constraint=c.copy() if c else None)
         for out in self.engine.run(req):
             if out.new_text:
                 yield out.new_text
@@ -95,15 +103,22 @@ class LLM:
         return self.stream(self.render_chat(messages), params, **kw)
 
     def generate(self, prompt: str | list[int] | list[str], params: SamplingParams | None = None, **kw: Any):
-        """Raw completion of one prompt (-> Completion) or of a list of prompts, batched (-> list)."""
+        """Raw completion of one prompt (-> Completion) or of a list of prompts, batched (-> list).
+
+        Structured output: json=True, json_schema=..., regex=..., choice=[...], grammar=...,
+        or response_format={...} (OpenAI's); see pellucid.sampling.constraints."""
+        c = self.structured(kw)
         p = make_params(params, kw)
         if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-            return self._run_batch([self.request(x, p) for x in prompt], prompts=prompt)
-        return self._run_batch([self.request(prompt, p)], prompts=[prompt if isinstance(prompt, str) else None])[0]
+            return self._run_batch([self.request(x, p, constraint=c.copy() if c else None) for x in prompt], prompts=prompt)
+        req = self.request(prompt, p, constraint=c.copy() if c else None)
+        return self._run_batch([req], prompts=[prompt if isinstance(prompt, str) else None])[0]
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kw: Any) -> Completion:
         text = self.render_chat(messages)
-        return self._run_batch([self.request(text, make_params(params, kw))], prompts=[text])[0]
+        c = self.structured(kw)
+        req = self.request(text, make_params(params, kw), constraint=c.copy() if c else None)
+        return self._run_batch([req], prompts=[text])[0]
 
     def _run_batch(self, reqs: list[Request], prompts: list) -> list[Completion]:
         for r in reqs:
@@ -120,6 +135,7 @@ class LLM:
                     self.engine.abort(r.request_id)
         return [
             Completion(r.text, list(r.output_ids), r.finish_reason, r.stop_reason, len(r.prompt_ids),
-                       len(r.output_ids), logprobs[r.request_id], prompt)  # fmt: skip
+                       len(r.output_ids), logprobs[r.request_id], prompt,
+                       is_incomplete(r.constraint, r.finish_reason, r.stop_reason))  # fmt: skip
             for r, prompt in zip(reqs, prompts, strict=True)
         ]
