@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` on import.
-COMMAND_MODULES = ["models", "generate", "inspect", "sampling"]
+COMMAND_MODULES = ["models", "generate", "inspect", "sampling", "serve"]
 
 
 def _register() -> None:
