@@ -1,0 +1,93 @@
+"""pellucid serve: the OpenAI- and Anthropic-compatible HTTP server."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pellucid.cli import app
+from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, Dtype
+from pellucid.errors import PellucidError
+
+err = Console(stderr=True)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder (default: the config's model.name, else the default model).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; loopback unless you say otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="PELLUCID_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML inference config: model, default sampling and control values, system prompt.")] = None,
+    dtype: Dtype = DEFAULT_DTYPE,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = 16,
+    max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
+    max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step.")] = 512,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model name clients send (default: --model as given).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
+    import uvicorn
+
+    from pellucid.server.app import create_app
+    from pellucid.server.state import ServerConfig, ServerState
+
+    for name, value, lo in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0), ("--prefill-chunk", prefill_chunk, 1),
+                            ("--port", port, 0)):  # fmt: skip
+        if value < lo:
+            raise PellucidError(f"{name} = {value} is out of range; allowed: {lo} or more", param=name)
+    defaults: dict = {}
+    system_prompt = None
+    cfg = None
+    if config is not None:
+        from pellucid.config import load_config
+
+        cfg = load_config(config)
+        defaults = cfg.sampling_values()
+        system_prompt = cfg.system_prompt
+        model = model or cfg.model
+    model = model or DEFAULT_MODEL
+    sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
+                      max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, num_threads=threads,
+                      served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt)  # fmt: skip
+    state = ServerState(sc, loader=_loader(cfg))
+    server = uvicorn.Server(uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=3))  # fmt: skip
+
+    def failed(message: str) -> None:
+        server.should_exit = True
+
+    state.on_failure = failed
+    if host not in LOOPBACK and not api_key:
+        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")
+    err.print(f"pellucid: serving [bold]{sc.model_name}[/] on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
+              f"/v1/completions; Anthropic: /v1/messages; /health, /metrics)", highlight=False)  # fmt: skip
+    server.run()
+    if state.status == "failed":
+        raise PellucidError(f"the model did not load: {state.error}")
+
+
+def _loader(cfg):
+    def load(sc):
+        from pellucid.server.state import default_loader
+
+        t = time.perf_counter()
+        err.print(f"loading {sc.model} ({sc.dtype}) in the background; requests get 503 until it is ready", highlight=False)
+        llm = default_loader(sc)
+        if cfg is not None and "logit_bias" in sc.defaults:
+            # the config may name tokens by text: resolve them with the model's tokenizer
+            from pellucid.sampling.bias import resolve_logit_bias
+
+            sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
+                                                           where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
+        err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
+                  f"(max batch {sc.max_batch}, context {llm.engine.max_len})", highlight=False)  # fmt: skip
+        return llm
+
+    return load

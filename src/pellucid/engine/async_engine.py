@@ -1,0 +1,225 @@
+"""AsyncEngine: one background thread owns the Engine and steps it while there is work.
+
+Front doors on an asyncio loop (the HTTP server) `add()` requests and read their outputs
+from an asyncio.Queue (one per group of requests); after every step the thread hands the step's outputs
+to the loop with one `loop.call_soon_threadsafe`. Requests join and leave between steps
+(continuous batching is the Engine's own). `abort()` frees the request's cache slot at
+once, from any thread. The thread sleeps on a condition while there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from pellucid.engine.engine import Engine
+from pellucid.engine.request import Request, RequestOutput
+from pellucid.errors import PellucidError
+
+
+class EngineDead(PellucidError):
+    """The engine thread failed on a step; the request cannot continue."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class RequestGroup:
+    """The outputs of one or more requests (n choices, several prompts) on one queue.
+
+    `get()` returns the next RequestOutput of any of them (`index[request_id]` says which);
+    `abort()` stops those still running and frees their cache slots.
+    """
+
+    def __init__(self, engine: AsyncEngine, requests: list[Request], queue: asyncio.Queue):
+        self.engine, self.requests, self.queue = engine, requests, queue
+        self.index = {r.request_id: i for i, r in enumerate(requests)}
+        self._left = len(requests)
+
+    async def get(self) -> RequestOutput:
+        return self._take(await self.queue.get())
+
+    def get_nowait(self) -> RequestOutput | None:
+        """The next output if one is already queued (to merge a backlog into one message)."""
+        try:
+            item = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        return self._take(item)
+
+    def _take(self, item) -> RequestOutput:
+        if isinstance(item, BaseException):
+            self._left = 0
+            raise item
+        if item.finished:
+            self._left -= 1
+        return item
+
+    @property
+    def done(self) -> bool:
+        """Every request's final output has been taken."""
+        return self._left <= 0
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.done:
+                yield await self.get()
+        finally:
+            self.abort()
+
+    def abort(self) -> list[str]:
+        """Abort the requests that have not finished; returns their ids."""
+        ids = [r.request_id for r in self.requests if not r.finished]
+        for rid in ids:
+            self.engine.abort(rid)
+        return ids
+
+
+class AsyncEngine:
+    """Runs `engine.step()` on a background thread; thread-safe add/abort."""
+
+    def __init__(self, engine: Engine, *, max_waiting: int = 256, num_threads: int | None = None,
+                 on_step: Callable[[Engine, list[RequestOutput], float], None] | None = None):  # fmt: skip
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.num_threads = num_threads
+        self.on_step = on_step  # called on the engine thread after every step (metrics)
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # the last step failure, for /health
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> AsyncEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pellucid-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+        self._streams.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests (call from the event loop) --------------------------------------------
+    def num_waiting(self) -> int:
+        return sum(1 for r in list(self.engine.waiting) if not r.finished)
+
+    def num_running(self) -> int:
+        return len(self.engine.running)
+
+    def add(self, req: Request) -> RequestGroup:
+        """Queue `req`; its outputs arrive on the returned group. 429 if the queue is full."""
+        return self.add_many([req])
+
+    def add_many(self, reqs: list[Request]) -> RequestGroup:
+        """Queue several requests at once, all or none; their outputs share one queue."""
+        loop = asyncio.get_running_loop()
+        if not self.alive:
+            raise PellucidError("the engine is not running", status=503, code="engine_not_running")
+        with self._wake:
+            waiting = self.num_waiting()
+            free = self.engine.max_batch - len(self.engine.running)
+            if waiting + len(reqs) - max(free, 0) > self.max_waiting:
+                raise PellucidError(
+                    f"the server is busy: {waiting} requests are waiting (the limit is {self.max_waiting}); retry later",
+                    status=429, code="rate_limit_exceeded",
+                )  # fmt: skip
+            q: asyncio.Queue = asyncio.Queue()
+            for req in reqs:
+                self._streams[req.request_id] = _Stream(loop, q)
+        try:
+            for req in reqs:
+                self.engine.add_request(req)
+        except BaseException:
+            for req in reqs:
+                self.abort(req.request_id)
+            raise
+        with self._wake:
+            self._wake.notify()
+        return RequestGroup(self, reqs, q)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    # -- the loop (engine thread) -------------------------------------------------------
+    def _run(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        while True:
+            with self._wake:
+                while not self._stop and not self.engine.has_unfinished():
+                    self._wake.wait()
+                if self._stop:
+                    return
+            t = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed step must not kill the server: fail its requests
+                self.error = e
+                self._fail_all(e)
+                continue
+            self._deliver(outputs)
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.engine, outputs, time.perf_counter() - t)
+                except Exception as e:  # metrics must never stop generation
+                    self.error = e
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outputs:
+                s = self._streams.get(out.request_id)
+                if s is None:
+                    continue  # aborted: nobody is listening
+                batches.setdefault(s.loop, []).append((s.queue, out))
+                if out.finished:
+                    del self._streams[out.request_id]
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed (shutting down)
+                pass
+
+    def _fail_all(self, e: Exception) -> None:
+        err = EngineDead(f"generation failed inside the engine: {type(e).__name__}: {e}", status=500, code="engine_error")
+        with self._lock:
+            streams = dict(self._streams)
+            self._streams.clear()
+        for rid, s in streams.items():
+            self.engine.abort(rid)
+            try:
+                s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
+            except RuntimeError:
+                pass
+        # Requests that were added without a stream still need to leave the engine.
+        for req in list(self.engine.running) + list(self.engine.waiting):
+            self.engine.abort(req.request_id)
+
+
+def _put_all(items: list) -> None:
+    for q, out in items:
+        q.put_nowait(out)

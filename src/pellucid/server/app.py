@@ -1,0 +1,167 @@
+"""The HTTP server: OpenAI- and Anthropic-compatible, one engine, continuous batching.
+
+The server listens at once and loads the model on a background thread; until it is
+ready, model endpoints answer 503 and /health says "loading". Endpoints:
+
+  POST /v1/chat/completions, /v1/completions; GET /v1/models    (OpenAI)
+  POST /v1/messages, /v1/messages/count_tokens                   (Anthropic)
+  POST /tokenize, /detokenize                                    (token ids, pieces, counts)
+  GET  /health, /metrics                                         (no key needed)
+
+With an API key set, every other endpoint wants `Authorization: Bearer KEY` (OpenAI's
+clients) or `x-api-key: KEY` (Anthropic's).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from pellucid.errors import PellucidError
+from pellucid.server import anthropic, openai
+from pellucid.server.errors import ApiError, error_response
+from pellucid.server.protocol import DetokenizeRequest, TokenizeRequest
+from pellucid.server.state import ServerConfig, ServerState, parse_body
+
+METRIC_PATHS = {
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
+    "/tokenize", "/detokenize", "/health", "/metrics",
+}  # fmt: skip
+
+
+async def require_key(http: HttpRequest) -> None:
+    key = http.app.state.server.config.api_key
+    if not key:
+        return
+    given = http.headers.get("x-api-key")
+    auth = http.headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if given is None:
+        raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", code="invalid_api_key")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+class _CountRequests:
+    """ASGI middleware: HTTP requests by path and status, for /metrics (streams pass untouched)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        path = path if path in METRIC_PATHS else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
+        status = {}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.count_http(path, status.get("code", 499))
+
+
+def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerConfig], Any] | None = None,
+               state: ServerState | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app; loading starts when the app starts (uvicorn's lifespan)."""
+    state = state or ServerState(config or ServerConfig(), loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.status == "loading" and state._thread is None:
+            state.start_loading()
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="pellucid", summary="OpenAI- and Anthropic-compatible server for a local model",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None)  # fmt: skip
+    app.state.server = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(http: HttpRequest, e: ApiError):
+        return error_response(e, http.url.path)
+
+    @app.exception_handler(PellucidError)
+    async def _pellucid_error(http: HttpRequest, e: PellucidError):
+        return error_response(ApiError.from_pellucid(e), http.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(http: HttpRequest, e: StarletteHTTPException):
+        msg = f"no route {http.method} {http.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return error_response(ApiError(e.status_code, msg), http.url.path)
+
+    @app.exception_handler(Exception)
+    async def _crash(http: HttpRequest, e: Exception):
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"), http.url.path)
+
+    @app.get("/health")
+    async def health():
+        body = {"status": state.status, "model": state.config.model_name}
+        if state.status == "failed":
+            body["error"] = state.error
+        if state.status == "ready" and state.engine is not None and not state.engine.alive:
+            body = {"status": "failed", "model": state.config.model_name, "error": "the engine has stopped"}
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        engine = state.llm.engine if state.status == "ready" else None
+        return PlainTextResponse(state.metrics.render(engine, loading=state.status != "ready"),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
+
+    tokens = APIRouter()
+
+    @tokens.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        state.require_ready()
+        body: TokenizeRequest = await parse_body(http, TokenizeRequest)
+        state.check_model(body.model, optional=True)
+        llm = state.llm
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
+        try:
+            if body.messages is not None:
+                text = llm.render_chat(body.messages, add_generation_prompt=body.add_generation_prompt)
+                ids = llm.tokenizer.encode(text)
+            else:
+                ids = llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e) from None
+        return _token_answer(llm, ids, state.max_len)
+
+    @tokens.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        state.require_ready()
+        body: DetokenizeRequest = await parse_body(http, DetokenizeRequest)
+        state.check_model(body.model, optional=True)
+        llm = state.llm
+        try:
+            llm.tokenizer.check_ids(body.tokens, "tokens")
+        except PellucidError as e:
+            raise ApiError(400, e.message, param="tokens") from None
+        return {"text": llm.tokenizer.decode(body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
+
+    auth = [Depends(require_key)]
+    app.include_router(openai.router, dependencies=auth)
+    app.include_router(anthropic.router, dependencies=auth)
+    app.include_router(tokens, dependencies=auth)
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    return app
+
+
+def _token_answer(llm, ids: list[int], max_len: int) -> dict[str, Any]:
+    tok = llm.tokenizer
+    return {"tokens": list(ids), "pieces": [tok.piece(i) for i in ids], "count": len(ids), "max_model_len": max_len}

@@ -1,0 +1,341 @@
+"""OpenAI's API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+
+Each choice is one engine request (n choices = n requests, seeds seed, seed+1, ...);
+all of them join the running batch of the one engine. Streams are server-sent events
+ending in `data: [DONE]`; with stream_options.include_usage a last chunk carries usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+
+from pellucid.engine.async_engine import RequestGroup
+from pellucid.engine.request import RequestOutput, TokenLogprob
+from pellucid.errors import PellucidError
+from pellucid.server.errors import ApiError, error_body
+from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest
+from pellucid.server.state import (
+    Choice,
+    ServerState,
+    collect,
+    new_id,
+    parse_body,
+    trim_stop_token,
+)
+
+router = APIRouter()
+FINGERPRINT = "pellucid"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _state(http: HttpRequest) -> ServerState:
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    return state
+
+
+# -- models ---------------------------------------------------------------------------------
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card = {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "pellucid"}
+    if state.status == "ready":
+        card["max_model_len"] = state.max_len
+    return card
+
+
+@router.get("/v1/models")
+async def list_models(http: HttpRequest):
+    state: ServerState = http.app.state.server
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, http: HttpRequest):
+    state: ServerState = http.app.state.server
+    state.check_model(model)
+    return _model_card(state)
+
+
+# -- shared -----------------------------------------------------------------------------------
+def _sampling_values(body, max_tokens: int | None) -> dict[str, Any]:
+    return {
+        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias, "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids, "max_tokens": max_tokens, "min_tokens": body.min_tokens,
+        "seed": body.seed, "n": body.n, "ignore_eos": body.ignore_eos,
+        "processed_logprobs": body.processed_logprobs,
+    }  # fmt: skip
+
+
+def _constraint_factory(state: ServerState, response_format: dict | None):
+    """A function that builds one fresh constraint per engine request (None: unconstrained)."""
+    if response_format is None or response_format.get("type") == "text":
+        return None
+    try:
+        from pellucid.sampling import constraints
+    except ImportError:
+        constraints = None
+    if constraints is None or not hasattr(constraints, "from_response_format"):
+        raise ApiError(400, f"response_format {response_format.get('type')!r} needs structured output, which this build lacks",
+                       param="response_format")  # fmt: skip
+    tok = state.llm.tokenizer
+    try:
+        constraints.from_response_format(tok, response_format)  # check it once, with a clear error
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    return lambda: constraints.from_response_format(tok, response_format)
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return reason if reason in ("stop", "length") else ("stop" if reason else None)
+
+
+def _stop_reason(stop_reason) -> str | int | None:
+    return stop_reason
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _chat_logprobs(tok, lps: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        return {"token": tok.piece(tid), "logprob": lp, "bytes": list(tok.token_bytes(tid))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps],
+            "refusal": None}  # fmt: skip
+
+
+def _legacy_logprobs(tok, lps: list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
+    """The completions API's shape: parallel lists, top alternatives as {token: logprob}."""
+    tokens, values, tops, offsets = [], [], [], []
+    for t in lps:
+        piece = tok.piece(t.token)
+        tokens.append(piece)
+        values.append(t.logprob)
+        tops.append({tok.piece(i): v for i, v in t.top})
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def _merge_backlog(group: RequestGroup, first: RequestOutput) -> dict[int, list[RequestOutput]]:
+    """The output just awaited plus any already queued, by choice index (one message each)."""
+    per: dict[int, list[RequestOutput]] = {group.index[first.request_id]: [first]}
+    while not group.done:
+        o = group.get_nowait()
+        if o is None:
+            break
+        per.setdefault(group.index[o.request_id], []).append(o)
+    return per
+
+
+def _stream_error(e: Exception) -> str:
+    err = ApiError.from_pellucid(e) if isinstance(e, PellucidError) else ApiError(500, f"{type(e).__name__}: {e}")
+    return _sse(error_body(err, anthropic=False))
+
+
+# -- chat -------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(http: HttpRequest):
+    t0 = time.perf_counter()
+    state = _state(http)
+    body: ChatCompletionRequest = await parse_body(http, ChatCompletionRequest)
+    state.check_model(body.model)
+    llm = state.llm
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    values = _sampling_values(body, max_tokens)
+    values |= {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs}
+    rename = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else None
+    params = state.params(values, rename=rename)
+    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
+    messages = state.with_system(messages)
+    try:
+        prompt_ids = llm.encode_prompt(llm.render_chat(messages))
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    constraint = _constraint_factory(state, body.response_format)
+    cid = new_id("chatcmpl-")
+    n = params.n
+    group = state.submit([prompt_ids], params, n=n, prefix=cid, constraint=constraint, rename=rename)
+    created = int(time.time())
+    model = state.config.model_name
+    want_lp = bool(params.logprobs)
+    tok = llm.tokenizer
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _chat_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, len(prompt_ids), t0)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(group, http)
+    if choices is None:
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+    state.metrics.observe_latency(time.perf_counter() - t0)
+    out = []
+    for i, c in enumerate(choices):
+        lps = _chat_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason)) if want_lp else None
+        out.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason),
+                    "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
+        "choices": out, "usage": _usage(len(prompt_ids), sum(c.completion_tokens for c in choices)),
+    }  # fmt: skip
+
+
+async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str, n: int,
+                       include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float) -> AsyncIterator[str]:  # fmt: skip
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": FINGERPRINT}  # fmt: skip
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(i: int, delta: dict, logprobs=None, finish=None, stop_reason=None) -> str:
+        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
+        return _sse({**head, "choices": [choice]})
+
+    choices = [Choice() for _ in range(n)]
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        while not group.done:
+            first = await group.get()
+            for i, outs in _merge_backlog(group, first).items():
+                c = choices[i]
+                for o in outs:
+                    c.add(o)
+                text = "".join(o.new_text for o in outs)
+                lps = [lp for o in outs for lp in o.logprobs]
+                last = outs[-1]
+                if last.finished:
+                    lps = trim_stop_token(lps, last.stop_reason)
+                if text or (want_lp and lps):
+                    yield chunk(i, {"content": text}, _chat_logprobs(tok, lps) if want_lp else None)
+                if last.finished:
+                    yield chunk(i, {}, None, _finish_reason(last.finish_reason), _stop_reason(last.stop_reason))
+        state.metrics.observe_latency(time.perf_counter() - t0)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
+        yield "data: [DONE]\n\n"
+    except PellucidError as e:
+        yield _stream_error(e)
+    finally:
+        for rid in group.abort():
+            state.metrics.forget(rid)
+
+
+# -- completions --------------------------------------------------------------------------------
+def _prompts(llm, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [llm.encode_prompt(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    if all(isinstance(x, int) for x in prompt):
+        return [list(prompt)]
+    if all(isinstance(x, str) for x in prompt):
+        return [llm.encode_prompt(x) for x in prompt]
+    return [list(x) for x in prompt]
+
+
+@router.post("/v1/completions")
+async def completions(http: HttpRequest):
+    t0 = time.perf_counter()
+    state = _state(http)
+    body: CompletionRequest = await parse_body(http, CompletionRequest)
+    state.check_model(body.model)
+    llm = state.llm
+    if body.echo:
+        raise ApiError(400, "echo is not supported (it needs the prompt's log-probabilities)", param="echo")
+    if body.suffix is not None:
+        raise ApiError(400, "suffix is not supported: this model has no fill-in-the-middle format", param="suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise ApiError(400, f"best_of = {body.best_of} is not supported; only best_of = n", param="best_of")
+    values = _sampling_values(body, body.max_tokens)
+    if body.logprobs is not None:
+        values |= {"logprobs": True, "top_logprobs": body.logprobs}
+    # max_tokens 16 is the legacy API's default
+    params = state.params(values, api_defaults={"max_tokens": 16}, rename={"top_logprobs": "logprobs"})
+    try:
+        prompts = _prompts(llm, body.prompt)
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    constraint = _constraint_factory(state, body.response_format)
+    cid = new_id("cmpl-")
+    n = params.n
+    group = state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt"})
+    created = int(time.time())
+    model = state.config.model_name
+    want_lp = body.logprobs is not None
+    tok = llm.tokenizer
+    prompt_tokens = sum(len(p) for p in prompts)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = _completion_stream(state, group, cid, created, model, include_usage, want_lp, tok, prompt_tokens, t0)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(group, http)
+    if choices is None:
+        return JSONResponse({}, status_code=499)
+    state.metrics.observe_latency(time.perf_counter() - t0)
+    out = []
+    for i, c in enumerate(choices):
+        lps = _legacy_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason), 0)[0] if want_lp else None
+        out.append({"index": i, "text": c.text, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason),
+                    "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
+    return {
+        "id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
+        "choices": out, "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+    }  # fmt: skip
+
+
+async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str,
+                             include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float) -> AsyncIterator[str]:  # fmt: skip
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT}
+    if include_usage:
+        head["usage"] = None
+    choices = [Choice() for _ in group.requests]
+    offsets = [0] * len(group.requests)
+    try:
+        while not group.done:
+            first = await group.get()
+            for i, outs in _merge_backlog(group, first).items():
+                c = choices[i]
+                for o in outs:
+                    c.add(o)
+                text = "".join(o.new_text for o in outs)
+                lps = [lp for o in outs for lp in o.logprobs]
+                last = outs[-1]
+                if last.finished:
+                    lps = trim_stop_token(lps, last.stop_reason)
+                finish = _finish_reason(last.finish_reason) if last.finished else None
+                if text or finish or (want_lp and lps):
+                    lp_obj = None
+                    if want_lp:
+                        lp_obj, offsets[i] = _legacy_logprobs(tok, lps, offsets[i])
+                    choice = {"index": i, "text": text, "logprobs": lp_obj, "finish_reason": finish}
+                    if finish is not None:
+                        choice["stop_reason"] = _stop_reason(last.stop_reason)
+                    yield _sse({**head, "choices": [choice]})
+        state.metrics.observe_latency(time.perf_counter() - t0)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
+        yield "data: [DONE]\n\n"
+    except PellucidError as e:
+        yield _stream_error(e)
+    finally:
+        for rid in group.abort():
+            state.metrics.forget(rid)

@@ -1,0 +1,107 @@
+"""Request bodies of the HTTP API (pydantic), checked before anything runs.
+
+Unknown fields are an error naming the field, never silently ignored, except a few that
+change nothing here (`user`, `store`, `metadata`, `service_tier`). pellucid's extras
+(top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
+processed_logprobs) ride along as extra body fields; OpenAI's client sends them with
+`extra_body={...}`. Ranges are checked once, by SamplingParams, whose errors name the
+field and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Extras(_Body):
+    """pellucid's sampling extras, shared by every generation endpoint."""
+
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    processed_logprobs: bool | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _OpenAISampling(_Extras):
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    response_format: dict[str, Any] | None = None
+    # Accepted and ignored: they change nothing on a local server.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # legacy: how many top alternatives, 0..20
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class AnthropicMessagesRequest(_Extras):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None
+    # pellucid's extras beyond Anthropic's own (OpenAI-style penalties, seed)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+
+
+class AnthropicCountTokensRequest(_Body):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True  # the model's BOS, where it uses one (raw prompts only)
+    add_generation_prompt: bool = True  # chat messages only
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,260 @@
+"""The server's state: config, the model (loaded in the background), the async engine.
+
+Both APIs share the helpers here: model-name check, request submission (n requests for
+n choices, seeds seed, seed+1, ...), and collecting a group's outputs while watching
+for the client to disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request as HttpRequest
+
+from pellucid.engine.async_engine import AsyncEngine, RequestGroup
+from pellucid.engine.request import RequestOutput, TokenLogprob
+from pellucid.errors import PellucidError
+from pellucid.sampling.params import SamplingParams
+from pellucid.server.errors import ApiError
+from pellucid.server.metrics import Metrics
+
+
+@dataclass
+class ServerConfig:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    dtype: str = "bfloat16"
+    max_batch: int = 16
+    max_len: int | None = None  # context window served (default: the model's, at most 4096)
+    max_waiting: int = 256  # waiting requests beyond which new ones get 429
+    prefill_chunk: int = 512
+    num_threads: int | None = None  # torch threads of the engine (default: torch's)
+    served_model_name: str | None = None  # the name clients use (default: --model as given)
+    llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
+    defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields for requests that omit them
+    system_prompt: str | None = None  # added to chat requests that have no system message
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class ServerState:
+    """Everything a handler needs; `ready` once the model is loaded."""
+
+    def __init__(self, config: ServerConfig, loader: Callable[[ServerConfig], Any] | None = None):
+        self.config = config
+        self.loader = loader or default_loader
+        self.metrics = Metrics(config.model_name)
+        self.llm = None
+        self.engine: AsyncEngine | None = None
+        self.status = "loading"  # loading | ready | failed
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.names = {config.model_name, config.model}
+        self._thread: threading.Thread | None = None
+        self.on_failure: Callable[[str], None] | None = None  # e.g. stop the CLI's server
+
+    # -- loading ------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="pellucid-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            llm = self.loader(self.config)
+            engine = llm.engine
+            engine.prefill_chunk = self.config.prefill_chunk
+            self.engine = AsyncEngine(engine, max_waiting=self.config.max_waiting, num_threads=self.config.num_threads,
+                                      on_step=self.metrics.observe_step).start()  # fmt: skip
+            self.llm = llm
+            path = getattr(llm.loaded, "path", None)
+            if path is not None:
+                self.names |= {str(path), Path(path).name, Path(path).stem}
+            self.status = "ready"
+        except Exception as e:  # shown by /health and the CLI
+            self.error = e.message if isinstance(e, PellucidError) else f"{type(e).__name__}: {e}"
+            self.status = "failed"
+            if self.on_failure is not None:
+                self.on_failure(self.error)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status == "ready"
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # -- checks -------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise ApiError(503, f"the model {self.config.model_name!r} is still loading; retry in a few seconds", code="model_loading")
+        if self.status == "failed":
+            raise ApiError(503, f"the model failed to load: {self.error}", code="model_load_failed")
+        if self.engine is not None and not self.engine.alive:
+            raise ApiError(503, "the engine has stopped", code="engine_stopped")
+
+    def check_model(self, name: str | None, *, optional: bool = False) -> None:
+        if name is None and optional:
+            return
+        if name not in self.names:
+            raise ApiError(404, f"The model {name!r} does not exist on this server; it serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    @property
+    def max_len(self) -> int:
+        return self.llm.engine.max_len
+
+    # -- generation ---------------------------------------------------------------------
+    def params(self, values: dict[str, Any], *, api_defaults: dict[str, Any] | None = None,
+               rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
+        """Request values > the --config file's defaults > the API's own defaults."""
+        defaults = {**(api_defaults or {}), **self.config.defaults}
+        return make_params(values, self.llm.config.vocab_size, defaults=defaults, rename=rename)
+
+    def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The --config system prompt first, when the request brings no system message."""
+        sp = self.config.system_prompt
+        if sp and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            return [{"role": "system", "content": sp}, *messages]
+        return messages
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int, prefix: str,
+               constraint: Callable[[], Any] | None = None, rename: dict[str, str] | None = None) -> RequestGroup:  # fmt: skip
+        """n engine requests per prompt (seeds seed, seed+1, ... when seeded), queued as one group."""
+        eng = self.llm.engine
+        reqs = []
+        try:
+            for p, ids in enumerate(prompts):
+                for i in range(n):
+                    seed = None if params.seed is None else params.seed + i
+                    rp = replace(params, seed=seed, n=1) if (n > 1 or params.n != 1) else params
+                    c = constraint() if constraint is not None else None
+                    reqs.append(eng.make_request(ids, rp, f"{prefix}-{p * n + i}", c))
+            group = self.engine.add_many(reqs)
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e, rename=rename) from None
+        self.metrics.requests_received += 1
+        return group
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+@dataclass
+class Choice:
+    """One request's accumulated output."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs
+        self.prompt_tokens = out.num_prompt_tokens
+        self.completion_tokens = out.num_output_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+async def collect(group: RequestGroup, http: HttpRequest) -> list[Choice] | None:
+    """All outputs of a group; None (and the group aborted) if the client disconnects first."""
+    choices = [Choice() for _ in group.requests]
+
+    async def gather() -> None:
+        while not group.done:
+            out = await group.get()
+            choices[group.index[out.request_id]].add(out)
+
+    task = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(_wait_disconnect(http))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises an engine failure
+            return choices
+        return None
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        group.abort()
+
+
+async def _wait_disconnect(http: HttpRequest) -> None:
+    """Returns when the client goes away (the body was read already, so receive() waits for that)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[TokenLogprob]:
+    """A request that ended on a stop token (EOS, stop_token_ids) shows no entry for it."""
+    if isinstance(stop_reason, int) and choice_logprobs and choice_logprobs[-1].token == stop_reason:
+        return choice_logprobs[:-1]
+    return choice_logprobs
+
+
+def default_loader(config: ServerConfig):
+    from pellucid.api import LLM
+
+    return LLM(config.model, dtype=config.dtype, max_batch=config.max_batch, max_len=config.max_len, **config.llm_options)
+
+
+async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | None = None):
+    """The JSON body checked against a pydantic model; a 400 naming the field otherwise."""
+    from pydantic import ValidationError
+
+    from pellucid.server.errors import from_validation
+
+    raw = await http.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e, rename=rename) from None
+
+
+def make_params(values: dict[str, Any], vocab_size: int, *, defaults: dict[str, Any] | None = None,
+                rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
+    """SamplingParams from the fields a client gave (None = not given), over `defaults`.
+
+    max_tokens None means no limit but the context window, unless the defaults set one.
+    """
+    kw = {k: v for k, v in (defaults or {}).items() if v is not None}
+    for k, v in values.items():
+        if v is not None or (k == "max_tokens" and k not in kw):
+            kw[k] = v
+    try:
+        params = SamplingParams(**kw)
+        check = getattr(params, "check_vocab", None)
+        if check is not None:
+            check(vocab_size)
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e, rename=rename) from None
+    return params
