@@ -107,7 +107,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None) ->
     tok = Tokenizer.from_gguf(f.metadata)
     bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
-    tmpl_src = f.get("tokenizer.chat_template")
+    tmpl_src = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)  # e.g. Gemma GGUFs carry none
     return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
 
