@@ -40,6 +40,7 @@ class LoadedModel:
     stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     load_seconds: float = 0.0
     metadata: dict = field(default_factory=dict)
+    quant: str | None = None  # weight-only format of the linear layers (None: all in `dtype`)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -60,48 +61,75 @@ def _layer(name: str) -> str | None:
 
 
 def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = "bfloat16",
-               device: str = "cpu", max_len: int | None = None) -> LoadedModel:  # fmt: skip
-    """Load a registry name, a .gguf file or an HF folder into an eval-mode model."""
+               device: str = "cpu", max_len: int | None = None, quant: str | None = None) -> LoadedModel:  # fmt: skip
+    """Load a registry name, a .gguf file or an HF folder into an eval-mode model.
+
+    quant ("int8", "int4", "int4-g64", ...) swaps the linear layers for weight-only
+    quantized ones (pellucid.quantization), built from each float32 weight as it is read.
+    """
     t0 = time.perf_counter()
     dt = parse_dtype(dtype)
+    if quant is not None:
+        from pellucid.quantization.apply import parse_quant, quantize_model
+
+        if parse_quant(quant)[0] is None:  # "none"
+            quant = None
     path = registry.resolve(name_or_path)
     if path.is_dir():
         from pellucid.weights.hf import load_hf_folder
 
         lm = load_hf_folder(path, dt, device, max_len)
+        if quant:
+            quantize_model(lm.model, quant, dtype=dt)
     else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
-        lm = _load_gguf(path, dt, device, max_len)
+        lm = _load_gguf(path, dt, device, max_len, quant)
+    lm.quant = quant
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
 
-def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None) -> nn.Module:
+def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
     """Instantiate without spending time on random init, then compute the buffers."""
     with torch.device("meta"):
         model = mod.MODEL(cfg, max_len=max_len)
+    if dtype is not None:
+        model = model.to(dtype)  # on meta: no memory, and no float32 copy to convert later
     model = model.to_empty(device=device)
     model.init_buffers()
     return model
 
 
-def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None) -> LoadedModel:
+def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, quant: str | None = None) -> LoadedModel:
     from pellucid.weights.gguf import GGUFFile
 
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
     arch = cfg.arch
-    model = build_empty(mod, cfg, device, max_len)
+    model = build_empty(mod, cfg, device, max_len, dt)
     storage, shapes = {}, {}
-    params = dict(model.named_parameters())  # tied weights appear once
+
+    last: dict[str, torch.Tensor] = {}  # a tied head asks for the embedding just before the embedding itself
+
+    def source(name: str) -> torch.Tensor:  # our parameter name -> float32 tensor in our layout
+        if name in last:
+            return last.pop(name)
+        src = gguf_tensor_name(mod, f, name)
+        storage[name], shapes[name] = f.tensors[src].qtype.name, f.tensors[src].shape
+        w = mod.from_gguf_tensor(name, f.load(src, torch.float32), cfg)
+        last.clear()
+        last[name] = w
+        return w
+
     with torch.no_grad():
-        for name, p in params.items():
-            src = gguf_tensor_name(mod, f, name)
-            w = mod.from_gguf_tensor(name, f.load(src, torch.float32), cfg)
+        if quant:  # swap the linear layers before any float weight of theirs is touched
+            from pellucid.quantization.apply import quantize_model
+
+            quantize_model(model, quant, source=source, dtype=dt)
+        for name, p in dict(model.named_parameters()).items():  # tied weights appear once
+            w = source(name)
             if tuple(w.shape) != tuple(p.shape):
-                raise PellucidError(f"{path}: tensor {src!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)} for {arch!r}")
-            p.copy_(w.to(dt) if p.dtype != dt else w)
-            storage[name] = f.tensors[src].qtype.name
-            shapes[name] = f.tensors[src].shape
+                raise PellucidError(f"{path}: tensor {gguf_tensor_name(mod, f, name)!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)} for {arch!r}")
+            p.copy_(w)
     model = model.to(dt).eval()
     _keep_float32_buffers(model)
     tok = Tokenizer.from_gguf(f.metadata)
@@ -139,7 +167,10 @@ def gguf_tensor_name(mod, f, name: str) -> str:
 
 
 def _keep_float32_buffers(model: nn.Module) -> None:
+    """Computed tables (non-persistent buffers: rotary) stay float32; stored tensors (quantized scales) keep theirs."""
     for mod in model.modules():
         for name, buf in list(mod._buffers.items()):
+            if name not in mod._non_persistent_buffers_set:
+                continue
             if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
                 mod._buffers[name] = buf.float()
