@@ -58,14 +58,16 @@ class LLM:
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str = "cpu",
                  max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
-                 loaded: LoadedModel | None = None):  # fmt: skip
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len)
+                 loaded: LoadedModel | None = None, quant: str | None = None, compile: bool = False):  # fmt: skip
+        """quant: "int8" or "int4" weight-only linear layers; compile: the compiled decode step."""
+        self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant)
         self.model_name = str(model)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.chat_template = self.loaded.chat_template
         self.config = self.loaded.config
-        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device)
+        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
+                             compile=compile)  # fmt: skip
 
     # -- prompts ----------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:

@@ -41,7 +41,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, lm, *, max_batch: int = 4, max_len: int | None = None, prefill_chunk: int = 512,
-                 use_cache: bool = True, device: str | None = None):  # fmt: skip
+                 use_cache: bool = True, device: str | None = None, compile: bool = False):  # fmt: skip
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -60,6 +60,11 @@ class Engine:
         self.stats = EngineStats()
         self.lock = threading.Lock()  # add/abort may come from other threads than step()
         self._decode_fn = self.model  # the perf layer may swap in a compiled step
+        if compile and use_cache:
+            from pellucid.engine.fast import FastDecoder, supports
+
+            if supports(self.model):  # llama family; other architectures decode eagerly
+                self._decode_fn = FastDecoder(self.model)
 
     # -- requests -----------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -1,0 +1,191 @@
+"""The fast decode path: one compiled single-token step for llama-family models.
+
+`FastDecoder(model, cache)` is a drop-in for the Engine's decode forward
+(`tokens (B, 1), ctx -> logits (B, V)`). It runs the same weights as the eager model
+(float or quantized linear layers) through a step written for torch.compile (inductor):
+
+- attention over the cache written elementwise (q*K summed, softmax, p*V summed), so
+  inductor fuses each layer's attention into one loop instead of bmm + transposes;
+- the key length L is a dynamic dimension (one graph for every position; the mask hides
+  cache rows past each sequence's position), the batch is 1 or dynamic (>= 2);
+- inductor freezing (weights folded as constants), the C++ wrapper, max-autotune GEMM
+  templates; no host sync inside the step;
+- compiled lazily on first use (or by `warmup()`), with inductor's cache under
+  $PELLUCID_HOME/inductor, so the second process compiles in seconds, not minutes.
+
+Prefill stays eager: it is a few large GEMMs, which compilation barely speeds up.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pellucid.models.layers import ForwardContext
+
+
+def physical_cores() -> int:
+    """CPU cores this process may use, counting each physical core once (SMT siblings share)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            sib = f.read().strip()
+        per_core = sum(len(range(int(a), int(b) + 1)) if "-" in part else 1
+                       for part in sib.split(",") for a, _, b in [part.partition("-")])  # fmt: skip
+    except (OSError, ValueError):
+        per_core = 1
+    return max(1, n // max(1, per_core))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` threads (default: the physical cores) for intra-op parallelism."""
+    n = n or physical_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def inductor_cache_dir() -> str:
+    """Persist compiled kernels across processes (set before the first compile)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from pellucid.registry import home
+
+        d = home() / "inductor"
+        d.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def supports(model: nn.Module) -> bool:
+    """The fast step is written for the llama block (norm, GQA with rotary, SwiGLU)."""
+    from pellucid.models import llama
+
+    return isinstance(model, llama.Llama) and all(type(b) is llama.Block for b in model.blocks)
+
+
+def decode_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One token per sequence: tokens, pos, slots (B,); caches (layers, S, K, M, D); kv_pos = arange(L).
+
+    Writes each layer's new key and value at `pos` of `slots`, attends over the first L
+    cache positions masked to those <= pos, returns float32 logits (B, V).
+    """
+    B = tokens.shape[0]
+    L = kv_pos.shape[0]
+    x = model.embed(tokens)  # (B, E)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (B, D)
+    visible = kv_pos[None, :] <= pos[:, None]  # (B, L)
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
+        G = H // K
+        h = blk.attention_norm(x)
+        q = a.q_proj(h).view(B, 1, H, D)
+        k = a.k_proj(h).view(B, 1, K, D)
+        v = a.v_proj(h).view(B, 1, K, D)
+        q, k = a.qk_transform(q, k)
+        q = _rope(q[:, 0], cos, sin)  # (B, H, D) float32
+        k = _rope(k[:, 0], cos, sin).to(k_cache.dtype)  # (B, K, D)
+        k_cache[i, slots, :, pos] = k
+        v_cache[i, slots, :, pos] = v[:, 0].to(v_cache.dtype)
+        keys = k_cache[i][slots, :, :L]  # (B, K, L, D)
+        values = v_cache[i][slots, :, :L]  # (B, K, L, D)
+        mask = visible if a.window is None else visible & (pos[:, None] - kv_pos[None, :] < a.window)
+        qg = q.view(B, K, G, D).to(k_cache.dtype).float()  # as eager: q is rounded to the cache dtype
+        scores = (qg[:, :, :, None, :] * keys[:, :, None, :, :].float()).sum(-1) * a.scale  # (B, K, G, L)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        z = (p[..., None] * values[:, :, None, :, :].float()).sum(-2)  # (B, K, G, D)
+        x = x + a.o_proj(z.reshape(B, H * D).to(x.dtype))
+        h = blk.mlp_norm(x)
+        m = blk.mlp
+        x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    return model.lm_head(model.norm(x)).float()  # (B, V)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, D), cos/sin (B, D) -> float32 (B, H, D), rotate-half layout."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return xf * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class CompileStats:
+    compile_seconds: dict[str, float] = field(default_factory=dict)  # graph -> seconds of its first call
+    calls: int = 0
+
+
+class FastDecoder:
+    """The Engine's decode forward, compiled: `fast(tokens (B, 1), ctx) -> logits (B, V)`."""
+
+    def __init__(self, model: nn.Module, *, compile: bool = True, max_autotune: bool = True,
+                 threads: int | None = None):  # fmt: skip
+        if not supports(model):
+            raise ValueError(f"the fast decode step supports llama-family models, not {type(model).__name__}")
+        self.model = model
+        self.compile = compile
+        self.threads = set_threads(threads)
+        self.stats = CompileStats()
+        self._arange: torch.Tensor | None = None
+        self._fns: dict[str, object] = {}
+        self._options = {"freezing": True, "cpp_wrapper": True}
+        if max_autotune:
+            self._options["max_autotune"] = True
+
+    def _fn(self, key: str):
+        fn = self._fns.get(key)
+        if fn is None:
+            if self.compile:
+                inductor_cache_dir()
+                fn = torch.compile(decode_step, dynamic=False, fullgraph=True, options=dict(self._options))
+            else:
+                fn = decode_step
+            self._fns[key] = fn
+        return fn
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, ctx: ForwardContext, *, last_only: bool = True) -> torch.Tensor:
+        cache = ctx.cache
+        assert cache is not None and tokens.shape[1] == 1, f"decode takes one token per row with a cache, got {tuple(tokens.shape)}"
+        dev = tokens.device
+        if self._arange is None or self._arange.device != dev:
+            self._arange = torch.arange(cache.max_len, device=dev)
+        B = tokens.shape[0]
+        tok, pos, slots = tokens[:, 0], ctx.input_pos[:, 0], ctx.slots
+        kv_pos = self._arange[: max(ctx.kv_len, 2)]
+        torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=cache.max_len)
+        key = "b1" if B == 1 else "bN"
+        if B > 1:
+            for t in (tok, pos, slots):
+                torch._dynamo.mark_dynamic(t, 0, min=2)
+        fn = self._fn(key)
+        first = key not in self.stats.compile_seconds
+        t0 = time.perf_counter() if first else 0.0
+        logits = fn(self.model, tok, pos, slots, cache.k, cache.v, kv_pos)
+        if first:
+            self.stats.compile_seconds[key] = time.perf_counter() - t0
+        self.stats.calls += 1
+        return logits
+
+    def warmup(self, cache, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Compile (or load from the disk cache) the graphs for these batch sizes; returns seconds.
+
+        Runs a step on scratch positions of free slots; what it writes is overwritten
+        before anything reads it (a sequence writes position p before attending to it).
+        """
+        t0 = time.perf_counter()
+        free = list(cache.free)
+        for B in batch_sizes:
+            if B > len(free):
+                continue
+            slots = torch.tensor(free[:B])
+            ctx = ForwardContext(input_pos=torch.zeros(B, 1, dtype=torch.long), cache=cache, slots=slots, kv_len=2)
+            self(torch.zeros(B, 1, dtype=torch.long), ctx)
+        return time.perf_counter() - t0
