@@ -157,7 +157,11 @@ class Tokenizer:
         else:
             raise PellucidError(f"Unsupported tokenizer model {model!r} (tokenizer.ggml.model). Supported: gpt2 (byte-level BPE), llama (SentencePiece BPE).")
         special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
-        tok.add_special_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False) for i in special])
+        # llama.cpp makes end-of-generation texts (Gemma's user-defined "</s>") control tokens
+        control = {i for i in special if types[i] == CONTROL or tokens[i] in END_OF_GENERATION_TEXTS}
+        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special if i in control])
+        # user-defined tokens are matched even with parse_special=False (add_special_tokens would hide them)
+        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in special if i not in control])
         for i in special:
             tbytes[i] = tokens[i].encode("utf-8")
         return cls(
