@@ -77,17 +77,25 @@ def model_name(model: str | None, config) -> str:
     return DEFAULT_MODEL
 
 
+# Models loaded in this process, by (name, dtype): a command loads once; in-process callers
+# (tests driving the CLI, a notebook) reuse what is already loaded.
+LOADED: dict[tuple[str, str], Any] = {}
+
+
 def load_llm(model: str, dtype: str, *, max_batch: int = 1, quiet: bool = False):
     """Load a model with a spinner on stderr (one request at a time: a batch of 1)."""
     from rich.console import Console
 
     from pellucid.api import LLM
 
+    if (model, dtype) in LOADED:
+        return LOADED[model, dtype]
     err = Console(stderr=True, quiet=quiet)
     t = time.perf_counter()
     with err.status(f"loading {model} ({dtype})"):
         llm = LLM(model, dtype=dtype, max_batch=max_batch)
     err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
+    LOADED[model, dtype] = llm
     return llm
 
 

@@ -3,24 +3,31 @@
 The chain, in this order (DESIGN.md "Semantics"; each step is a function in processors.py):
 
 1. logit_bias      logit[j] += bias[j]; a bias of -100 bans j (logit -inf).
-2. penalties       repetition (prompt + output, once per distinct token: positive logits
-                   divided by r, negative ones multiplied), then OpenAI's
+2. penalties       repetition (prompt + output, once per distinct token: a positive logit
+                   is divided by r, a negative one multiplied), then OpenAI's
                    logit[j] -= count[j] * frequency + (count[j] > 0) * presence,
                    counting generated tokens only.
 3. mask            the constraint's allowed tokens (structured output), and, until
                    min_tokens tokens exist, no end-of-generation or stop_token_ids token.
+                   A row left with no token at all falls back to its raw logits.
 4. greedy          temperature == 0: the argmax of the logits so far; the row stops here.
 5. temperature     logit / T.
 6. top_k           keep the k most likely tokens.
-7. top_p           keep the smallest most-likely set whose probability reaches p.
+7. top_p           keep the smallest most-likely set whose probability reaches p (the
+                   token that crosses p included).
 8. min_p           keep tokens with p >= min_p * p_max.
 9. draw            inverse CDF with one uniform number from the request's own seeded
                    torch.Generator, so a row's token never depends on the other rows.
 
-Steps whose parameters are neutral for the whole batch are skipped. There is no host
-sync: `tokens` stays on the logits' device until the engine reads it. logprobs come from
-the raw model distribution (log_softmax of the input logits) unless `processed_logprobs`,
-then from the distribution the token was drawn from (for greedy rows: after step 3).
+Speed: steps whose parameters are neutral for the whole batch are skipped; steps 1-3
+touch only the tokens they change; when every sampled row truncates (top_k or top_p),
+steps 5-9 run on each row's few candidates instead of the whole vocabulary (the "sorted"
+path; the dense path gives the same tokens). No host sync on an accelerator: `tokens`
+stays on the logits' device until the engine reads it.
+
+logprobs come from the raw model distribution (log_softmax of the input logits) unless
+`processed_logprobs`; then from the distribution the token was drawn from (for a greedy
+row: after step 3).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pellucid.sampling import processors as P
@@ -36,8 +44,34 @@ from pellucid.sampling.params import SamplingParams
 STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p")
 
 
+class _Tokens:
+    """A growing set of distinct token ids with a count each, in numpy buffers (cheap to
+    append to, zero-copy to hand to torch)."""
+
+    def __init__(self) -> None:
+        self.pos: dict[int, int] = {}
+        self.ids = np.empty(64, dtype=np.int64)
+        self.counts = np.empty(64, dtype=np.float32)
+
+    def add(self, token: int) -> None:
+        i = self.pos.get(token)
+        if i is not None:
+            self.counts[i] += 1
+            return
+        n = len(self.pos)
+        if n == len(self.ids):
+            self.ids = np.concatenate([self.ids, np.empty_like(self.ids)])
+            self.counts = np.concatenate([self.counts, np.empty_like(self.counts)])
+        self.pos[token] = n
+        self.ids[n] = token
+        self.counts[n] = 1
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
 class SequenceSampler:
-    """Per-request sampling state: the seeded generator, token counts for the penalties,
+    """Per-request sampling state: the seeded generator, the tokens the penalties count,
     the constraint; advances with `accept(token)`."""
 
     def __init__(self, params: SamplingParams, *, vocab_size: int, prompt_ids: Iterable[int] = (),
@@ -55,28 +89,26 @@ class SequenceSampler:
             self.generator.manual_seed(params.seed)
         self.output_ids: list[int] = []
         self.greedy = params.temperature == 0
-        # Sparse, per-request pieces of the batch tensors, built once.
-        self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        self.bias_ids = np.array(list(params.logit_bias), dtype=np.int64)
+        self.bias_values = np.array(list(params.logit_bias.values()), dtype=np.float32)
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eog_ids))
-        self.min_tokens_bans = torch.tensor(sorted(ends), dtype=torch.long) if params.min_tokens > 0 else None
-        self.counts: torch.Tensor | None = None  # (V,) float32, generated tokens
-        self.seen: torch.Tensor | None = None  # (V,) bool, prompt + generated tokens
-        if params.frequency_penalty != 0 or params.presence_penalty != 0:
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.min_tokens_bans = np.array(sorted(ends), dtype=np.int64) if params.min_tokens > 0 and ends else None
+        # generated tokens (frequency/presence) and prompt + generated tokens (repetition)
+        self.generated = _Tokens() if params.frequency_penalty != 0 or params.presence_penalty != 0 else None
+        self.seen: _Tokens | None = None
         if params.repetition_penalty != 1:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
-            ids = [i for i in prompt_ids if 0 <= i < vocab_size]
-            if ids:
-                self.seen[torch.tensor(ids, dtype=torch.long)] = True
+            self.seen = _Tokens()
+            for t in prompt_ids:
+                if 0 <= t < vocab_size:
+                    self.seen.add(t)
 
     def accept(self, token: int) -> None:
         """The engine chose `token` for this request: advance the stateful steps."""
         self.output_ids.append(token)
-        if self.counts is not None:
-            self.counts[token] += 1
+        if self.generated is not None:
+            self.generated.add(token)
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen.add(token)
         if self.constraint is not None:
             self.constraint.accept(token)
 
@@ -87,12 +119,6 @@ class SequenceSampler:
     @property
     def bans_active(self) -> bool:
         return self.min_tokens_bans is not None and len(self.output_ids) < self.params.min_tokens
-
-    def _state_on(self, device: torch.device) -> None:
-        if self.counts is not None and self.counts.device != device:
-            self.counts = self.counts.to(device)
-        if self.seen is not None and self.seen.device != device:
-            self.seen = self.seen.to(device)
 
 
 @dataclass
@@ -106,120 +132,204 @@ class SampleOutput:
 Trace = Callable[[str, torch.Tensor], None]
 
 
-def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | None = None) -> SampleOutput:
+def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | None = None, *,
+           sorted_path: bool | None = None) -> SampleOutput:  # fmt: skip
     """One token for each row of logits (B, V), row i drawn with seqs[i]'s parameters.
 
-    `trace(stage, logits)`, when given, sees the logits after every stage in STAGES (a
-    skipped stage shows the logits unchanged); `pellucid next-token` is built on it.
+    `trace(stage, logits)`, when given, sees the dense logits after every stage in STAGES
+    (a skipped stage shows them unchanged); `pellucid next-token` is built on it.
+    `sorted_path`: force (True) or forbid (False) the candidates-only path; by default it
+    is taken whenever it applies and nothing is traced.
     """
     B, V = logits.shape
     assert len(seqs) == B, (len(seqs), B)
     dev = logits.device
     raw = logits.float()  # (B, V)
-    params = [s.params for s in seqs]
     note = trace or (lambda stage, x: None)
-    x = raw
-    note("raw", x)
+    note("raw", raw)
 
-    # 1. logit_bias
+    # 1-3 edit one private copy of the logits, touching only the tokens concerned
+    x = raw
+    checks_alive = False
+
+    def own() -> torch.Tensor:
+        return x if x is not raw else raw.clone()
+
     biased = [i for i, s in enumerate(seqs) if len(s.bias_ids)]
     if biased:
-        rows = torch.cat([torch.full((len(seqs[i].bias_ids),), i, dtype=torch.long) for i in biased])
-        ids = torch.cat([seqs[i].bias_ids for i in biased])
-        vals = torch.cat([seqs[i].bias_values for i in biased])
-        x = P.apply_logit_bias(x, rows.to(dev), ids.to(dev), vals.to(dev))
+        rows, ids, vals = _flat([(i, seqs[i].bias_ids, seqs[i].bias_values) for i in biased], dev)
+        x = P.apply_logit_bias(own(), rows, ids, vals, inplace=True)
+        checks_alive = any((seqs[i].bias_values <= P.BIAS_BAN).any() for i in biased)
     note("logit_bias", x)
-
-    # 2. penalties
-    use_counts = any(s.counts is not None for s in seqs)
-    use_seen = any(s.seen is not None for s in seqs)
-    if use_counts or use_seen:
-        for s in seqs:
-            s._state_on(dev)
-        counts = seen = None
-        if use_counts:
-            zero = torch.zeros(V, dtype=torch.float32, device=dev)
-            counts = torch.stack([s.counts if s.counts is not None else zero for s in seqs])  # (B, V)
-        if use_seen:
-            none = torch.zeros(V, dtype=torch.bool, device=dev)
-            seen = torch.stack([s.seen if s.seen is not None else none for s in seqs])  # (B, V)
-        x = P.apply_penalties(x, counts, seen, _col([p.frequency_penalty for p in params], dev),
-                              _col([p.presence_penalty for p in params], dev),
-                              _col([p.repetition_penalty for p in params], dev))  # fmt: skip
+    rep = [i for i, s in enumerate(seqs) if s.seen is not None and len(s.seen)]
+    if rep:
+        rows, ids, r = _flat([(i, s.ids[: len(s)], np.full(len(s), seqs[i].params.repetition_penalty, np.float32))
+                              for i in rep for s in [seqs[i].seen]], dev)  # fmt: skip
+        x = P.apply_repetition_penalty(own(), rows, ids, r, inplace=True)
+    gen = [i for i, s in enumerate(seqs) if s.generated is not None and len(s.generated)]
+    if gen:
+        parts, fp = [], []
+        for i in gen:
+            g, p = seqs[i].generated, seqs[i].params
+            parts.append((i, g.ids[: len(g)], g.counts[: len(g)]))
+            fp.append(np.repeat(np.array([[p.frequency_penalty, p.presence_penalty]], np.float32), len(g), axis=0))
+        rows, ids, counts = _flat(parts, dev)
+        f_p = torch.from_numpy(np.concatenate(fp)).to(dev)  # (N, 2)
+        x = P.apply_frequency_presence(own(), rows, ids, counts, f_p[:, 0], f_p[:, 1], inplace=True)
     note("penalties", x)
 
-    # 3. mask: the constraint, and no end token before min_tokens
     masks = [s.constraint.allowed_mask() if s.constraint is not None else None for s in seqs]
     if any(m is not None for m in masks):
         x = P.apply_mask(x, _allowed(masks, V, dev))
+        checks_alive = True
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
-        rows = torch.cat([torch.full((len(seqs[i].min_tokens_bans),), i, dtype=torch.long) for i in banned])
-        ids = torch.cat([seqs[i].min_tokens_bans for i in banned])
-        unbanned = x
-        x = P.apply_bans(x, rows.to(dev), ids.to(dev))
-        x = torch.where(_alive(x), x, unbanned)  # a row with nothing else left may end
-    if biased or banned or any(m is not None for m in masks):
+        rows, ids = _flat([(i, seqs[i].min_tokens_bans) for i in banned], dev)
+        before = x
+        x = P.apply_bans(x, rows, ids)
+        x = torch.where(_alive(x), x, before)  # a row with nothing else left may end
+    if checks_alive:
         x = torch.where(_alive(x), x, raw)  # nothing left at all: fall back to the raw row
     note("mask", x)
     masked = x
 
     # 4. greedy rows are decided here
-    greedy_rows = [s.greedy for s in seqs]
-    n_greedy = sum(greedy_rows)
-    greedy_tokens = P.greedy(x) if n_greedy else None
-    if n_greedy == B and trace is None:
-        return _output(greedy_tokens, raw, masked, masked, seqs)
+    samp = [i for i, s in enumerate(seqs) if not s.greedy]
+    if not samp:
+        return _output(P.greedy(x), raw, masked, masked, seqs)
+    params = [seqs[i].params for i in samp]
+    temps = [p.temperature for p in params]
+    ks = [p.top_k if p.top_k < V else 0 for p in params]
+    ps = [p.top_p for p in params]
+    mps = [p.min_p for p in params]
+    xs = x if len(samp) == B else x[torch.tensor(samp, device=dev)]  # (S, V) the sampled rows
+    u = torch.tensor([seqs[i].uniform() for i in samp], dtype=torch.float32).to(dev)  # (S,)
+    truncating = all(k > 0 or p < 1.0 for k, p in zip(ks, ps, strict=True))
+    if sorted_path is None:  # a host sync decides the width: for the CPU only
+        sorted_path = truncating and trace is None and dev.type == "cpu"
+    done = None
+    if sorted_path and truncating:
+        done = _sample_sorted(xs, temps, ks, ps, mps, u, need_dense=_wants_processed(seqs))
+    toks, final = done or _sample_dense(xs, temps, ks, ps, mps, u, note if len(samp) == B else None)
+    if len(samp) == B:
+        return _output(toks, raw, masked, final, seqs)
+    idx = torch.tensor(samp, device=dev)
+    gidx = torch.tensor([i for i, s in enumerate(seqs) if s.greedy], device=dev)
+    tokens = torch.empty(B, dtype=torch.long, device=dev).index_copy_(0, idx, toks)
+    tokens.index_copy_(0, gidx, P.greedy(masked[gidx]))
+    if final is not None:
+        final = masked.index_copy(0, idx, final)
+    return _output(tokens, raw, masked, final, seqs)
 
-    # 5-8. temperature, top_k, top_p, min_p (greedy rows get neutral values)
-    temps = [1.0 if s.greedy else p.temperature for s, p in zip(seqs, params, strict=True)]
+
+def _sample_dense(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, note) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 5-9 on the whole vocabulary: (S, V) -> tokens (S,), final logits (S, V)."""
+    note = note or (lambda stage, x: None)
+    dev = x.device
     if any(t != 1.0 for t in temps):
         x = P.apply_temperature(x, _col(temps, dev))
     note("temperature", x)
-    ks = [0 if s.greedy or p.top_k >= V else p.top_k for s, p in zip(seqs, params, strict=True)]
     if any(ks):
-        x = P.apply_top_k(x, torch.tensor(ks, dtype=torch.long, device=dev), kmax=max(ks))
+        x = P.apply_top_k(x, torch.tensor(ks, device=dev), kmax=max(ks))
     note("top_k", x)
-    ps = [1.0 if s.greedy else p.top_p for s, p in zip(seqs, params, strict=True)]
     if any(p < 1.0 for p in ps):
-        # After top_k a row has at most k finite logits: a partial selection replaces the sort.
-        width = V if any(p < 1.0 and k == 0 for p, k in zip(ps, ks, strict=True)) else max(ks)
-        x = P.apply_top_p(x, _col(ps, dev), width=width)
+        p = _col(ps, dev)
+        if all(k > 0 for k, pp in zip(ks, ps, strict=True) if pp < 1.0):
+            width = max(ks)  # after top_k a row has at most k finite logits
+        elif x.device.type == "cpu":
+            width = P.nucleus_width(x, p)  # a partial selection instead of a sort
+        else:
+            width = None  # a sort is cheap on an accelerator, a host sync is not
+        x = P.apply_top_p(x, p, width)
     note("top_p", x)
-    mps = [0.0 if s.greedy else p.min_p for s, p in zip(seqs, params, strict=True)]
     if any(mps):
         x = P.apply_min_p(x, _col(mps, dev))
     note("min_p", x)
-
-    # 9. draw
-    probs = torch.softmax(x, dim=-1)  # (B, V)
-    u = torch.tensor([0.0 if s.greedy else s.uniform() for s in seqs], dtype=torch.float32).to(dev)
-    tokens = P.draw(probs, u)
-    if n_greedy:
-        tokens = torch.where(torch.tensor(greedy_rows, device=dev), greedy_tokens, tokens)
-        x = torch.where(torch.tensor(greedy_rows, device=dev)[:, None], masked, x)
-    return _output(tokens, raw, masked, x, seqs)
+    return P.draw(_weights(x), u), x
 
 
-def _output(tokens: torch.Tensor, raw: torch.Tensor, masked: torch.Tensor, final: torch.Tensor,
+def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
+                   need_dense: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+    """Steps 5-9 on each row's top-W candidates (every row has top_k or top_p): the same
+    tokens as the dense path at the cost of one top-W selection. Returns tokens (S,) and,
+    if asked, the final dense logits (S, V); None when a row's kept set might reach past
+    its W candidates (ties at the edge), for the dense path to decide."""
+    S, V = x.shape
+    dev = x.device
+    t = _col(temps, dev)
+    p = _col(ps, dev)
+    nucleus_rows = [i for i, k in enumerate(ks) if k == 0]  # top_p without top_k
+    width = max(ks)
+    log_total = None
+    if nucleus_rows:
+        sel = torch.tensor(nucleus_rows, device=dev)
+        z = x[sel] / t[sel, None]  # (R, V)
+        width = max(width, P.nucleus_width(z, p[sel]))
+        log_total = torch.full((S,), float("nan"), device=dev).index_copy(0, sel, z.logsumexp(dim=-1))
+    width = min(V, width + width // 4 + 16)  # slack, so that ties rarely reach the edge
+    vals, idx = x.topk(width, dim=-1)  # (S, W), most likely first
+    vals = vals / t[:, None]
+    if any(ks):
+        vals = P.sorted_top_k(vals, torch.tensor(ks, device=dev))
+    if any(pp < 1.0 for pp in ps):
+        total = vals.logsumexp(dim=-1)  # rows with top_k: renormalised over the k kept
+        if log_total is not None:
+            total = torch.where(torch.isnan(log_total), total, log_total)
+        vals = P.sorted_top_p(vals, p, total)
+    if any(mps):
+        vals = P.sorted_min_p(vals, _col(mps, dev))
+    if width < V and bool(torch.isfinite(vals[:, -1]).any()):
+        return None  # the last candidate survived: tokens past it may tie with it
+    # draw over the candidates in token-id order, as the dense path does: the same u gives
+    # the same token on both paths
+    order = idx.argsort(dim=-1)  # (S, W)
+    by_id = idx.gather(1, order)
+    pos = P.draw(_weights(vals.gather(1, order)), u)  # (S,)
+    tokens = by_id.gather(1, pos[:, None]).squeeze(1)
+    final = P._scatter_sorted(x, idx, vals) if need_dense else None
+    return tokens, final
+
+
+def _weights(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised probabilities exp(x - max): elementwise, so equal on both paths."""
+    return (x - x.amax(dim=-1, keepdim=True)).exp()
+
+
+def _wants_processed(seqs: list[SequenceSampler]) -> bool:
+    return any(s.params.logprobs and s.params.processed_logprobs for s in seqs)
+
+
+def _output(tokens: torch.Tensor, raw: torch.Tensor, masked: torch.Tensor, final: torch.Tensor | None,
             seqs: list[SequenceSampler]) -> SampleOutput:  # fmt: skip
     """Attach logprobs: raw by default, the processed distribution where asked."""
-    if not any(s.params.logprobs for s in seqs):
+    wants = [s.params.logprobs for s in seqs]
+    if not any(wants):
         return SampleOutput(tokens)
     processed = [s.params.processed_logprobs for s in seqs]
+    if any(processed):
+        assert final is not None
+        proc = final.log_softmax(dim=-1)
     if all(processed):
-        lp = final.log_softmax(dim=-1)
+        lp = proc
     elif not any(processed):
         lp = raw.log_softmax(dim=-1)
     else:
         which = torch.tensor(processed, device=raw.device)[:, None]
-        lp = torch.where(which, final.log_softmax(dim=-1), raw.log_softmax(dim=-1))  # (B, V)
+        lp = torch.where(which, proc, raw.log_softmax(dim=-1))  # (B, V)
     chosen = lp.gather(1, tokens[:, None]).squeeze(1)  # (B,)
     k = max(s.params.top_logprobs for s in seqs)
     if k == 0:
         return SampleOutput(tokens, chosen)
     top_lp, top_ids = lp.topk(k, dim=-1)  # (B, k)
     return SampleOutput(tokens, chosen, top_ids, top_lp)
+
+
+def _flat(parts: list[tuple], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """[(row, ids (n,), *values (n,))...] -> rows (N,), ids (N,), *values (N,) on device."""
+    n = [len(p[1]) for p in parts]
+    rows = np.repeat(np.array([p[0] for p in parts], dtype=np.int64), n)
+    cols = [np.concatenate([p[j] for p in parts]) for j in range(1, len(parts[0]))]
+    return tuple(torch.from_numpy(a).to(device) for a in (rows, *cols))
 
 
 def _col(values: list[float], device: torch.device) -> torch.Tensor:
@@ -246,4 +356,3 @@ def _allowed(masks: list, V: int, device: torch.device) -> torch.Tensor:
             m = fixed
         rows.append(m)
     return torch.stack(rows)
-
