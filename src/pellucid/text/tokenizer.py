@@ -204,8 +204,22 @@ class Tokenizer:
                 v = v.get("content")
             return tok.token_to_id(v) if v else None
 
-        return cls(tok, bos_id=tid("bos_token"), eos_id=tid("eos_token"), add_bos=bool(cfg.get("add_bos_token", False)),
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None:  # transformers 5 leaves it to tokenizer.json's post-processor
+            add_bos = _post_processor_prepends(json.loads(tok.to_str()).get("post_processor"), cfg.get("bos_token"))
+        return cls(tok, bos_id=tid("bos_token"), eos_id=tid("eos_token"), add_bos=bool(add_bos),
                    special_ids=added, token_bytes=tbytes)  # fmt: skip
+
+
+def _post_processor_prepends(pp: dict | None, bos) -> bool:
+    """Whether tokenizer.json's post-processor puts the BOS token first in a single sequence."""
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if not pp or not bos:
+        return False
+    if pp.get("type") == "Sequence":
+        return any(_post_processor_prepends(p, bos) for p in pp.get("processors") or [])
+    single = pp.get("single") or [] if pp.get("type") == "TemplateProcessing" else []
+    return bool(single) and (single[0].get("SpecialToken") or {}).get("id") == bos
 
 
 def _spm_piece_bytes(t: str) -> bytes:
