@@ -146,7 +146,8 @@ def _pairs(cfg: Config, node: yaml.MappingNode, section: str):
 
 
 def _value(node: yaml.Node) -> Any:
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+    """The Python value of a node, as yaml.safe_load builds it."""
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | None) -> Any:
@@ -288,13 +289,16 @@ def resolve_system_prompt(value: str) -> str:
 
 # -- merging: defaults < config < command-line flags ----------------------------------------
 def merge_params(defaults: dict[str, Any], config: Config | None, flags: dict[str, Any], *,
-                 tokenizer=None, flag_names: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
+                 tokenizer=None, flag_names: dict[str, str] | None = None,
+                 without_bias: bool = False) -> SamplingParams:  # fmt: skip
     """SamplingParams from a command's defaults, the config, then the flags the user gave.
 
     `flags` holds only flags that were given (None = not given). Lists (stop sequences,
     stop token ids) given on the command line replace the config's; logit_bias entries are
     merged per token, the command line winning. Text keys of logit_bias are turned into
     token ids with `tokenizer`. Errors name the flag or the config line they come from.
+    `without_bias` leaves logit_bias out: a check of everything else before the model (and
+    its tokenizer) is loaded.
     """
     from pellucid.sampling.bias import resolve_logit_bias
 
@@ -304,7 +308,8 @@ def merge_params(defaults: dict[str, Any], config: Config | None, flags: dict[st
     config_bias: dict[int, float] = {}
     if config is not None:
         cv = config.sampling_values()
-        raw_bias = cv.pop("logit_bias", {})
+        raw_bias = {} if without_bias else cv.pop("logit_bias", {})
+        cv.pop("logit_bias", None)
         values.update(cv)
         from_config = set(cv)
         if raw_bias:
@@ -317,6 +322,8 @@ def merge_params(defaults: dict[str, Any], config: Config | None, flags: dict[st
             config_bias = resolve_logit_bias(raw_bias, tokenizer, where=where)
     given = {k: v for k, v in flags.items() if v is not None}
     flag_bias = given.pop("logit_bias", None) or {}
+    if without_bias:
+        flag_bias = {}
     if flag_bias:
         if tokenizer is None:
             raise PellucidError("logit_bias given by text needs the model's tokenizer", param="logit_bias")
