@@ -70,8 +70,31 @@ class LLM:
                              compile=compile)  # fmt: skip
 
     # -- prompts ----------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    system: Any = None, style: Any = None) -> str:  # fmt: skip
+        """The prompt text for `messages`; `system` (text, SystemPrompt, PromptFile or a NAME@VERSION
+        reference) and `style` (pellucid.prompts.Style) go first, few-shot examples as prior turns."""
+        if system is not None or style is not None:
+            from pellucid.prompts.compose import with_system
+
+            messages = with_system(messages, system, style)
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text_or_messages: str | list[dict[str, Any]], *, system: Any = None, style: Any = None) -> int:
+        """Tokens the engine feeds the model: for a text, as a raw prompt; for messages, through
+        the chat template (with `system` and `style` as in `chat`)."""
+        if isinstance(text_or_messages, str) and system is None and style is None:
+            return len(self.tokenizer.encode(text_or_messages))
+        if isinstance(text_or_messages, str):
+            text_or_messages = [{"role": "user", "content": text_or_messages}]
+        return len(self.tokenizer.encode(self.render_chat(text_or_messages, system=system, style=style)))
+
+    def session(self, system: Any = None, style: Any = None, **kw: Any):
+        """A multi-turn ChatSession that keeps the conversation inside the context window
+        (pellucid.prompts.chat_session: window=, reserve=, params=, limits=)."""
+        from pellucid.prompts.chat_session import ChatSession
+
+        return ChatSession(self, system=system, style=style, **kw)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -101,8 +124,9 @@ class LLM:
             if out.new_text:
                 yield out.new_text
 
-    def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
-        return self.stream(self.render_chat(messages), params, **kw)
+    def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, system: Any = None,
+                    style: Any = None, **kw: Any) -> Iterator[str]:  # fmt: skip
+        return self.stream(self.render_chat(messages, system=system, style=style), params, **kw)
 
     def generate(self, prompt: str | list[int] | list[str], params: SamplingParams | None = None, **kw: Any):
         """Raw completion of one prompt (-> Completion) or of a list of prompts, batched (-> list).
@@ -116,8 +140,10 @@ class LLM:
         req = self.request(prompt, p, constraint=c.copy() if c else None)
         return self._run_batch([req], prompts=[prompt if isinstance(prompt, str) else None])[0]
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **kw: Any) -> Completion:
-        text = self.render_chat(messages)
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, system: Any = None,
+             style: Any = None, **kw: Any) -> Completion:  # fmt: skip
+        """Chat completion; `system` and `style` as in `render_chat`."""
+        text = self.render_chat(messages, system=system, style=style)
         c = self.structured(kw)
         req = self.request(text, make_params(params, kw), constraint=c.copy() if c else None)
         return self._run_batch([req], prompts=[text])[0]
