@@ -1,7 +1,9 @@
 """System prompts, output styles, versioned prompt files and the context-window budget.
 
-Model-independent: token counting comes in as a function (`count_messages`), so this
-package never imports the model, the tokenizer or the chat template.
+The core (system, styles, files, budget) is model-independent: token counting comes in as
+a function (`count_messages`). `counting.TokenCounter` supplies the real one from a model's
+tokenizer and chat template; `compose` puts a system prompt, a style and messages together;
+`chat_session.ChatSession` runs a conversation that stays inside the context window.
 """
 
 from pellucid.prompts.budget import (
@@ -13,6 +15,16 @@ from pellucid.prompts.budget import (
     format_context,
     group_turns,
 )
+from pellucid.prompts.chat_session import ChatSession, Turn
+from pellucid.prompts.compose import (
+    effective_style,
+    is_prompt_ref,
+    load_prompt,
+    merge_styles,
+    system_messages,
+    with_system,
+)
+from pellucid.prompts.counting import ConversationCount, MessageCount, TokenCounter
 from pellucid.prompts.files import (
     FieldChange,
     PromptDiff,
@@ -55,6 +67,17 @@ from pellucid.prompts.system import (
 
 __all__ = [
     "AUTO",
+    "ChatSession",
+    "ConversationCount",
+    "MessageCount",
+    "TokenCounter",
+    "Turn",
+    "effective_style",
+    "is_prompt_ref",
+    "load_prompt",
+    "merge_styles",
+    "system_messages",
+    "with_system",
     "SKELETONS",
     "Allocation",
     "Check",
