@@ -429,8 +429,8 @@ def close_objects(schema: dict) -> dict:
     """A copy of `schema` where object schemas that list `properties` and leave
     `additionalProperties` unsaid are closed (OpenAI's strict mode). Schemas that are
     intersected with others (allOf, $ref with siblings, anyOf next to object keywords) are
-    left open, with everything below them: closing one side of an intersection could make
-    it unsatisfiable."""
+    left open, with everything below them (closing one side of an intersection could make
+    it unsatisfiable), and so are oneOf branches and whatever sits under not/if/then/else."""
     import copy
 
     out = copy.deepcopy(schema)
@@ -453,13 +453,15 @@ def close_objects(schema: dict) -> dict:
         if isinstance(ref, str) and (not free or intersected(s)):
             open_targets.add(ref)
         free = free and not intersected(s)
-        if free and "properties" in s and not any(k in s for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
-            closable.append(s)
+        props, required = s.get("properties"), s.get("required") or []
+        if (free and isinstance(props, dict) and isinstance(required, list) and all(r in props for r in required)
+                and not any(k in s for k in ("additionalProperties", "patternProperties", "unevaluatedProperties"))):
+            closable.append(s)  # (a required name missing from properties would become unsatisfiable)
         for k in _ONE:
-            walk(s.get(k), free)
-        for k in _LIST:
+            walk(s.get(k), free and k not in ("not", "if", "then", "else"))
+        for k in _LIST:  # oneOf means "exactly one": closing a branch could hide an overlap
             for x in s.get(k) if isinstance(s.get(k), list) else ():
-                walk(x, free)
+                walk(x, free and k != "oneOf")
         for k in ("properties", "patternProperties", "dependentSchemas"):
             for x in s.get(k).values() if isinstance(s.get(k), dict) else ():
                 walk(x, free)
@@ -468,7 +470,7 @@ def close_objects(schema: dict) -> dict:
     while True:
         before = set(open_targets)
         closable.clear()
-        walk({k: v for k, v in out.items() if k not in ("$defs", "definitions")}, "#" not in open_targets)
+        walk(out, "#" not in open_targets)  # (walk does not enter $defs: they come next)
         for ptr, s in defs.items():
             walk(s, ptr not in open_targets)
         if open_targets == before:
