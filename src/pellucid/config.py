@@ -68,7 +68,18 @@ class Config:
     @property
     def system_prompt(self) -> str | None:
         v = self.values.get("system_prompt")
-        return None if v is None else resolve_system_prompt(v)
+        if v is None:
+            return None
+        try:
+            return resolve_system_prompt(v, base_dir=self.base_dir)
+        except PellucidError as e:
+            raise PellucidError(f"{self.where('system_prompt')}: system_prompt: {e.message}", param="system_prompt") from None
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The config file's folder (relative prompt files are found there), if from a file."""
+        p = Path(self.source)
+        return p.parent if p.is_file() else None
 
     def where(self, key: str) -> str:
         """'FILE:LINE' of a dotted key (or of the file when the key is not in it)."""
@@ -278,13 +289,17 @@ def check_model_name(name: str, where: str = "model.name", base_dir: Path | None
     )
 
 
-def resolve_system_prompt(value: str) -> str:
+def resolve_system_prompt(value: str, base_dir: Path | None = None) -> str:
     """The text of a config's system_prompt.
 
-    Plain text for now. Prompt-file references (`NAME@VERSION`, resolved through
-    pellucid.prompts.PromptStore) plug in here, so every door gets them at once.
+    `NAME@VERSION` (or a prompt file, FILE[@VERSION]) is a versioned prompt file, looked up
+    in the config's folder, $PELLUCID_HOME/prompts and the built-ins: its rendered system
+    text, few-shot examples as text. Anything else is the text itself. (`pellucid chat`
+    sends a prompt file's examples as real prior turns: pellucid.prompts.resolve_system_value.)
     """
-    return value
+    from pellucid.prompts.compose import system_text
+
+    return system_text(value, base_dir)
 
 
 # -- merging: defaults < config < command-line flags ----------------------------------------
