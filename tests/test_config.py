@@ -147,5 +147,5 @@ def test_missing_config_file(tmp_path):
 def test_system_prompt_goes_through_the_resolver(monkeypatch):
     import pellucid.config as config
 
-    monkeypatch.setattr(config, "resolve_system_prompt", lambda v: f"<{v}>")
+    monkeypatch.setattr(config, "resolve_system_prompt", lambda v, base_dir=None: f"<{v}>")
     assert parse_config("system_prompt: coding-assistant@1.0.0\n").system_prompt == "<coding-assistant@1.0.0>"
