@@ -40,13 +40,18 @@ def is_prompt_ref(value: str) -> bool:
 
 def _file_and_version(value: str) -> tuple[Path, str | None] | None:
     """(path, version) when `value` names a YAML file (FILE or FILE@VERSION), else None."""
-    p = Path(value).expanduser()
-    if p.is_file():
-        return p, None
+    if not value or "\n" in value or "\x00" in value or len(value) > 1024:
+        return None  # prompt text, not a path
     head, at, version = value.rpartition("@")
-    if at and Path(head).expanduser().is_file():
-        return Path(head).expanduser(), version
-    if value.endswith(_YAML) or (at and head.endswith(_YAML)):
+    try:
+        if Path(value).expanduser().is_file():
+            return Path(value).expanduser(), None
+        if at and Path(head).expanduser().is_file():
+            return Path(head).expanduser(), version
+    except OSError:  # a name too long for the file system: text
+        return None
+    looks_like_path = not any(c.isspace() for c in value)  # prose that ends in ".yaml" is text
+    if looks_like_path and (value.endswith(_YAML) or (at and head.endswith(_YAML))):
         raise PellucidError(
             f"prompt file {head if at else value!r} does not exist", param="prompt_file"
         )
@@ -145,3 +150,28 @@ def with_system(messages: Sequence[Message], system: SystemLike = None, style: S
         text = msgs[0]["content"]
         return system_messages(text, style, now=now) + msgs[1:]
     return system_messages(system, style, now=now, store=store) + msgs
+
+
+def resolve_system_value(value: str, base_dir: str | os.PathLike | None = None) -> str | PromptFile:
+    """A config's `system_prompt`: a PromptFile for NAME@VERSION or FILE[@VERSION] (files
+    relative to `base_dir`, the config's folder, which is also searched for prompt files
+    before the user's folder and the built-ins), else the text itself."""
+    base = Path(base_dir) if base_dir is not None else None
+    ref = value.strip()
+    if base is not None and not is_prompt_ref(ref) and not Path(ref).expanduser().is_absolute():
+        head, at, version = ref.rpartition("@")
+        for candidate in (ref, head if at else None):
+            if candidate and (base / candidate).is_file():
+                ref = str(base / candidate) + (f"@{version}" if candidate == head else "")
+                break
+    if is_prompt_ref(ref) or _file_and_version(ref) is not None:
+        return load_prompt(ref, PromptStore([base] if base is not None else []))
+    return value
+
+
+def system_text(value: str, base_dir: str | os.PathLike | None = None, now: datetime | None = None) -> str:
+    """The system text of a config's `system_prompt`: a prompt file's rendered text with its
+    few-shot examples as text (doors that can send messages should use `system_messages`,
+    which sends the examples as real prior turns), or the text itself."""
+    resolved = resolve_system_value(value, base_dir)
+    return resolved.render(now) if isinstance(resolved, PromptFile) else resolved
