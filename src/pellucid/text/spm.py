@@ -1,0 +1,71 @@
+"""SentencePiece-style BPE vocabularies from GGUF (`tokenizer.ggml.model == "llama"`).
+
+Such a vocabulary has pieces with scores and no merge list: SentencePiece's BPE joins,
+again and again, the adjacent pair whose joined piece is in the vocabulary with the
+highest score, then spells what is left as byte tokens <0xNN>. The `tokenizers` BPE model
+does the same when given, as its merge list, every split of every piece into two pieces,
+ranked by the joined piece's score; spaces become U+2581 before it runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers
+
+SPACE = "\u2581"  # SentencePiece's stand-in for a space
+BYTE = 6  # GGUF token type of <0xNN> tokens
+
+
+def piece_bytes(piece: str, token_type: int) -> bytes:
+    """The bytes one piece stands for."""
+    if token_type == BYTE and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace(SPACE, " ").encode("utf-8")
+
+
+def merges_from_scores(tokens: list[str], scores: np.ndarray, types: list[int]) -> list[tuple[str, str]]:
+    """Every (left, right) whose concatenation is a piece, best-scored result first."""
+    vocab = {}
+    for i, t in enumerate(tokens):
+        if types[i] != BYTE:
+            vocab.setdefault(t, i)
+    ranked = []
+    for piece, i in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            li, ri = vocab.get(left), vocab.get(right)
+            if li is not None and ri is not None:
+                ranked.append((-float(scores[i]), i, li, ri, left, right))
+    ranked.sort()
+    return [(r[4], r[5]) for r in ranked]
+
+
+def sentencepiece_bpe(tokens: list[str], types: list[int], meta: dict) -> tuple[HFTokenizer, list[bytes]]:
+    """A `tokenizers` BPE equivalent to the GGUF vocabulary, and each token's bytes.
+
+    Special tokens (CONTROL, USER_DEFINED) are added by the caller; a space prefix is
+    prepended only when the file says `tokenizer.ggml.add_space_prefix`.
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        scores = np.zeros(len(tokens), dtype=np.float32)
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated piece keeps its first id; later ones stay decodable
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    has_bytes = any(t == BYTE for t in types)
+    model = models.BPE(
+        vocab=vocab,
+        merges=merges_from_scores(tokens, np.asarray(scores), types),
+        unk_token=tokens[int(unk)] if unk is not None and not has_bytes else None,
+        fuse_unk=True,
+        byte_fallback=has_bytes,
+    )
+    tok = HFTokenizer(model)
+    steps = [normalizers.Replace(" ", SPACE)]
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        steps.insert(0, normalizers.Prepend(SPACE))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok, [piece_bytes(t, types[i]) for i, t in enumerate(tokens)]
