@@ -16,12 +16,19 @@ from pellucid.errors import PellucidError
 ARCHITECTURES: dict[str, str] = {
     "llama": "pellucid.models.llama",
     "mistral": "pellucid.models.llama",
+    "qwen2": "pellucid.models.qwen2",
+    "gemma3": "pellucid.models.gemma3",
+    "gemma3_text": "pellucid.models.gemma3",
+    "gpt2": "pellucid.models.gpt2",
 }
 
 # HF `architectures[0]` -> the key above
 HF_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "GPT2LMHeadModel": "gpt2",
 }
 
 
