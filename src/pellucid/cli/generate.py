@@ -34,6 +34,22 @@ from pellucid.cli.common import (
     read_config,
     sampling_flags,
 )
+from pellucid.cli.prompts import (
+    CtxSize,
+    Depth,
+    Formality,
+    FormatSkeleton,
+    Length,
+    MaxWords,
+    Persona,
+    PromptFileRef,
+    ShowPrompt,
+    Structure,
+    chat_loop,
+    choose_system,
+    make_store,
+    make_style,
+)
 
 err = Console(stderr=True)
 
@@ -89,7 +105,12 @@ def chat(
     dtype: Dtype = DEFAULT_DTYPE,
     config: ConfigFile = None,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (default: the config's system_prompt)."),
+    prompt_file: PromptFileRef = None,
     once: str | None = typer.Option(None, "--once", help="Answer this one message and exit."),
+    show_prompt: ShowPrompt = False,
+    ctx_size: CtxSize = None,
+    length: Length = None, formality: Formality = None, structure: Structure = None, persona: Persona = None,
+    depth: Depth = None, max_words: MaxWords = None, format_skeleton: FormatSkeleton = None,
     max_tokens: MaxTokens = None,
     min_tokens: MinTokens = None,
     temperature: Temperature = None,
@@ -108,7 +129,9 @@ def chat(
     """Talk to the model, multi-turn, streaming tokens as they come. Ctrl-D or /exit ends.
 
     Defaults: greedy (temperature 0), 512 tokens a reply; a --config file overrides them
-    and the flags you give override the config.
+    and the flags you give override the config. The conversation stays inside the context
+    window (--ctx-size, default the model's): the oldest turns are dropped first, with a
+    note on stderr; the system prompt and the new message never are.
     """
     flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -118,32 +141,8 @@ def chat(
     defaults = {"max_tokens": 512, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)
-    if system is None and cfg is not None:
-        system = cfg.system_prompt
+    style = make_style(length, formality, structure, persona, depth, max_words, format_skeleton)
+    chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
     llm = load_llm(model_name(model, cfg), dtype)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
-    messages = [{"role": "system", "content": system}] if system else []
-    interactive = once is None
-    while True:
-        if interactive:
-            try:
-                user = input("> " if sys.stdin.isatty() else "")
-            except EOFError:
-                break
-            if user.strip() in ("/exit", "/quit"):
-                break
-            if not user.strip():
-                continue
-        else:
-            user = once
-        messages.append({"role": "user", "content": user})
-        fit_context(llm, len(llm.encode_prompt(llm.render_chat(messages))), params.max_tokens)
-        reply = []
-        for piece in llm.stream_chat(messages, params):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if not interactive:
-            break
+    chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once)
