@@ -79,17 +79,14 @@ def choose_system(system: str | None, prompt_file: str | None, config=None, stor
         return load_prompt(prompt_file, store)
     if system is not None:
         return system
-    if config is not None:
-        value = config.values.get("system_prompt")
-        if value:
-            try:
-                from pellucid.prompts.compose import as_system_prompt
+    if config is not None and (value := config.values.get("system_prompt")):
+        from pellucid.prompts.compose import resolve_system_value
 
-                as_system_prompt(value, store)  # resolve now, so an error can name the config line
-            except PellucidError as e:
-                raise PellucidError(f"{config.where('system_prompt')}: system_prompt: {e.message}",
-                                    param="system_prompt") from None  # fmt: skip
-            return value
+        try:  # a prompt file keeps its few-shot examples as real turns
+            return resolve_system_value(value, config.base_dir)
+        except PellucidError as e:
+            raise PellucidError(f"{config.where('system_prompt')}: system_prompt: {e.message}",
+                                param="system_prompt") from None  # fmt: skip
     return None
 
 
@@ -513,7 +510,8 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
                       f"{session.dropped_total} dropped so far", markup=True)  # fmt: skip
         if show_prompt:
             err.rule(f"prompt: {turn.prompt_tokens:,} tokens", style="dim")
-            err.print(turn.prompt, markup=False, end="" if turn.prompt.endswith("\n") else "\n")
+            sys.stderr.write(turn.prompt if turn.prompt.endswith("\n") else turn.prompt + "\n")  # exact: no wrapping
+            sys.stderr.flush()
             err.rule(style="dim")
         for piece in session.stream(turn):
             sys.stdout.write(piece)
