@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -86,7 +87,7 @@ def next_token(
         typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
         return
     Console().print(stage_table(prompt, stages))
-    Console().print(f"chosen: [bold]{drawn.text!r}[/] (id {drawn.id}) - {stages[-1].title}", highlight=False)
+    Console().print(f"chosen: [bold]{drawn.text!r}[/] (id {drawn.id}), {stages[-1].title} ({stages[-1].setting})", highlight=False)
 
 
 SHORT = {"raw": "raw", "bias_penalties": "bias+pen", "temperature": "temp", "top_k": "top-k", "top_p": "top-p",
@@ -95,21 +96,31 @@ SHORT = {"raw": "raw", "bias_penalties": "bias+pen", "temperature": "temp", "top
 
 def stage_table(prompt: str, stages) -> Table:
     """Candidates as rows, the steps of the chain as columns; probabilities in percent."""
-    t = Table(title=f"next token after {prompt!r}", caption="; ".join(f"{SHORT.get(s.name, s.name)} = {s.title}" for s in stages), title_justify="left")
-    t.add_column("token", no_wrap=True, max_width=16)
-    t.add_column("id", justify="right", style="dim")
+    t = Table(title=f"next token after {prompt!r}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+              caption="; ".join(f"{SHORT.get(s.name, s.name)} = {s.title}" + (f" ({s.setting})" if s.setting != "-" else "")
+                               for s in stages),
+              caption_justify="left")  # fmt: skip
+    t.add_column("token (id)", no_wrap=True, overflow="ellipsis", max_width=18)
     for s in stages:
-        setting = s.setting if len(s.setting) <= 12 else s.setting[:11] + "…"
-        t.add_column(f"{SHORT.get(s.name, s.name)}\n[dim]{setting}[/]", justify="right", no_wrap=True)
+        t.add_column(f"{SHORT.get(s.name, s.name)}\n[dim]{_short(s)}[/]", justify="right", no_wrap=True)
     for row, c in enumerate(stages[0].candidates):
         cells = []
         for s in stages:
             x = s.candidates[row]
             cells.append(_pct(x.prob) if x.kept else "[red dim]cut[/]")
-        t.add_row(repr(c.text), str(c.id), *cells)
+        t.add_row(f"{c.text!r} [dim]{c.id}[/]", *cells)
     t.add_section()
-    t.add_row("tokens kept", "", *[f"{s.kept:,}" for s in stages])
+    t.add_row("tokens kept", *[str(s.kept) for s in stages])
     return t
+
+
+def _short(stage) -> str:
+    """The setting in at most 6 characters (the caption has it in full)."""
+    if stage.setting in ("-", "off") or stage.setting.startswith("off"):
+        return "off" if stage.name != "raw" else ""
+    if stage.name in ("draw", "bias_penalties"):
+        return "on" if stage.name == "bias_penalties" else ""
+    return stage.setting.split("=")[-1][:6]
 
 
 def _pct(p: float) -> str:

@@ -98,7 +98,7 @@ def explain_next_token(llm, prompt: str | list[int], params: SamplingParams | No
     point[chosen] = 0.0
     if chosen not in pick:
         pick.append(chosen)
-    stages.append(view("draw", f"draw (seed {seq.seed})", f"seed={seq.seed}", point))
+    stages.append(view("draw", "draw with the request's seeded generator", f"seed={seq.seed}", point))
     # the drawn token may be new to the candidate list: give the earlier stages its row too
     for s in stages[:-1]:
         if len(s.candidates) < len(pick):
