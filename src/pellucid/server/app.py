@@ -165,3 +165,49 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
 def _token_answer(llm, ids: list[int], max_len: int) -> dict[str, Any]:
     tok = llm.tokenizer
     return {"tokens": list(ids), "pieces": [tok.piece(i) for i in ids], "count": len(ids), "max_model_len": max_len}
+
+
+class ServerThread:
+    """A live server on a background thread of this process (tests, notebooks).
+
+    `port=0` takes a free port; `.url` is the address once started. The model loads in
+    the background as with `pellucid serve`; `wait_ready()` waits for it.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.state: ServerState = app.state.server
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, name="pellucid-http", daemon=True)
+        self.host = host
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        import time
+
+        self.thread.start()
+        t = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t > timeout:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.state.wait_ready(timeout)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -35,12 +35,14 @@ class ApiError(Exception):
 
     @classmethod
     def from_pellucid(cls, e: PellucidError, *, rename: dict[str, str] | None = None) -> ApiError:
-        param = e.param
+        param, message = e.param, e.message
         if param is not None and rename:
             head = param.split(".")[0].split("[")[0]
             if head in rename:
                 param = rename[head] + param[len(head) :]
-        return cls(e.status, e.message, param=param, code=e.code)
+                if message.startswith(head):  # "max_tokens = -1 is out of range" names the client's field
+                    message = rename[head] + message[len(head) :]
+        return cls(e.status, message, param=param, code=e.code)
 
 
 def is_anthropic(path: str) -> bool:
