@@ -6,4 +6,501 @@ parses options, calls them, and prints tables or writes pictures.
 
 from __future__ import annotations
 
-from pellucid.cli import app  # noqa: F401  (commands register on `app`)
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pellucid.cli import app
+from pellucid.cli.common import DEFAULT_MODEL, Model
+from pellucid.errors import PellucidError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables.")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG pictures.")]
+NoPlot = Annotated[bool, typer.Option("--no-plot", help="Write no pictures.")]
+Chat = Annotated[
+    bool,
+    typer.Option(
+        "--chat", help="Wrap the prompt in the model's chat template (default: raw text)."
+    ),
+]
+InspectDtype = Annotated[
+    str, typer.Option("--dtype", help="float32 (default: exact internals), bfloat16 or float16.")
+]
+
+# Published parameter counts of the concept note's rows, for comparison with the calculator.
+PUBLISHED = {
+    "gpt2-xl": (1_557_611_200, "HF gpt2-xl, num_parameters() (the note: 1.5B)"),
+    "llama-7b": (6_738_415_616, "HF huggyllama/llama-7b (the note: 7B)"),
+    "llama-70b": (68_976_648_192, "HF meta-llama/Llama-2-70b-hf (the note: 70B)"),
+    "smollm2-135m": (134_515_008, "HF HuggingFaceTB/SmolLM2-135M"),
+    "gemma3-270m": (268_098_176, "GGUF gemma-3-270m tensors"),
+}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # the note's quantization table
+
+
+def human(n: float, unit: str = "B") -> str:
+    """Decimal units: 1.5 GB for bytes; 1.558 B, 134.5 M for counts (unit "")."""
+    names = (
+        ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+        if unit
+        else ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k"))
+    )
+    for scale, suffix in names:
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {suffix}{unit}" if unit else f"{n / scale:.3f} {suffix}"
+    return f"{n:.0f} {unit}" if unit else f"{n:.0f}"
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in s)
+
+
+def _load(model: str, dtype: str):
+    from pellucid.inspect.subject import load_subject
+
+    t = time.perf_counter()
+    with err.status(f"loading {model} ({dtype})"):
+        subject = load_subject(model, dtype=dtype)
+    err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
+    return subject
+
+
+def _pictures(paths: list[Path]) -> None:
+    for p in paths:
+        out.print(f"wrote {p}")
+
+
+def _token(piece: str) -> str:
+    from pellucid.inspect.plots import token_label
+
+    return repr(token_label(piece, 24))[1:-1]
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Registry name, .gguf file or HF folder."),
+    per_layer: bool = typer.Option(
+        False, "--per-layer", help="One group per layer instead of blocks.0-N (xN)."
+    ),
+    dtype: str = typer.Option(
+        "bfloat16", "--dtype", help="Compute dtype for the in-memory column."
+    ),
+    as_json: Json = False,
+) -> None:
+    """Architecture and weights: shapes, storage types, parameter counts and bytes."""
+    from pellucid.inspect.weights_table import weights_table
+
+    report = weights_table(model, dtype=dtype)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(per_layer), indent=1) + "\n")
+        return
+    a = report.arch
+    info = Table(
+        title=f"{report.model}  ({a.name or a.architecture})",
+        show_header=False,
+        title_justify="left",
+    )
+    info.add_column(style="bold")
+    info.add_column()
+    rows = [
+        ("architecture", a.architecture), ("layers", a.n_layers), ("d_model", a.d_model),
+        ("heads / KV heads", f"{a.n_heads} / {a.n_kv_heads}" + ("  (grouped-query)" if a.n_kv_heads < a.n_heads else "")),
+        ("head dim", a.head_dim), ("d_ff", a.d_ff), ("vocabulary", f"{a.vocab_size:,}"),
+        ("context length", f"{a.context_length:,}"), ("positions", a.positions), ("norm", a.norm),
+        ("activation", a.activation), ("tied embeddings", "yes" if a.tied_embeddings else "no"),
+        ("file", f"{report.path}  ({human(report.file_bytes)}, {report.format})"),
+    ]  # fmt: skip
+    for k, v in rows:
+        info.add_row(k, str(v))
+    out.print(info)
+
+    short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    t = Table(title="Weights", title_justify="left",
+              caption="shapes are per layer; params and bytes are summed over the group's layers", caption_justify="left")  # fmt: skip
+    t.add_column("group / weight", no_wrap=True, min_width=20)
+    t.add_column("shape", no_wrap=True, min_width=10)
+    t.add_column("type", no_wrap=True)
+    t.add_column("params", justify="right", no_wrap=True, min_width=11)
+    t.add_column("stored", justify="right", no_wrap=True, min_width=8)
+    t.add_column(
+        f"mem {short.get(report.memory_dtype, report.memory_dtype)}",
+        justify="right",
+        no_wrap=True,
+        min_width=8,
+    )
+    names = out.width >= 120  # the parameter names need room; narrow terminals get the rest
+    if names:
+        t.add_column("parameter", style="dim", no_wrap=True, overflow="ellipsis")
+    abbrev = {"attention": "attn ", "feed-forward": "ffn ", "norms": "", "other": ""}
+    for g in report.groups(per_layer):
+        t.add_row(
+            f"[bold]{g.label}[/]",
+            "",
+            "",
+            f"[bold]{g.params:,}[/]",
+            human(g.stored_bytes),
+            human(g.memory_bytes),
+        )
+        for r in g.rows:
+            label = f"  {abbrev.get(r.part, '')}{r.component}"
+            if r.tied_to:
+                t.add_row(
+                    label,
+                    _shape(r.shape),
+                    "tied",
+                    "0",
+                    "0 B",
+                    "0 B",
+                    *([f"{r.name} = {r.tied_to}"] * names),
+                )
+                continue
+            t.add_row(label, _shape(r.shape), r.storage, f"{r.params:,}", human(r.stored_bytes), human(r.memory_bytes),
+                      *([r.name] * names))  # fmt: skip
+    t.add_row("[bold]total[/]", "", "", f"[bold]{report.total_params:,}[/]", f"[bold]{human(report.total_stored_bytes)}[/]",
+              f"[bold]{human(report.total_memory_bytes)}[/]", end_section=True)  # fmt: skip
+    out.print(t)
+    parts = report.by_part()
+    total = report.total_params or 1
+    out.print("  ".join(f"{k}: {v:,} ({v / total:.1%})" for k, v in parts.items() if v))
+
+
+# -- params -----------------------------------------------------------------------------------
+
+
+def _spec_from_file(path: Path):
+    from pellucid.inspect.param_count import ParamSpec, spec_from_hf_config
+
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PellucidError(f"cannot read config {str(path)!r}: {e}", param="config") from None
+    if not isinstance(cfg, dict):
+        raise PellucidError(f"config {str(path)!r} must be a JSON object", param="config")
+    if "model_type" in cfg:
+        return spec_from_hf_config(cfg)
+    try:
+        return ParamSpec(**cfg)
+    except TypeError as e:
+        raise PellucidError(f"config {str(path)!r}: {e} (a transformers config.json with model_type, "
+                            "or ParamSpec fields: vocab_size, d_model, n_layers, n_heads, d_ff, ...)", param="config") from None  # fmt: skip
+
+
+@app.command()
+def params(
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="gpt2-xl, llama-7b, llama-70b, smollm2-135m, gemma3-270m."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="A transformers config.json (or ParamSpec fields as JSON)."
+    ),
+    as_json: Json = False,
+) -> None:
+    """Parameter count from hyperparameters alone, and memory at FP32 / FP16 / INT8 / INT4.
+
+    Without --preset or --config: the concept note's table, for every preset.
+    """
+    from dataclasses import asdict
+
+    from pellucid.inspect.param_count import PRESETS, count_params, memory_bytes
+
+    if preset is not None and config is not None:
+        raise PellucidError("give --preset or --config, not both", param="preset")
+    if preset is None and config is None:
+        rows = []
+        for name, spec in PRESETS.items():
+            c = count_params(spec)
+            pub = PUBLISHED.get(name, (None, ""))
+            rows.append({"preset": name, "total": c.total, "n_layers": spec.n_layers, "d_model": spec.d_model,
+                         "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "published": pub[0], "source": pub[1]})  # fmt: skip
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+            return
+        t = Table(
+            title="Parameter counts from hyperparameters (the note's table, computed)",
+            title_justify="left",
+        )
+        for col in ("preset", "computed", "published", "diff", "layers", "d_model", "heads (KV)"):
+            t.add_column(col, justify="left" if col == "preset" else "right", no_wrap=True)
+        for r in rows:
+            pub = r["published"]
+            t.add_row(r["preset"], human(r["total"], ""), human(pub, "") if pub else "",
+                      f"{(r['total'] - pub) / pub:+.2%}" if pub else "", str(r["n_layers"]), str(r["d_model"]),
+                      f"{r['n_heads']} ({r['n_kv_heads']})")  # fmt: skip
+        out.print(t)
+        out.print(
+            "[dim]published: " + "; ".join(f"{k}: {v[1]}" for k, v in PUBLISHED.items()) + "[/]"
+        )
+        return
+    if preset is not None:
+        if preset not in PRESETS:
+            raise PellucidError(
+                f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param="preset"
+            )
+        spec, source = PRESETS[preset], preset
+    else:
+        spec, source = _spec_from_file(config), str(config)
+    c = count_params(spec)
+    memory = {p: memory_bytes(c.total, p) for p in PRECISIONS}
+    if as_json:
+        sys.stdout.write(json.dumps({"source": source, "spec": asdict(spec), "breakdown": c.breakdown,
+                                     "per_layer": c.per_layer, "per_layer_total": c.per_layer_total,
+                                     "coarse": c.coarse(), "total": c.total, "memory_bytes": memory}, indent=1) + "\n")  # fmt: skip
+        return
+    s = spec
+    out.print(f"[bold]{source}[/]: {s.n_layers} layers, d_model {s.d_model}, {s.n_heads} heads ({s.n_kv_heads} KV, "
+              f"head dim {s.head_dim}), d_ff {s.d_ff}, vocab {s.vocab_size:,}, "
+              f"{'gated' if s.gated_mlp else 'plain'} MLP, {s.norm} norm, embeddings {'tied' if s.tied_embeddings else 'untied'}")  # fmt: skip
+    t = Table(title="Parameters", title_justify="left")
+    for col in ("group", "per layer", "all layers", "share"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for group, n in c.breakdown.items():
+        per = c.per_layer.get(group)
+        t.add_row(group, f"{per:,}" if per is not None else "", f"{n:,}", f"{n / c.total:.1%}")
+    t.add_row(
+        "[bold]total[/]",
+        f"{c.per_layer_total:,}",
+        f"[bold]{c.total:,}[/]",
+        "100%",
+        end_section=True,
+    )
+    out.print(t)
+    m = Table(title="Weights in memory (no KV cache, no quantization scales)", title_justify="left")
+    for col in ("precision", "bytes/param", "memory"):
+        m.add_column(col, justify="left" if col == "precision" else "right")
+    from pellucid.inspect.param_count import BYTES_PER_PARAM
+
+    for p in PRECISIONS:
+        m.add_row(
+            p.upper(),
+            f"{BYTES_PER_PARAM[p]:g}",
+            f"{human(memory[p])}  ({memory[p] / 2**30:.2f} GiB)",
+        )
+    out.print(m)
+    pub = PUBLISHED.get(preset or "")
+    if pub:
+        out.print(
+            f"published: {pub[0]:,} ({pub[1]}); calculator {(c.total - pub[0]) / pub[0]:+.3%}"
+        )
+
+
+# -- attention --------------------------------------------------------------------------------
+
+
+@app.command()
+def attention(
+    prompt: str = typer.Argument(..., help="Text to look at (raw unless --chat)."),
+    model: Model = DEFAULT_MODEL,
+    dtype: InspectDtype = "float32",
+    layer: int | None = typer.Option(
+        None, "--layer", "-l", help="One layer (default: average over layers)."
+    ),
+    head: int | None = typer.Option(None, "--head", help="One head (default: average over heads)."),
+    top: int = typer.Option(3, "--top", "-k", help="Most attended tokens to list per token."),
+    include_first: bool = typer.Option(
+        False,
+        "--include-first",
+        help="Rank the first token too (it takes most attention: the 'attention sink').",
+    ),
+    chat: Chat = False,
+    out_dir: OutDir = Path("."),
+    no_plot: NoPlot = False,
+    as_json: Json = False,
+) -> None:
+    """For each token, the tokens it attends to most; PNG heatmaps of every layer and head."""
+    from pellucid.inspect import plots
+    from pellucid.inspect.attention import attention_patterns
+
+    subject = _load(model, dtype)
+    a = attention_patterns(subject, prompt, chat=chat)
+    sel = a.select(layer, head)  # validates layer and head
+    where = (f"layer {layer}" if layer is not None else f"averaged over {a.n_layers} layers") + ", " + (
+        f"head {head}" if head is not None else f"averaged over {a.n_heads} heads")  # fmt: skip
+    pictures = []
+    if not no_plot:
+        pictures.append(plots.attention_grid(a.patterns, a.str_tokens, out_dir / "attention_grid.png",
+                                             f"Attention patterns of {subject.name}, all {a.n_layers} layers x {a.n_heads} heads (row: query, column: key)"))  # fmt: skip
+        tag = f"{'L' + str(layer) if layer is not None else 'Lavg'}_{'H' + str(head) if head is not None else 'Havg'}"
+        pictures.append(plots.attention_heatmap(sel, a.str_tokens, out_dir / f"attention_{tag}.png",
+                                                f"Attention, {where}"))  # fmt: skip
+    if as_json:
+        d = a.to_dict(layer, head, top, skip_first=not include_first)
+        d["pictures"] = [str(p) for p in pictures]
+        sys.stdout.write(json.dumps(d) + "\n")
+        return
+    t = Table(
+        title=f"Attention on {prompt!r} ({len(a.tokens)} tokens), {where}", title_justify="left"
+    )
+    t.add_column("pos", justify="right")
+    t.add_column("token")
+    t.add_column("attends most to" + ("" if include_first else " (after the first token)"))
+    if not include_first:
+        t.add_column(f"→ {_token(a.str_tokens[0])!s} (first)", justify="right")
+    for ta in a.top(layer, head, top, skip_first=not include_first):
+        links = ", ".join(f"{_token(x.token)} ({x.weight:.2f})" for x in ta.top) or "—"
+        row = [str(ta.pos), _token(ta.token), links]
+        if not include_first:
+            row.append(f"{float(sel[ta.pos, 0]):.2f}")
+        t.add_row(*row)
+    out.print(t)
+    _pictures(pictures)
+
+
+# -- logit lens -------------------------------------------------------------------------------
+
+
+@app.command()
+def lens(
+    prompt: str = typer.Argument(..., help="Text to look at (raw unless --chat)."),
+    model: Model = DEFAULT_MODEL,
+    dtype: InspectDtype = "float32",
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        help="Answer token to follow (default: the model's own top-1), e.g. ' Paris'.",
+    ),
+    top: int = typer.Option(3, "--top", "-k", help="Top tokens to show per layer."),
+    grid: bool = typer.Option(
+        False, "--grid", help="Also print the top-1 token at every layer and position."
+    ),
+    chat: Chat = False,
+    out_dir: OutDir = Path("."),
+    no_plot: NoPlot = False,
+    as_json: Json = False,
+) -> None:
+    """Logit lens (each layer's residual stream read as output) and residual-stream norms."""
+    from pellucid.inspect import plots
+    from pellucid.inspect.logit_lens import logit_lens
+
+    subject = _load(model, dtype)
+    r = logit_lens(subject, prompt, target=target, k=max(top, 1), chat=chat)
+    pictures = []
+    if not no_plot:
+        pictures = [plots.lens_heatmap(r, out_dir / "lens_heatmap.png"), plots.lens_target_plot(r, out_dir / "lens_target.png"),
+                    plots.residual_norms_plot(r, out_dir / "residual_norms.png")]  # fmt: skip
+    if as_json:
+        d = r.to_dict()
+        d["pictures"] = [str(p) for p in pictures]
+        sys.stdout.write(json.dumps(d) + "\n")
+        return
+    tgt = _token(r.target_token)
+    who = "the model's own top-1" if r.target_from == "model" else "given"
+    t = Table(title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who})",
+              title_justify="left")  # fmt: skip
+    for col, j in (("after layer", "right"), (f"top {top}", "left"), (f"P({tgt})", "right"), ("rank", "right"),
+                   ("‖attn out‖", "right"), ("‖mlp out‖", "right"), ("‖resid‖", "right")):  # fmt: skip
+        t.add_column(col, justify=j)
+    for s, label in enumerate(r.labels):
+        tops = ", ".join(
+            f"{_token(tok)} {float(p):.2f}"
+            for tok, p in zip(r.top_tokens[s][-1][:top], r.top_probs[s][-1][:top], strict=True)
+        )
+        layer = s - 1
+        attn = f"{float(r.attn_norm[layer, -1]):.1f}" if layer >= 0 else ""
+        mlp = f"{float(r.mlp_norm[layer, -1]):.1f}" if layer >= 0 else ""
+        p = float(r.target_prob[s])
+        t.add_row("embed" if label == "embed" else label, tops, f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}",
+                  str(int(r.target_rank[s]) + 1), attn, mlp, f"{float(r.resid_norm[s, -1]):.1f}")  # fmt: skip
+    out.print(t)
+    first = r.first_layer_top1()
+    out.print(
+        f"{tgt!r} is the top prediction from layer {first} on."
+        if first is not None
+        else f"{tgt!r} never becomes the top prediction."
+    )
+    if grid:
+        g = Table(
+            title="Top-1 token at each layer (rows) and position (columns)", title_justify="left"
+        )
+        g.add_column("layer", justify="right")
+        for p in r.str_tokens:
+            g.add_column(_token(p))
+        for s, label in enumerate(r.labels):
+            g.add_row(
+                label,
+                *(
+                    f"{_token(r.top_tokens[s][i][0])} {float(r.top_probs[s][i][0]):.2f}"
+                    for i in range(len(r.str_tokens))
+                ),
+            )
+        out.print(g)
+    _pictures(pictures)
+
+
+# -- ablation ---------------------------------------------------------------------------------
+
+
+@app.command()
+def ablate(
+    model: Model = DEFAULT_MODEL,
+    dtype: InspectDtype = "float32",
+    text: str | None = typer.Option(
+        None, "--text", help="Text to measure the loss on (default: a built-in paragraph)."
+    ),
+    file: Path | None = typer.Option(None, "--file", "-f", help="Read the text from this file."),
+    chars: int = typer.Option(
+        2000, "--chars", help="Use the first this many characters of --file."
+    ),
+    mode: str = typer.Option(
+        "zero", "--mode", help="zero: replace the output by zeros; mean: by its mean over the text."
+    ),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Cut the text to this many tokens."),
+    out_dir: OutDir = Path("."),
+    no_plot: NoPlot = False,
+    as_json: Json = False,
+) -> None:
+    """Knock out each layer's attention or MLP in turn; report the change in next-token loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pellucid.inspect import plots
+    from pellucid.inspect.ablate import DEFAULT_TEXT, ablate_layers
+
+    if text is not None and file is not None:
+        raise PellucidError("give --text or --file, not both", param="text")
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8", errors="replace")[:chars]
+        except OSError as e:
+            raise PellucidError(f"cannot read {str(file)!r}: {e}", param="file") from None
+    text = DEFAULT_TEXT if text is None else text
+    subject = _load(model, dtype)
+    n = len(subject.model.blocks)
+    with Progress(TextColumn("ablating {task.fields[what]:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:  # fmt: skip
+        task = bar.add_task("ablate", total=1 + 2 * n, what="baseline")
+        res = ablate_layers(subject, text, mode=mode, max_tokens=max_tokens,
+                            progress=lambda what: bar.update(task, advance=1, what=what))  # fmt: skip
+    pictures = [] if no_plot else [plots.ablation_plot(res, out_dir / f"ablation_{mode}.png")]
+    if as_json:
+        d = res.to_dict()
+        d["pictures"] = [str(p) for p in pictures]
+        sys.stdout.write(json.dumps(d) + "\n")
+        return
+    cut = f", cut from {res.truncated_from}" if res.truncated_from else ""
+    t = Table(title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token",
+              title_justify="left")  # fmt: skip
+    t.add_column("layer", justify="right")
+    t.add_column("Δ loss, attention", justify="right")
+    t.add_column("Δ loss, MLP", justify="right")
+    worst = {(c, i) for c, i, _ in res.ranking(5)}
+    for i in range(res.n_layers):
+        cells = []
+        for c in ("attn", "mlp"):
+            d = res.delta(c)[i]
+            cells.append(f"[bold red]{d:+.3f}[/]" if (c, i) in worst else f"{d:+.3f}")
+        t.add_row(str(i), *cells)
+    out.print(t)
+    names = {"attn": "attention", "mlp": "MLP"}
+    out.print("Largest: " + ", ".join(f"{names[c]} {i} ({d:+.3f})" for c, i, d in res.ranking(5)))
+    _pictures(pictures)
