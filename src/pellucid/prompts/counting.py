@@ -24,6 +24,9 @@ from pellucid.text.tokenizer import Tokenizer
 
 Message = dict[str, Any]
 
+# tokenizer, template and context length read from a GGUF file, by (path, mtime, size)
+_GGUF_TEXT: dict[tuple[str, int, int], tuple[Tokenizer, ChatTemplate, int]] = {}
+
 
 @dataclass
 class MessageCount:
@@ -99,16 +102,22 @@ class TokenCounter:
             from pellucid.weights.load import load_model
 
             return cls.from_loaded(load_model(path, dtype="float32"), name=str(name_or_path))
-        from pellucid.weights.gguf import GGUFFile
-        from pellucid.weights.load import gguf_architecture
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in _GGUF_TEXT:
+            from pellucid.weights.gguf import GGUFFile
+            from pellucid.weights.load import gguf_architecture
 
-        f = GGUFFile(path)
-        _, cfg = gguf_architecture(f)
-        tok = Tokenizer.from_gguf(f.metadata)
-        bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
-        template = ChatTemplate(f.get("tokenizer.chat_template"), bos_token=bos, eos_token=eos)
-        return cls(tok, template, context_length=cfg.context_length, name=str(name_or_path))
+            f = GGUFFile(path)
+            _, cfg = gguf_architecture(f)
+            tok = Tokenizer.from_gguf(f.metadata)
+            bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
+            template = ChatTemplate(f.get("tokenizer.chat_template"), bos_token=bos, eos_token=eos)
+            _GGUF_TEXT.clear()  # one model's tokenizer at a time
+            _GGUF_TEXT[key] = (tok, template, cfg.context_length)
+        tok, template, n_ctx = _GGUF_TEXT[key]
+        return cls(tok, template, context_length=n_ctx, name=str(name_or_path))
 
     # -- counting -----------------------------------------------------------------------
 
