@@ -68,7 +68,10 @@ def serve(
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")
     err.print(f"pellucid: serving [bold]{sc.model_name}[/] on http://{host}:{port}  (OpenAI: /v1/chat/completions, "
               f"/v1/completions; Anthropic: /v1/messages; /health, /metrics)", highlight=False)  # fmt: skip
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal exit
+        pass
     if state.status == "failed":
         raise PellucidError(f"the model did not load: {state.error}")
 
