@@ -295,6 +295,16 @@ def params(
         )
 
 
+def _where(a, layer: int | None, head: int | None) -> str:
+    if layer is None and head is None:
+        return f"averaged over {a.n_layers} layers and {a.n_heads} heads"
+    if layer is None:
+        return f"head {head}, averaged over {a.n_layers} layers"
+    return f"layer {layer}, " + (
+        f"head {head}" if head is not None else f"averaged over {a.n_heads} heads"
+    )
+
+
 # -- attention --------------------------------------------------------------------------------
 
 
@@ -325,8 +335,7 @@ def attention(
     subject = _load(model, dtype)
     a = attention_patterns(subject, prompt, chat=chat)
     sel = a.select(layer, head)  # validates layer and head
-    where = (f"layer {layer}" if layer is not None else f"averaged over {a.n_layers} layers") + ", " + (
-        f"head {head}" if head is not None else f"averaged over {a.n_heads} heads")  # fmt: skip
+    where = _where(a, layer, head)
     pictures = []
     if not no_plot:
         pictures.append(plots.attention_grid(a.patterns, a.str_tokens, out_dir / "attention_grid.png",
@@ -348,7 +357,8 @@ def attention(
     if not include_first:
         t.add_column(f"→ {_token(a.str_tokens[0])!s} (first)", justify="right")
     for ta in a.top(layer, head, top, skip_first=not include_first):
-        links = ", ".join(f"{_token(x.token)} ({x.weight:.2f})" for x in ta.top) or "—"
+        shown = [x for x in ta.top if include_first or x.pos > 0]
+        links = ", ".join(f"{_token(x.token)} ({x.weight:.2f})" for x in shown) or "—"
         row = [str(ta.pos), _token(ta.token), links]
         if not include_first:
             row.append(f"{float(sel[ta.pos, 0]):.2f}")

@@ -10,21 +10,27 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 
-plt.rcParams.update({"text.parse_math": False, "font.size": 9})  # tokens may contain '$'
+plt.rcParams.update({"font.size": 9})
 
 CMAP = "viridis"
 
 
 def token_label(piece: str, width: int = 12) -> str:
     """A token as it should read on an axis: visible spaces and newlines, cut to `width`."""
-    s = piece.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    s = piece.replace("\n", "↵").replace("\t", "\\t").replace("\r", "\\r")
     if s.strip() == "":
-        s = s.replace(" ", "·")
+        s = s.replace(" ", "␣")
     return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _label(piece: str, width: int = 12) -> str:
+    """token_label for matplotlib: a '$' would start mathtext."""
+    return token_label(piece, width).replace("$", r"\$")
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -47,7 +53,7 @@ def attention_grid(
 ) -> Path:
     """All heads of all layers: rows are layers, columns heads; each panel query x key."""
     L, H, T, _ = patterns.shape
-    labels = [token_label(p, 8) for p in pieces]
+    labels = [_label(p, 8) for p in pieces]
     panel = 1.25 if T <= 12 else 1.6
     fig, axes = plt.subplots(L, H, figsize=(H * panel + 1.6, L * panel + 1.2), squeeze=False)
     norm = PowerNorm(gamma=0.5, vmin=0, vmax=1)
@@ -75,11 +81,13 @@ def attention_grid(
                 ax.set_ylabel(
                     f"layer {i}", fontsize=9, rotation=0, ha="right", va="center", labelpad=18
                 )
-    fig.suptitle(
-        title or "Attention patterns (rows: query token, columns: key token)", fontsize=12, y=1.0
-    )
-    fig.subplots_adjust(wspace=0.08, hspace=0.08, right=0.9)
-    cax = fig.add_axes((0.92, 0.3, 0.015, 0.4))
+    height = fig.get_size_inches()[1]
+    top = 1 - 0.75 / height  # room for the title and the head labels, in inches
+    title = title or "Attention patterns (rows: query token, columns: key token)"
+    fig.suptitle(title, fontsize=12, y=1 - 0.2 / height)
+    fig.subplots_adjust(wspace=0.08, hspace=0.08, right=0.9, top=top, bottom=0.7 / height, left=0.1)
+    bar = min(0.4, 6 / height)
+    cax = fig.add_axes((0.92, top - bar, 0.015, bar))
     fig.colorbar(im, cax=cax, label="attention probability (sqrt scale)")
     return _save(fig, path)
 
@@ -89,7 +97,7 @@ def attention_heatmap(
 ) -> Path:
     """One (T, T) pattern, large, with the probabilities written in the cells when they fit."""
     T = pattern.shape[0]
-    labels = [token_label(p) for p in pieces]
+    labels = [_label(p) for p in pieces]
     size = min(max(5.0, 0.55 * T + 2.5), 22.0)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     data = pattern.float().numpy().copy()
@@ -129,19 +137,19 @@ def lens_heatmap(lens, path: str | Path) -> Path:
     """Stages (rows) x positions (columns), coloured by the top-1 probability, token in the cell."""
     n, T = len(lens.labels), len(lens.str_tokens)
     probs = lens.top_probs[:, :, 0].float().numpy()
-    fig, ax = plt.subplots(figsize=(min(1.25 * T + 2.8, 40), 0.3 * n + 2.0))
+    fig, ax = plt.subplots(figsize=(min(1.3 * T + 2.8, 40), 0.32 * n + 2.0))
     im = ax.imshow(probs, cmap=CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     for s in range(n):
         for t in range(T):
             v = probs[s, t]
-            ax.text(t, s, token_label(lens.top_tokens[s][t][0], 10), ha="center", va="center", fontsize=7,
+            ax.text(t, s, _label(lens.top_tokens[s][t][0], 10), ha="center", va="center", fontsize=9,
                     color="black" if v > 0.6 else "white")  # fmt: skip
     ax.set_xticks(range(T))
-    ax.set_xticklabels([token_label(p) for p in lens.str_tokens], rotation=45, ha="right")
+    ax.set_xticklabels([_label(p) for p in lens.str_tokens], rotation=45, ha="right")
     ax.set_yticks(range(n))
     ax.set_yticklabels(
         [("embeddings" if lbl == "embed" else f"after layer {lbl}") for lbl in lens.labels],
-        fontsize=7,
+        fontsize=8,
     )
     ax.set_xlabel("input token (the cell is the prediction for the token after it)")
     ax.set_ylabel("residual stream read at")
@@ -160,20 +168,23 @@ def lens_target_plot(lens, path: str | Path) -> Path:
     )
     ax1.plot(x, p, marker="o", ms=4, color="tab:blue")
     ax1.set_ylim(-0.02, 1.02)
-    ax1.set_ylabel(f"P({token_label(lens.target_token)!r})")
+    ax1.set_ylabel(f"P('{_label(lens.target_token)}')")
     ax1.grid(alpha=0.3)
-    last = token_label(lens.str_tokens[-1])
+    last = _label(lens.str_tokens[-1])
     who = "the model's own answer" if lens.target_from == "model" else "given target"
     ax1.set_title(
-        f"Logit lens: probability of {token_label(lens.target_token)!r} ({who}) after {last!r}, by layer"
+        f"Logit lens: probability of '{_label(lens.target_token)}' ({who}) after '{last}', by layer"
     )
     ax2.semilogy(x, rank, marker="o", ms=4, color="tab:orange")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax2.invert_yaxis()
     ax2.set_ylabel("rank (1 = top)")
     ax2.grid(alpha=0.3, which="both")
     step = _tick_every(len(x), 32)
     ax2.set_xticks(x[::step])
-    ax2.set_xticklabels([("emb" if lbl == "embed" else lbl) for lbl in lens.labels][::step])
+    ax2.set_xticklabels(
+        [("emb" if lbl == "embed" else lbl) for lbl in lens.labels][::step], fontsize=8
+    )
     ax2.set_xlabel("residual stream after layer (emb = embeddings)")
     return _save(fig, path)
 
@@ -201,8 +212,8 @@ def residual_norms_plot(lens, path: str | Path, pos: int = -1) -> Path:
     ax.set_xticklabels(["emb"] + [str(i) for i in x], fontsize=8)
     ax.set_xlabel("layer (emb = token embeddings entering layer 0)")
     ax.set_ylabel("L2 norm")
-    tok = token_label(lens.str_tokens[pos])
-    ax.set_title(f"Residual stream at token {tok!r} (position {pos % len(lens.str_tokens)}): "
+    tok = _label(lens.str_tokens[pos])
+    ax.set_title(f"Residual stream at token '{tok}' (position {pos % len(lens.str_tokens)}): "
                  "each layer adds attention, then MLP output")  # fmt: skip
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -233,6 +244,10 @@ def ablation_plot(result, path: str | Path) -> Path:
     every = np.concatenate(list(deltas.values()))
     if every.max() > 20 * max(np.median(np.abs(every)), 1e-3):
         ax.set_yscale("symlog", linthresh=max(0.05, float(np.median(np.abs(every)))))
+    offset = {c: (j - (len(comps) - 1) / 2) * w for j, c in enumerate(comps)}
+    for c, i, d in result.ranking(5):  # the five that matter most, with their values
+        ax.annotate(f"{d:+.2f}", (i + offset[c], d), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels([str(i) for i in x], fontsize=8)
