@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` on import.
-COMMAND_MODULES = ["models", "generate", "inspect", "sampling", "serve", "prompts"]
+COMMAND_MODULES = ["models", "generate", "inspect", "sampling", "serve", "prompts", "bench", "quant"]
 
 
 def _register() -> None:
