@@ -51,8 +51,15 @@ def set_threads(n: int | None = None) -> int:
 
 
 def inductor_cache_dir() -> str:
-    """Persist compiled kernels across processes (set before the first compile)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Persist compiled kernels across processes under $PELLUCID_HOME/inductor (set before compiling).
+
+    A TORCHINDUCTOR_CACHE_DIR chosen by the user is kept; torch's own default (a folder in
+    /tmp, which importing torch._dynamo writes into the environment) is replaced.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cur = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cur is None or os.path.abspath(cur) == os.path.abspath(default_cache_dir()):
         from pellucid.registry import home
 
         d = home() / "inductor"

@@ -17,6 +17,7 @@ from torch import nn
 from pellucid.errors import PellucidError
 from pellucid.quantization.int4 import Int4Linear
 from pellucid.quantization.int8 import Int8Linear
+from pellucid.quantization.kernels import check_linear_shapes
 
 QUANT_FORMATS = ("int8", "int4")
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
@@ -62,6 +63,8 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
         bias = None
         if lin.bias is not None:
             bias = source(f"{name}.bias") if source is not None else lin.bias.detach()
+        if layer_fmt == "int4" and not int4_fits(lin.in_features, lin.out_features, layer_group):
+            layer_fmt = "int8"  # e.g. a vocabulary that is not a multiple of 16: per-channel int8 has no constraint
         if layer_fmt == "int8":
             new = Int8Linear.from_float(w, bias, dtype)
         else:
@@ -69,6 +72,14 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
         _set_module(model, name, new)
         del w
     return model
+
+
+def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    try:
+        check_linear_shapes("int4", in_features, out_features, group_size)
+    except PellucidError:
+        return False
+    return True
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

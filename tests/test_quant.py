@@ -1,0 +1,147 @@
+"""Weight-only int8/int4: kernels against their own dequantized weights, shape checks,
+Q4 blocks kept bit for bit, bytes per parameter, and the module swap on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_hf_llama, write_llama_gguf
+
+from pellucid.errors import PellucidError
+from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
+from pellucid.quantization.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4
+from pellucid.quantization.int8 import Int8Linear, quantize_int8
+from pellucid.quantization.kernels import check_linear_shapes, has_kernel
+
+
+def test_kernels_exist_on_cpu():
+    assert has_kernel("int8", "cpu")
+    assert has_kernel("int4", "cpu")
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_int8_kernel_matches_its_dequantized_weight(M):
+    torch.manual_seed(0)
+    w = torch.randn(192, 576) * 0.05
+    lin = Int8Linear.from_float(w)
+    x = torch.randn(M, 576)
+    ref = x.to(torch.bfloat16).float() @ lin.dequantize(torch.float32).t()
+    y = lin(x)
+    assert y.shape == (M, 192) and y.dtype == torch.float32
+    assert torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    # per-channel int8 keeps the weights within half a step of each row's scale
+    err = (lin.dequantize(torch.float32) - w).abs().amax(1)
+    assert (err <= 0.5 * lin.scales.float() * 1.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("M", [1, 5])
+def test_int4_kernel_matches_its_dequantized_weight(group, M):
+    torch.manual_seed(1)
+    w = torch.randn(320, 576) * 0.05
+    q, sz = quantize_int4(w, group)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (576 // group, 320, 2)
+    lin = Int4Linear.from_quantized(q, sz, group_size=group)
+    x = torch.randn(M, 2, 576)  # any leading shape
+    deq = dequantize_int4(q, sz, group)
+    ref = x.to(torch.bfloat16).float() @ deq.t()
+    y = lin(x)
+    assert y.shape == (M, 2, 320)
+    assert torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert torch.allclose(lin.dequantize(torch.float32), deq, atol=1e-2 * deq.abs().max().item())
+
+
+def test_int4_keeps_q4_1_blocks_bit_for_bit():
+    """A Q4_1 block (d * q + m, q in 0..15, both ends used) comes back with the same nibbles."""
+    torch.manual_seed(2)
+    N, K = 64, 256
+    d = torch.rand(N, K // 32) * 0.01 + 1e-3
+    m = -8 * d * (1 + 0.1 * torch.randn(N, K // 32))  # centred blocks, as real weights are
+    q = torch.randint(0, 16, (N, K))
+    q[:, ::32], q[:, 1::32] = 0, 15
+    w = (q.float().reshape(N, K // 32, 32) * d[..., None] + m[..., None]).reshape(N, K)
+    q2, sz = quantize_int4(w, 32)
+    assert (q2.long() == q).float().mean() > 0.995
+    err = (dequantize_int4(q2, sz, 32) - w).abs().reshape(N, K // 32, 32).amax(-1)
+    assert (err <= 0.05 * d).float().mean() > 0.97  # bfloat16 scale/zero rounding (and the rare nibble it moves)
+
+
+def test_pack_in_row_chunks_equals_one_pack():
+    q = torch.randint(0, 16, (8192 + 64, 64), dtype=torch.uint8)
+    assert torch.equal(pack_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+
+
+@pytest.mark.parametrize(
+    ("K", "N", "group", "match"),
+    [(72, 64, 32, "multiple of the group size"), (96, 64, 64, "multiple of the group size"),
+     (64, 40, 32, "multiple of 16"), (64, 64, 48, "group size 48")],
+)  # fmt: skip
+def test_int4_rejects_shapes_the_kernel_cannot_take(K, N, group, match):
+    with pytest.raises(PellucidError, match=match):
+        check_linear_shapes("int4", K, N, group, "blocks.0.mlp.up_proj")
+    with pytest.raises(PellucidError, match=match):
+        Int4Linear.from_float(torch.randn(N, K), group_size=group)
+
+
+def test_parse_quant():
+    assert parse_quant("int4") == ("int4", 32)
+    assert parse_quant("int4-g64") == ("int4", 64)
+    assert parse_quant("int8") == ("int8", 0)
+    assert parse_quant(None) == (None, 0) and parse_quant("none") == (None, 0)
+    for bad in ("int3", "int8-g32", "int4-gx"):
+        with pytest.raises(PellucidError, match="quant"):
+            parse_quant(bad)
+
+
+def test_bytes_per_parameter():
+    w = torch.randn(576, 1536)
+    i8, i4 = Int8Linear.from_float(w), Int4Linear.from_float(w, group_size=32)
+    assert i8.nbytes == 576 * 1536 + 2 * 576  # int8 values + a bf16 scale per row
+    assert i4.nbytes == 576 * 1536 // 2 + (1536 // 32) * 576 * 2 * 2  # nibbles + bf16 scale and zero per group
+    assert abs(i4.nbytes / w.numel() - (0.5 + 4 / 32)) < 1e-9
+
+
+def test_quantize_int8_scale_rounding_is_consistent():
+    w = torch.randn(16, 64)
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16
+    assert (q.abs() <= 127).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    hf = tiny_hf_llama(seed=3, d_model=64, heads=4, kv_heads=2, d_ff=128)
+    return write_llama_gguf(hf, tmp_path_factory.mktemp("q") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
+    from pellucid.weights.load import load_model
+
+    ref = load_model(tiny_gguf, dtype="float32")
+    lm = load_model(tiny_gguf, dtype="float32", quant=quant)
+    assert lm.quant == quant
+    layers = quantized_layers(lm.model)
+    assert len(layers) == 2 * 7 + 1  # 7 per block and the tied head
+    assert not any(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
+    # the embedding stays a float table (the lookup needs rows), untied from the quantized head
+    assert lm.model.embed.weight.dtype == torch.float32
+    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight)
+    # the tiny vocabulary (273) is not a multiple of 16: its int4 head falls back to int8
+    assert isinstance(layers["lm_head"], Int8Linear)
+    assert model_nbytes(lm.model) < model_nbytes(ref.model)
+    ids = torch.tensor([[5, 60, 61, 62, 70, 80, 90, 100]])
+    with torch.no_grad():
+        a, b = ref.model(ids), lm.model(ids)
+    assert torch.isfinite(b).all()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > (0.99 if quant == "int8" else 0.95)
+
+
+def test_quantize_model_keeps_head_when_asked(tiny_gguf):
+    from pellucid.weights.load import load_model
+
+    lm = load_model(tiny_gguf, dtype="float32")
+    quantize_model(lm.model, "int8", head=None)
+    assert isinstance(lm.model.lm_head, torch.nn.Linear)
+    assert lm.model.lm_head.weight is lm.model.embed.weight  # still tied
