@@ -58,8 +58,11 @@ class LLM:
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str = "cpu",
                  max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
-                 loaded: LoadedModel | None = None, quant: str | None = None, compile: bool = False):  # fmt: skip
-        """quant: "int8" or "int4" weight-only linear layers; compile: the compiled decode step."""
+                 loaded: LoadedModel | None = None, quant: str | None = None, compile: bool = False,
+                 speculative: Any = None):  # fmt: skip
+        """quant: "int8" or "int4" weight-only linear layers; compile: the compiled decode step;
+        speculative: "ngram", "model", a dict or SpeculativeConfig: single requests (not
+        batches, not structured output) decode speculatively (engine/speculative.py)."""
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant)
         self.model_name = str(model)
         self.model = self.loaded.model
@@ -68,6 +71,11 @@ class LLM:
         self.config = self.loaded.config
         self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
                              compile=compile)  # fmt: skip
+        self.speculative = None
+        if speculative is not None:
+            from pellucid.engine.speculative import from_option
+
+            self.speculative = from_option(self.loaded, speculative, max_len=self.engine.max_len)
 
     # -- prompts ----------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
@@ -109,6 +117,8 @@ class LLM:
 
     # -- generation ---------------------------------------------------------------------------
     def stream_request(self, req: Request) -> Iterator[RequestOutput]:
+        if self.speculative is not None and req.constraint is None and req.params.n == 1:
+            return self.speculative.run(req)
         return self.engine.run(req)
 
     def structured(self, kw: dict[str, Any]) -> Constraint | None:
@@ -120,7 +130,7 @@ class LLM:
         """Raw completion, streamed as text pieces."""
         c = self.structured(kw)
         req = self.request(prompt, make_params(params, kw), constraint=c.copy() if c else None)
-        for out in self.engine.run(req):
+        for out in self.stream_request(req):
             if out.new_text:
                 yield out.new_text
 
@@ -149,9 +159,13 @@ class LLM:
         return self._run_batch([req], prompts=[text])[0]
 
     def _run_batch(self, reqs: list[Request], prompts: list) -> list[Completion]:
-        for r in reqs:
-            self.engine.add_request(r)
         logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
+        if len(reqs) == 1 and self.speculative is not None and reqs[0].constraint is None:
+            for o in self.stream_request(reqs[0]):  # runs it to the end: the engine below has nothing to do
+                logprobs[o.request_id] += o.logprobs
+        for r in reqs:
+            if not r.finished:
+                self.engine.add_request(r)
         try:
             while not all(r.finished for r in reqs):
                 for o in self.engine.step():
