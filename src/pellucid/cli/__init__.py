@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` on import.
-COMMAND_MODULES = ["models", "generate", "inspect", "sampling", "serve", "prompts", "bench", "quant"]
+COMMAND_MODULES = ["models", "generate", "inspect", "sampling", "serve", "prompts", "bench", "quant", "speculate"]
 
 
 def _register() -> None:
