@@ -140,3 +140,45 @@ def write_gpt2_gguf(model, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_qwen2_gguf(model, path: Path) -> Path:
+    """A transformers Qwen2 as llama.cpp's converter writes it: Q and K rows as they are
+    (rotate-half layout, no permutation), q/k/v biases as attn_{q,k,v}.bias."""
+    import gguf
+
+    cfg = model.config
+    tokens, merges, types = byte_level_vocab()
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        for a, b in per_layer.items():
+            for s in ("weight", "bias"):
+                names[f"model.layers.{i}.{a}.{s}"] = f"blk.{i}.{b}.{s}"
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w.add_tensor(names[hf_name], t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
