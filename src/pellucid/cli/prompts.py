@@ -507,7 +507,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
             err.print(f"[yellow]context:[/] dropped the oldest {turn.dropped_turns} turn(s) "
                       f"({turn.dropped_messages} messages) to fit the {session.window:,}-token window "
                       f"({turn.prompt_tokens:,} prompt + {session.reserve:,} reserved); "
-                      f"{session.dropped_total} dropped so far", markup=True)  # fmt: skip
+                      f"{session.dropped_total} dropped so far", markup=True, soft_wrap=True)  # fmt: skip
         if show_prompt:
             err.rule(f"prompt: {turn.prompt_tokens:,} tokens", style="dim")
             sys.stderr.write(turn.prompt if turn.prompt.endswith("\n") else turn.prompt + "\n")  # exact: no wrapping
@@ -521,7 +521,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
         if turn.report is not None:
             for c in turn.report.checks:
                 mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
-                err.print(f"[dim]check {c.name}:[/] {mark} [dim]{_escape(c.detail)}[/]", markup=True)
+                err.print(f"[dim]check {c.name}:[/] {mark} [dim]{_escape(c.detail)}[/]", markup=True, soft_wrap=True)
         if not interactive:
             break
 
