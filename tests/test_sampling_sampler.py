@@ -276,3 +276,10 @@ def test_unseeded_requests_record_their_seed():
     a = SequenceSampler(SamplingParams(), vocab_size=6)
     b = SequenceSampler(SamplingParams(seed=a.seed), vocab_size=6)
     assert [a.uniform() for _ in range(3)] == [b.uniform() for _ in range(3)]
+
+
+def test_min_tokens_yields_when_nothing_else_is_left():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    p = SamplingParams(temperature=0, min_tokens=3, logit_bias={1: -100, 2: -100, 3: -100})
+    s = SequenceSampler(p, vocab_size=4, eog_ids={0})
+    assert sample(x, [s]).tokens.tolist() == [0]

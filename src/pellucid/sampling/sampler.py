@@ -185,11 +185,15 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
         rows, ids = _flat([(i, seqs[i].min_tokens_bans) for i in banned], dev)
-        before = x
-        x = P.apply_bans(x, rows, ids)
-        x = torch.where(_alive(x), x, before)  # a row with nothing else left may end
+        x = own()
+        saved = x[rows, ids]  # (N,)
+        P.apply_bans(x, rows, ids, inplace=True)
+        # a row with nothing else left may end: put its end tokens back
+        x.index_put_((rows, ids), torch.where(_alive(x)[rows, 0], P.NEG_INF, saved))
     if checks_alive:
-        x = torch.where(_alive(x), x, raw)  # nothing left at all: fall back to the raw row
+        alive = _alive(x)
+        if dev.type != "cpu" or not bool(alive.all()):  # on the CPU a check is cheaper than a pass
+            x = torch.where(alive, x, raw)  # nothing left at all: fall back to the raw row
     note("mask", x)
     masked = x
 
@@ -306,22 +310,18 @@ def _output(tokens: torch.Tensor, raw: torch.Tensor, masked: torch.Tensor, final
     if not any(wants):
         return SampleOutput(tokens)
     processed = [s.params.processed_logprobs for s in seqs]
-    if any(processed):
-        assert final is not None
-        proc = final.log_softmax(dim=-1)
-    if all(processed):
-        lp = proc
-    elif not any(processed):
-        lp = raw.log_softmax(dim=-1)
+    if not any(processed):
+        src = raw
     else:
-        which = torch.tensor(processed, device=raw.device)[:, None]
-        lp = torch.where(which, proc, raw.log_softmax(dim=-1))  # (B, V)
-    chosen = lp.gather(1, tokens[:, None]).squeeze(1)  # (B,)
+        assert final is not None
+        src = final if all(processed) else torch.where(torch.tensor(processed, device=raw.device)[:, None], final, raw)
+    log_total = src.logsumexp(dim=-1, keepdim=True)  # (B, 1): log-probs without a (B, V) log_softmax
+    chosen = (src.gather(1, tokens[:, None]) - log_total).squeeze(1)  # (B,)
     k = max(s.params.top_logprobs for s in seqs)
     if k == 0:
         return SampleOutput(tokens, chosen)
-    top_lp, top_ids = lp.topk(k, dim=-1)  # (B, k)
-    return SampleOutput(tokens, chosen, top_ids, top_lp)
+    top_vals, top_ids = src.topk(k, dim=-1)  # (B, k)
+    return SampleOutput(tokens, chosen, top_ids, top_vals - log_total)
 
 
 def _flat(parts: list[tuple], device: torch.device) -> tuple[torch.Tensor, ...]:
