@@ -495,5 +495,7 @@ def test_malformed_bodies(srv):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": [5, 10**7]}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "10000000" in r.json()["error"]["message"]
     r = httpx.post(f"{srv.url}/v1/nothing", json={}, headers=h)
     assert r.status_code == 404 and "error" in r.json()

@@ -28,6 +28,8 @@ def serve(
     max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step.")] = 512,
+    quant: Annotated[str | None, typer.Option("--quant", help="Weight-only quantized linear layers: int8 or int4 (default: none).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Compile the decode step (torch.compile; the first start takes minutes, later ones seconds).")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model name clients send (default: --model as given).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
@@ -55,7 +57,8 @@ def serve(
     model = model or DEFAULT_MODEL
     sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
                       max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, num_threads=threads,
-                      served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt)  # fmt: skip
+                      served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt,
+                      llm_options={"quant": quant, "compile": compile} if (quant or compile) else {})  # fmt: skip
     state = ServerState(sc, loader=_loader(cfg))
     server = uvicorn.Server(uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=3))  # fmt: skip
@@ -89,6 +92,11 @@ def _loader(cfg):
 
             sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
+        warm = getattr(llm.engine._decode_fn, "warmup", None)
+        if warm is not None and llm.engine.cache is not None:  # compile before taking requests (503 meanwhile)
+            sizes = (1, 2) if sc.max_batch > 1 else (1,)
+            err.print(f"compiling the decode step for batch sizes {sizes} (cached for later starts)", highlight=False)
+            warm(llm.engine.cache, sizes)
         err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
                   f"(max batch {sc.max_batch}, context {llm.engine.max_len})", highlight=False)  # fmt: skip
         return llm

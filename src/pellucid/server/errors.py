@@ -40,7 +40,7 @@ class ApiError(Exception):
             head = param.split(".")[0].split("[")[0]
             if head in rename:
                 param = rename[head] + param[len(head) :]
-                if message.startswith(head):  # "max_tokens = -1 is out of range" names the client's field
+                if " " not in head and message.startswith(head):  # "max_tokens = -1 ..." names the client's field
                     message = rename[head] + message[len(head) :]
         return cls(e.status, message, param=param, code=e.code)
 

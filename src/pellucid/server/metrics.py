@@ -80,6 +80,9 @@ class Metrics:
                     self.finish_reasons[o.finish_reason or "unknown"] += 1
                 else:
                     self._last_token[o.request_id] = now
+            if len(self._last_token) > 4 * engine.max_batch:  # aborted requests leave no final output
+                live = engine.requests
+                self._last_token = {k: v for k, v in self._last_token.items() if k in live}
 
     def forget(self, request_id: str) -> None:
         """An aborted request emits no final output: drop its inter-token clock."""

@@ -277,7 +277,7 @@ async def completions(http: HttpRequest):
     constraint = _constraint_factory(state, body.response_format)
     cid = new_id("cmpl-")
     n = params.n
-    group = state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt"})
+    group = state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt", "prompt token": "prompt"})
     created = int(time.time())
     model = state.config.model_name
     want_lp = body.logprobs is not None
