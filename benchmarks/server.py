@@ -172,14 +172,28 @@ def eog_ban(model_file: Path) -> dict[str, float]:
     return {str(i): -100 for i in sorted(tok.eog_ids)}
 
 
+def cpu_split(url: str) -> dict[str, float]:
+    from pellucid.server.metrics import parse_metrics
+
+    return parse_metrics(httpx.get(f"{url}/metrics").text)
+
+
 def bench(name: str, url: str, args, ban) -> list[dict]:
     # warm up: one request alone, then one per slot at once (a compiled engine compiles here)
     asyncio.run(run_level(url, "bench", 1, 1, 16, ban))
     asyncio.run(run_level(url, "bench", max(args.clients), 1, 16, ban))
     rows = []
     for c in args.clients:
+        before = cpu_split(url) if name == "pellucid" else None
         row = asyncio.run(run_level(url, "bench", c, args.requests, args.max_tokens, ban))
         row["server"] = name
+        if before is not None:
+            after = cpu_split(url)
+            proc, eng = (after[k] - before[k] for k in ("pellucid_process_cpu_seconds_total", "pellucid_engine_cpu_seconds_total"))
+            busy = after["pellucid_engine_busy_seconds_total"] - before["pellucid_engine_busy_seconds_total"]
+            row |= {"server_cpu_s": proc, "engine_cpu_s": eng, "engine_busy_s": busy}
+            print(f"  {'':<22} server CPU {proc:.1f} s = engine {eng:.1f} + HTTP/other {proc - eng:.1f}; "
+                  f"engine busy {busy:.1f} s of {row['wall_s']:.1f} s wall", flush=True)  # fmt: skip
         rows.append(row)
         print(f"  {name:<22} {c:>3} clients: {row['tok_s']:7.1f} tok/s  TTFT {row['ttft_mean']:.3f} s "
               f"(p95 {row['ttft_p95']:.3f})  latency {row['latency_mean']:.2f} s  gap p50 {row['gap_p50_ms']:.1f} ms"

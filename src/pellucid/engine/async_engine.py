@@ -98,6 +98,8 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last step failure, for /health
+        self.busy_seconds = 0.0  # wall time spent in steps
+        self.cpu_seconds = 0.0  # CPU time of the engine thread spent in steps
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> AsyncEngine:
@@ -174,7 +176,7 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._stop:
                     return
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step must not kill the server: fail its requests
@@ -182,9 +184,12 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             self._deliver(outputs)
+            dt = time.perf_counter() - t
+            self.busy_seconds += dt
+            self.cpu_seconds += time.thread_time() - c
             if self.on_step is not None:
                 try:
-                    self.on_step(self.engine, outputs, time.perf_counter() - t)
+                    self.on_step(self.engine, outputs, dt)
                 except Exception as e:  # metrics must never stop generation
                     self.error = e
 

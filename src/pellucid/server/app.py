@@ -119,7 +119,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
     @app.get("/metrics")
     async def metrics():
         engine = state.llm.engine if state.status == "ready" else None
-        return PlainTextResponse(state.metrics.render(engine, loading=state.status != "ready"),
+        return PlainTextResponse(state.metrics.render(engine, loading=state.status != "ready", async_engine=state.engine),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
 
     tokens = APIRouter()

@@ -7,6 +7,7 @@ and by the HTTP layer; gauges (running, waiting, KV-cache use) are read at scrap
 from __future__ import annotations
 
 import bisect
+import resource
 import threading
 import time
 from collections import defaultdict
@@ -98,7 +99,7 @@ class Metrics:
             self.http[(path, status)] += 1
 
     # -- the page ---------------------------------------------------------------------------
-    def render(self, engine=None, *, loading: bool = False) -> str:
+    def render(self, engine=None, *, loading: bool = False, async_engine=None) -> str:
         p = self.prefix
         out: list[str] = []
 
@@ -108,6 +109,11 @@ class Metrics:
         with self.lock:
             gauge("model_loaded", "1 once the model is loaded and serving, 0 while loading.", 0 if loading or engine is None else 1)
             gauge("uptime_seconds", "Seconds since the server started.", f"{time.time() - self.started:.1f}")
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            gauge("process_cpu_seconds_total", "CPU time of the server process (all threads).", f"{ru.ru_utime + ru.ru_stime:.3f}", "counter")
+            if async_engine is not None:
+                gauge("engine_busy_seconds_total", "Wall time the engine thread spent in steps.", f"{async_engine.busy_seconds:.3f}", "counter")
+                gauge("engine_cpu_seconds_total", "CPU time the engine thread spent in steps.", f"{async_engine.cpu_seconds:.3f}", "counter")
             if engine is not None:
                 st = engine.stats
                 waiting = sum(1 for r in list(engine.waiting) if not r.finished)
