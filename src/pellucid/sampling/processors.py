@@ -122,12 +122,11 @@ def nucleus_width(logits: torch.Tensor, p: torch.Tensor, sub: int = 4) -> int:
     """
     B, V = logits.shape
     probs = torch.softmax(logits, dim=-1)  # (B, V)
-    mant, exp = torch.frexp(probs)  # probs = mant * 2**exp, mant in [0.5, 1)
-    octave = (-exp).clamp_(0, 63)
+    mant, exp = torch.frexp(probs.clamp(min=2.0**-70))  # probs = mant * 2**exp, mant in [0.5, 1)
+    octave = (-exp).clamp_(0, 63)  # tiny and zero probabilities share the last octave
     step = ((mant - 0.5) * (2 * sub)).long().clamp_(0, sub - 1)  # position inside the octave
     nbins = 64 * sub
     rank = octave * sub + (sub - 1 - step)  # 0 = the most likely bin
-    rank = torch.where(probs > 0, rank, nbins - 1)
     flat = (rank + torch.arange(B, device=logits.device)[:, None] * nbins).reshape(-1)
     mass = torch.zeros(B * nbins, dtype=torch.float64, device=logits.device).index_add_(0, flat, probs.reshape(-1).double())
     count = torch.bincount(flat, minlength=B * nbins).view(B, nbins).cumsum(dim=-1)  # (B, nbins)
