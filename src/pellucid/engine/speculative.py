@@ -132,7 +132,12 @@ def _fork(seq: sampling.SequenceSampler) -> sampling.SequenceSampler:
 
 
 def _forks(seq: sampling.SequenceSampler, drafts: list[int]) -> list[sampling.SequenceSampler]:
-    """The sampler as it would stand before each of [d1 .. dk, next]: k + 1 forks."""
+    """The sampler as it would stand before each of [d1 .. dk, next]: k + 1 forks (one
+    shared fork when no step of the chain depends on the tokens so far)."""
+    p = seq.params
+    if (p.frequency_penalty == 0 and p.presence_penalty == 0 and p.repetition_penalty == 1
+            and len(seq.output_ids) >= p.min_tokens and seq.constraint is None):  # fmt: skip
+        return [_fork(seq)] * (len(drafts) + 1)
     cur = _fork(seq)
     rows = [cur]
     for d in drafts:
@@ -581,6 +586,10 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.draft not in ("ngram", "model"):
             raise PellucidError(f"draft = {self.draft!r} is not one of: ngram, model", param="draft")
+        if not 1 <= self.num_draft <= 64:
+            raise PellucidError(f"num_draft = {self.num_draft} is out of range; allowed: 1..64", param="num_draft")
+        if self.draft_layers is not None and self.draft_layers < 1:
+            raise PellucidError(f"draft_layers = {self.draft_layers} is out of range; allowed: 1..the model's layers", param="draft_layers")
 
 
 def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int = 4096) -> Drafter:
