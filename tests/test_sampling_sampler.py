@@ -283,3 +283,14 @@ def test_min_tokens_yields_when_nothing_else_is_left():
     p = SamplingParams(temperature=0, min_tokens=3, logit_bias={1: -100, 2: -100, 3: -100})
     s = SequenceSampler(p, vocab_size=4, eog_ids={0})
     assert sample(x, [s]).tokens.tolist() == [0]
+
+
+def test_trace_snapshots_each_stage():
+    s = SequenceSampler(SamplingParams(temperature=0, logit_bias={1: 5}, presence_penalty=1.0, min_tokens=2),
+                        vocab_size=6, eog_ids={0})  # fmt: skip
+    s.accept(1)
+    seen = {}
+    sample(torch.zeros(1, 6), [s], trace=lambda name, x: seen.__setitem__(name, x[0].tolist()))
+    assert seen["logit_bias"] == [0, 5, 0, 0, 0, 0]
+    assert seen["penalties"] == [0, 4, 0, 0, 0, 0]
+    assert seen["mask"] == [-math.inf, 4, 0, 0, 0, 0]

@@ -145,7 +145,15 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
     assert len(seqs) == B, (len(seqs), B)
     dev = logits.device
     raw = logits.float()  # (B, V)
-    note = trace or (lambda stage, x: None)
+    if trace is not None:  # later steps edit in place: the trace gets snapshots
+
+        def note(stage: str, y: torch.Tensor) -> None:
+            trace(stage, y.clone())
+    else:
+
+        def note(stage: str, y: torch.Tensor) -> None:
+            pass
+
     note("raw", raw)
 
     # 1-3 edit one private copy of the logits, touching only the tokens concerned
