@@ -146,12 +146,16 @@ def start_pellucid(model_file: Path, port: int, extra: list[str], log: Path) -> 
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def start_peer(python: str, model_file: Path, port: int, n_ctx: int, threads: int, log: Path) -> subprocess.Popen:
+def start_peer(python: str, model_file: Path, port: int, n_ctx: int, threads: int, log: Path,
+               pythonpath: str | None) -> subprocess.Popen:  # fmt: skip
     cmd = [python, "-m", "llama_cpp.server", "--model", str(model_file), "--model_alias", "bench", "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
            "--interrupt_requests", "False", "--verbose", "False"]  # fmt: skip
-    print("$", shlex.join(cmd), flush=True)
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if pythonpath:  # e.g. the server extras (uvicorn, fastapi, sse-starlette, ...) installed with --target
+        env["PYTHONPATH"] = pythonpath
+    print("$", ("PYTHONPATH=" + pythonpath + " " if pythonpath else "") + shlex.join(cmd), flush=True)
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -209,6 +213,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--pellucid-args", default="", help="extra flags for pellucid serve")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python")
+    ap.add_argument("--peer-pythonpath", default=None, help="PYTHONPATH for the peer (where its server extras are)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-pellucid", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads for llama.cpp")
@@ -238,7 +243,8 @@ def main() -> None:
         else:
             port = free_port()
             n_ctx = 2048
-            p = start_peer(args.peer_python, args.model_file, port, n_ctx, args.threads, logs / "bench-llama-cpp.log")
+            p = start_peer(args.peer_python, args.model_file, port, n_ctx, args.threads, logs / "bench-llama-cpp.log",
+                           args.peer_pythonpath)  # fmt: skip
             try:
                 print(f"llama-cpp-python ready in {wait_health(f'http://127.0.0.1:{port}', p, '/v1/models'):.1f} s", flush=True)
                 rows += bench("llama-cpp-python", f"http://127.0.0.1:{port}", args, ban)
