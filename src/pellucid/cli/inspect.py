@@ -75,8 +75,8 @@ def _load(model: str, dtype: str):
 
 
 def _pictures(paths: list[Path]) -> None:
-    for p in paths:
-        out.print(f"wrote {p}")
+    for p in paths:  # plain print: a path must not be wrapped
+        print(f"wrote {p}", flush=True)
 
 
 def _token(piece: str) -> str:
