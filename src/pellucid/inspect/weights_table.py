@@ -361,9 +361,10 @@ def _from_gguf(path: Path, name: str, dt: torch.dtype) -> WeightsReport:
     with torch.device("meta"):
         model = mod.MODEL(cfg)
     storage, stored = {}, {}
-    for pname, _ in model.named_parameters():
+    for pname, p in model.named_parameters():
         info = f.tensors[gguf_tensor_name(mod, f, pname)]
-        storage[pname], stored[pname] = info.qtype.name, info.nbytes
+        # a fused tensor (GPT-2's attn_qkv) fills several parameters: each gets its share
+        storage[pname], stored[pname] = info.qtype.name, info.nbytes * p.numel() // info.numel
     size = torch.empty((), dtype=dt).element_size()
     memory = {n: size for n, _ in model.named_parameters()}
     rows = _rows(model, cfg.vocab_size, storage, stored, memory)
