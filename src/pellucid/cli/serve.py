@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from pellucid.cli import app
-from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, Dtype
+from pellucid.cli.common import DEFAULT_MODEL
 from pellucid.errors import PellucidError
 
 err = Console(stderr=True)
@@ -23,7 +23,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="PELLUCID_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")] = None,
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML inference config: model, default sampling and control values, system prompt.")] = None,
-    dtype: Dtype = DEFAULT_DTYPE,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")] = "auto",
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = 16,
     max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
@@ -84,7 +84,11 @@ def _loader(cfg):
         from pellucid.server.state import default_loader
 
         t = time.perf_counter()
-        err.print(f"loading {sc.model} ({sc.dtype}) in the background; requests get 503 until it is ready", highlight=False)
+        from pellucid.server.state import auto_dtype
+
+        dtype = auto_dtype() if sc.dtype == "auto" else sc.dtype
+        err.print(f"loading {sc.model} ({dtype}{' (auto)' if sc.dtype == 'auto' else ''}) in the background; "
+                  "requests get 503 until it is ready", highlight=False)  # fmt: skip
         llm = default_loader(sc)
         if cfg is not None and "logit_bias" in sc.defaults:
             # the config may name tokens by text: resolve them with the model's tokenizer
