@@ -218,6 +218,24 @@ def test_ngram_drafter_proposes_what_followed_the_longest_latest_match():
         NgramDrafter(max_ngram=1, min_ngram=2)
 
 
+def test_ngram_drafter_resumes_after_a_replaced_token():
+    d = NgramDrafter()
+    prompt = [1, 20, 21, 22, 23, 24, 25, 2]
+    assert d.propose(prompt + [20, 21], 3).tokens == [22, 23, 24]
+    # the target kept 22 and wrote 99 instead of 23 (a fixed typo): no n-gram ends in 99,
+    # so copying resumes after the replaced token instead of trusting a 1-gram
+    assert d.propose(prompt + [20, 21, 22, 99], 3).tokens == [24, 25, 2]
+    # the next round kept 24, 25, 2 and replaced the source's 20 by 7: resume after it again
+    assert d.propose(prompt + [20, 21, 22, 99, 24, 25, 2, 7], 2).tokens == [21, 22]
+    # a deletion: drafted [22, 23, 24], the target wrote 23 right away (it skipped 22)
+    d.begin([])
+    assert d.propose(prompt + [20, 21], 3).tokens == [22, 23, 24]
+    assert d.propose(prompt + [20, 21, 23], 3).tokens == [24, 25, 2]
+    d.begin([])
+    assert d.propose([3, 4, 5, 6, 3, 4], 2).tokens == [5, 6]
+    assert d.propose([3, 4, 5, 6, 3, 4, 5, 6], 3).tokens == [3, 4, 5]  # n-gram (4, 5, 6) first
+
+
 def test_ngram_drafter_restarts_on_a_new_sequence():
     d = NgramDrafter()
     assert d.propose([1, 2, 3, 1], 2).tokens == [2, 3]

@@ -230,7 +230,13 @@ class Drafter(Protocol):
 
 class NgramDrafter:
     """Prompt lookup: find the context's last n-gram earlier in the prompt + output (the
-    longest n first, the latest occurrence) and propose the tokens that followed it."""
+    longest n first, the latest occurrence) and propose the tokens that followed it.
+
+    When the target replaced a drafted token (a fixed typo, a changed word) the context's
+    last n-gram is often new; before falling back to a 1-gram the drafter then resumes
+    copying just after the replaced token (a one-token substitution), or just after the
+    replacement itself when it appears a few tokens further on in the source (a deletion).
+    """
 
     name = "ngram"
 
@@ -244,6 +250,7 @@ class NgramDrafter:
         # index[n][n-gram] = position of the token that followed its latest occurrence
         self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(self.max_ngram + 1)]
         self._ids: list[int] = []
+        self._last: tuple[int, int, bool] | None = None  # (copied from, context length then, a confident copy)
 
     def _extend(self, ids: list[int]) -> None:
         if len(ids) < len(self._ids) or (self._ids and ids[len(self._ids) - 1] != self._ids[-1]):
@@ -254,13 +261,42 @@ class NgramDrafter:
                 self._index[n][tuple(ids[end - n : end])] = end
         self._ids = list(ids)
 
+    def _resume(self, ids: list[int]) -> int | None:
+        """Where the last copy continues: past the accepted tokens, and past one replaced token."""
+        if self._last is None:
+            return None
+        src, at, confident = self._last
+        a = 0
+        while at + a < len(ids) and src + a < at and ids[at + a] == ids[src + a]:
+            a += 1
+        if a == 0 and not confident:  # a 1-gram guess that failed at once: nothing was being copied
+            return None
+        if at + a == len(ids):  # everything since matched the source: go on copying
+            pos = src + a
+        elif at + a + 1 == len(ids):  # the last token replaced the source's token at src + a
+            pos = src + a + 1
+            ahead = ids[src + a + 1 : min(src + a + 4, at)]  # ... or the target skipped ahead to it
+            if ids[-1] in ahead:
+                pos = src + a + 2 + ahead.index(ids[-1])
+        else:
+            return None
+        return pos if pos < len(ids) else None
+
     def propose(self, ids: list[int], k: int, chain: DraftChain | None = None) -> Draft:
         self._extend(ids)
+        resume = self._resume(ids)
+        found, confident = None, False
         for n in range(min(self.max_ngram, len(ids)), self.min_ngram - 1, -1):
-            end = self._index[n].get(tuple(ids[-n:]))
-            if end is not None:
-                return Draft(ids[end : end + k])
-        return Draft([])
+            if n == 1 and resume is not None:
+                break
+            found = self._index[n].get(tuple(ids[-n:]))
+            if found is not None:
+                confident = n > 1
+                break
+        if found is None and resume is not None:
+            found, confident = resume, True
+        self._last = (found, len(ids), confident) if found is not None else None
+        return Draft(ids[found : found + k]) if found is not None else Draft([])
 
 
 class ModelDrafter:
