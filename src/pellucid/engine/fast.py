@@ -138,7 +138,7 @@ class FastDecoder:
             raise ValueError(f"the fast decode step supports llama-family models, not {type(model).__name__}")
         self.model = model
         self.compile = compile
-        self.threads = set_threads(threads)
+        self.threads = set_threads(threads) if threads else torch.get_num_threads()  # torch defaults to the cores
         self.stats = CompileStats()
         self._arange: torch.Tensor | None = None
         self._fns: dict[str, object] = {}
@@ -165,9 +165,12 @@ class FastDecoder:
         if self._arange is None or self._arange.device != dev:
             self._arange = torch.arange(cache.max_len, device=dev)
         B = tokens.shape[0]
+        L = max(ctx.kv_len, 2)
+        if L >= cache.max_len:  # the whole window: a slice that is no slice would need its own graph
+            return self.model(tokens, ctx, last_only=True)
         tok, pos, slots = tokens[:, 0], ctx.input_pos[:, 0], ctx.slots
-        kv_pos = self._arange[: max(ctx.kv_len, 2)]
-        torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=cache.max_len)
+        kv_pos = self._arange[:L]
+        torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=cache.max_len - 1)
         key = "b1" if B == 1 else "bN"
         if B > 1:
             for t in (tok, pos, slots):

@@ -35,12 +35,16 @@ def parse_quant(quant: str | None) -> tuple[str | None, int]:
 
 
 def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torch.Tensor] | None = None,
-                   dtype: torch.dtype = torch.bfloat16, head: str | None = "same",
-                   skip: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
+                   source_q4: Callable[[str], tuple | None] | None = None, dtype: torch.dtype = torch.bfloat16,
+                   head: str | None = "same", skip: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
     """Swap each nn.Linear of `model` for its `quant` version, in place; returns `model`.
 
     head: the output head's format ("same" as the rest, "int8", "int4", or None to keep
     it as it is). source: parameter name -> float32 weight (defaults to the module's own).
+    source_q4: parameter name -> (q, d, m) 4-bit blocks of 32 as stored in a GGUF file, or
+    None; int4 with groups of 32 takes those nibbles as they are (no float round trip).
+    An int4 layer whose shape the kernel cannot take (a vocabulary that is not a multiple
+    of 16) becomes int8.
     """
     fmt, group = parse_quant(quant)
     if fmt is None:
@@ -56,6 +60,12 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
             layer_fmt, layer_group = parse_quant(head)
             layer_group = layer_group or group or 32
         wname = names.get(id(lin.weight), f"{name}.weight")
+        if layer_fmt == "int4" and lin.bias is None and layer_group == 32 and source_q4 is not None \
+                and int4_fits(lin.in_features, lin.out_features, 32):  # fmt: skip
+            blocks = source_q4(wname)
+            if blocks is not None:
+                _set_module(model, name, Int4Linear.from_q4_blocks(*blocks, dtype=dtype, name=name))
+                continue
         w = source(wname) if source is not None else lin.weight.detach()
         if tuple(w.shape) != tuple(lin.weight.shape):
             raise PellucidError(f"weight {wname!r} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")

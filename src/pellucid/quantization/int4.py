@@ -104,6 +104,14 @@ class Int4Linear(nn.Module):
         m.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         return m
 
+    @classmethod
+    def from_q4_blocks(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
+                       name: str = "") -> Int4Linear:  # fmt: skip
+        """GGUF Q4_0/Q4_1 blocks of 32 (value = d * q + m) -> the same nibbles, scale d, zero m + 8 d."""
+        N, K = q.shape
+        sz = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1).to(dtype)  # (G, N, 2)
+        return cls.from_quantized(q, sz, group_size=32, dtype=dtype, name=name)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (N, K) weight these bytes stand for (through the kernel: x = identity)."""
         dtype = dtype or self.compute_dtype

@@ -34,6 +34,7 @@ _SCALARS = {
     10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64),
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[n]
@@ -83,6 +84,26 @@ class _Cursor:
             raise PellucidError(f"{self.path}: a metadata string of {n:,} bytes exceeds the limit of {MAX_STRING:,}")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary): the same checks as string(), in one tight loop."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack, append = _U64.unpack_from, out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.take(8)  # raises with the offsets
+            (n,) = unpack(buf, pos)
+            if n > MAX_STRING:
+                raise PellucidError(f"{self.path}: a metadata string of {n:,} bytes exceeds the limit of {MAX_STRING:,}")
+            pos += 8
+            if pos + n > end:
+                self.pos = pos
+                self.take(n)
+            append(str(buf[pos : pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype][0])
@@ -96,7 +117,7 @@ class _Cursor:
                 dt = np.dtype(_SCALARS[itype][1]).newbyteorder("<")
                 return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).copy()
             if itype == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             raise PellucidError(f"{self.path}: metadata array {key!r} has unsupported item type {itype}")
         raise PellucidError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
 
@@ -181,9 +202,23 @@ class GGUFFile:
             arr = data.view(np.float16)
         elif t.qtype == GGMLQuantizationType.BF16:
             return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(t.shape).to(dtype)
-        else:
-            arr = dequantize_blocks(data, t)
+        else:  # a fresh array already: no second copy
+            return torch.from_numpy(dequantize_blocks(data, t).reshape(t.shape)).to(dtype)
         return torch.from_numpy(np.array(arr).reshape(t.shape)).to(dtype)  # a copy: the map is read-only
+
+    def q4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0/Q4_1 matrix as stored: q (rows, cols) uint8 in 0..15, d and m (rows, cols / 32) float32,
+        with value = d * q + m (Q4_0: m = -8 d). None for any other type. No float matrix is built."""
+        t = self.tensors.get(name)
+        if t is None or t.qtype not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) or len(t.shape) != 2:
+            return None
+        s = self.raw(name).view(_Q4_1 if t.qtype == GGMLQuantizationType.Q4_1 else _Q4_0)
+        rows, cols = t.shape
+        qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (N, 16): element j low nibble, j + 16 high
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).reshape(rows, cols)
+        d = torch.from_numpy(s["d"].astype(np.float32)).reshape(rows, cols // 32)
+        m = torch.from_numpy(s["m"].astype(np.float32)).reshape(rows, cols // 32) if "m" in s.dtype.names else -8.0 * d
+        return q, d, m
 
 
 def dequantize_blocks(data: np.ndarray, t: TensorInfo) -> np.ndarray:

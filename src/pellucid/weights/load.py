@@ -120,17 +120,28 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
         last[name] = w
         return w
 
+    def source_q4(name: str):  # Q4_0/Q4_1 blocks as stored -> (q, d, m) in our row order, or None
+        src = gguf_tensor_name(mod, f, name)
+        blocks = f.q4_blocks(src)
+        rows = _row_map(mod, cfg, name, f.tensors[src].shape[0]) if blocks is not None else None
+        if rows is None:
+            return None
+        storage[name], shapes[name] = f.tensors[src].qtype.name, f.tensors[src].shape
+        if torch.equal(rows, torch.arange(rows.shape[0])):
+            return blocks
+        return tuple(b[rows] for b in blocks)
+
     with torch.no_grad():
         if quant:  # swap the linear layers before any float weight of theirs is touched
             from pellucid.quantization.apply import quantize_model
 
-            quantize_model(model, quant, source=source, dtype=dt)
+            quantize_model(model, quant, source=source, source_q4=source_q4, dtype=dt)
         for name, p in dict(model.named_parameters()).items():  # tied weights appear once
             w = source(name)
             if tuple(w.shape) != tuple(p.shape):
                 raise PellucidError(f"{path}: tensor {gguf_tensor_name(mod, f, name)!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)} for {arch!r}")
             p.copy_(w)
-    model = model.to(dt).eval()
+    model.eval()  # built in `dt` already (quantized layers keep their own types)
     _keep_float32_buffers(model)
     tok = Tokenizer.from_gguf(f.metadata)
     bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
@@ -138,6 +149,17 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
     tmpl_src = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)  # e.g. Gemma GGUFs carry none
     return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
+
+
+def _row_map(mod, cfg, name: str, rows: int) -> torch.Tensor | None:
+    """Which stored row each of our rows is, if the architecture's GGUF transform only moves rows."""
+    idx = torch.arange(rows, dtype=torch.float64)
+    out = mod.from_gguf_tensor(name, torch.stack([idx, 2 * idx + 1], dim=1), cfg)
+    if out.dim() != 2 or out.shape[1] != 2 or not torch.equal(out[:, 1], 2 * out[:, 0] + 1):
+        return None
+    if not torch.equal(out[:, 0], out[:, 0].round()) or out[:, 0].min() < 0 or out[:, 0].max() >= rows:
+        return None
+    return out[:, 0].long()
 
 
 def gguf_architecture(f) -> tuple[object, ModelConfig]:
