@@ -30,7 +30,7 @@ app.add_typer(prompt_app, name="prompt")
 # -- shared options --------------------------------------------------------------------------
 PromptDirs = Annotated[list[Path] | None, typer.Option("--dir", "-d", help="Also look for prompt files in this folder (repeatable; searched first).")]
 SystemText = Annotated[str | None, typer.Option("--system", "-s", help="System prompt text (or a NAME@VERSION prompt-file reference).")]
-PromptFileRef = Annotated[str | None, typer.Option("--prompt-file", "-p", help="System prompt from a prompt file: NAME[@VERSION] or FILE[@VERSION].")]
+PromptFileRef = Annotated[str | None, typer.Option("--prompt-file", "-p", help="System prompt from a prompt file: NAME (latest version), NAME@VERSION, FILE or FILE@VERSION.")]
 Length = Annotated[str | None, typer.Option("--length", help="Style: concise, detailed or exhaustive.")]
 Formality = Annotated[str | None, typer.Option("--formality", help="Style: casual, professional or academic.")]
 Structure = Annotated[str | None, typer.Option("--structure", help="Style: prose, lists, tables or code.")]
@@ -136,7 +136,7 @@ def prompt_list(dirs: PromptDirs = None, json_out: JsonOut = False) -> None:
     store = make_store(dirs)
     prompts, errors = store.scan()
     for e in errors:
-        err.print(f"[yellow]warning:[/] {e.message}", markup=True)
+        err.print(f"[yellow]warning:[/] {_escape(e.message)}", markup=True)
     if json_out:
         rows = [{"name": p.name, "version": p.version, "sha256": p.sha256, "description": p.description,
                  "path": str(p.path)} for p in prompts]  # fmt: skip
@@ -153,7 +153,7 @@ def prompt_list(dirs: PromptDirs = None, json_out: JsonOut = False) -> None:
 
 @prompt_app.command("show")
 def prompt_show(
-    ref: str = typer.Argument(..., help="NAME (latest version), NAME@VERSION, or a prompt file (FILE[@VERSION])."),
+    ref: str = typer.Argument(..., help="NAME (latest version), NAME@VERSION, or a prompt file: FILE or FILE@VERSION."),
     dirs: PromptDirs = None,
     yaml_out: bool = typer.Option(False, "--yaml", help="Print the prompt file itself (normalized YAML)."),
     json_out: JsonOut = False,
@@ -185,8 +185,8 @@ def prompt_show(
 
 @prompt_app.command("diff")
 def prompt_diff(
-    a: str = typer.Argument(..., help="The older prompt: NAME@VERSION or FILE[@VERSION]."),
-    b: str = typer.Argument(..., help="The newer prompt: NAME@VERSION or FILE[@VERSION]."),
+    a: str = typer.Argument(..., help="The older prompt: NAME@VERSION, FILE or FILE@VERSION."),
+    b: str = typer.Argument(..., help="The newer prompt: NAME@VERSION, FILE or FILE@VERSION."),
     dirs: PromptDirs = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -245,7 +245,7 @@ def _conversation(message: str | None, messages: Path | None, system: str | None
 @app.command()
 def render(
     message: str | None = typer.Argument(None, help="The user's message (added after --messages)."),
-    messages: Path | None = typer.Option(None, "--messages", help="JSON file: a list of {role, content} (or {\"messages\": [...]})."),
+    messages: Path | None = typer.Option(None, "--messages", help="JSON file: a list of {role, content}, or an object with \"messages\"."),
     system: SystemText = None,
     prompt_file: PromptFileRef = None,
     dirs: PromptDirs = None,
@@ -276,7 +276,7 @@ def render(
         sys.stdout.write("\n")
     sys.stdout.flush()
     note = "" if counter.chat_template.supports_system else "; no system role: system text folded into the first user turn"
-    err.print(f"[dim]{len(ids):,} tokens ({counter.name}, {len(msgs)} messages{note})[/]", markup=True)
+    err.print(f"{len(ids):,} tokens ({counter.name}, {len(msgs)} messages{note})", style="dim", markup=False)
     if tokens:
         pieces = " ".join(f"{i}:{counter.tokenizer.piece(i)!r}" for i in ids)
         err.print(pieces, markup=False, soft_wrap=True)
@@ -501,7 +501,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
         except PellucidError as e:
             if not interactive:
                 raise
-            err.print(f"[bold red]error:[/] {e.message}", markup=True)
+            err.print(f"[bold red]error:[/] {_escape(e.message)}", markup=True)
             continue
         if turn.dropped_messages:
             err.print(f"[yellow]context:[/] dropped the oldest {turn.dropped_turns} turn(s) "
