@@ -466,6 +466,9 @@ def ablate(
         "zero", "--mode", help="zero: replace the output by zeros; mean: by its mean over the text."
     ),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Cut the text to this many tokens."),
+    component: list[str] | None = typer.Option(
+        None, "--component", "-c", help="attn or mlp (repeatable; default both)."
+    ),
     out_dir: OutDir = Path("."),
     no_plot: NoPlot = False,
     as_json: Json = False,
@@ -486,11 +489,12 @@ def ablate(
     text = DEFAULT_TEXT if text is None else text
     subject = _load(model, dtype)
     n = len(subject.model.blocks)
+    components = tuple(component or ("attn", "mlp"))
     with Progress(TextColumn("ablating {task.fields[what]:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:  # fmt: skip
-        task = bar.add_task("ablate", total=1 + 2 * n, what="baseline")
-        res = ablate_layers(subject, text, mode=mode, max_tokens=max_tokens,
-                            progress=lambda what: bar.update(task, advance=1, what=what))  # fmt: skip
+        task = bar.add_task("ablate", total=len(components) * n, what="baseline")
+        res = ablate_layers(subject, text, mode=mode, max_tokens=max_tokens, components=components,
+                            progress=lambda done, what: bar.update(task, advance=done, what=what))  # fmt: skip
     pictures = [] if no_plot else [plots.ablation_plot(res, out_dir / f"ablation_{mode}.png")]
     if as_json:
         d = res.to_dict()
@@ -501,16 +505,16 @@ def ablate(
     t = Table(title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token",
               title_justify="left")  # fmt: skip
     t.add_column("layer", justify="right")
-    t.add_column("Δ loss, attention", justify="right")
-    t.add_column("Δ loss, MLP", justify="right")
+    names = {"attn": "attention", "mlp": "MLP"}
+    for c in components:
+        t.add_column(f"Δ loss, {names[c]}", justify="right")
     worst = {(c, i) for c, i, _ in res.ranking(5)}
     for i in range(res.n_layers):
         cells = []
-        for c in ("attn", "mlp"):
+        for c in components:
             d = res.delta(c)[i]
             cells.append(f"[bold red]{d:+.3f}[/]" if (c, i) in worst else f"{d:+.3f}")
         t.add_row(str(i), *cells)
     out.print(t)
-    names = {"attn": "attention", "mlp": "MLP"}
     out.print("Largest: " + ", ".join(f"{names[c]} {i} ({d:+.3f})" for c, i, d in res.ranking(5)))
     _pictures(pictures)

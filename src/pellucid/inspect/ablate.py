@@ -71,22 +71,32 @@ class AblationResult:
         }
 
 
-def _replace_with(value: torch.Tensor | None):
+def _replace_row(row: int, value: torch.Tensor | None):
+    """A hook that knocks out batch row `row` only: zeros, or `value` (E,) at every position."""
+
     def hook(x: torch.Tensor, _hook) -> torch.Tensor:
-        return torch.zeros_like(x) if value is None else value.to(x.dtype).expand_as(x)
+        x = x.clone()
+        x[row] = 0.0 if value is None else value.to(x.dtype)
+        return x
 
     return hook
+
+
+# Logit floats one batched forward may hold: rows x T x V <= this (512 MiB in float32).
+LOGIT_BUDGET = 1 << 27
 
 
 @torch.no_grad()
 def ablate_layers(source: Any, text: str | list[int] = DEFAULT_TEXT, *, mode: str = "zero",
                   components: tuple[str, ...] = ("attn", "mlp"), max_tokens: int = 512,
-                  progress: Callable[[str], None] | None = None) -> AblationResult:  # fmt: skip
+                  progress: Callable[[int, str], None] | None = None) -> AblationResult:  # fmt: skip
     """Knock out each layer's attention / MLP output in turn; loss on `text` for each.
 
     `mode` "zero" replaces the output with zeros, "mean" with its mean over the text's
     positions (from an unablated run). The text is cut to its first `max_tokens` tokens.
-    `progress(label)` is called after each forward.
+    The knock-outs run as batch rows (row b knocks out one component), as many per
+    forward as LOGIT_BUDGET allows. `progress(done, label)` is called after each forward
+    with the number of knock-outs it completed.
     """
     if mode not in MODES:
         raise PellucidError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
@@ -119,14 +129,27 @@ def ablate_layers(source: Any, text: str | list[int] = DEFAULT_TEXT, *, mode: st
     else:
         base = next_token_loss(model, tokens)
     if progress:
-        progress("baseline")
-    loss: dict[str, list[float]] = {c: [] for c in components}
-    for c in components:
-        for i in range(n):
+        progress(0, "baseline")
+    jobs = [(c, i) for c in components for i in range(n)]
+    rows = max(1, min(len(jobs), LOGIT_BUDGET // (len(ids) * model.cfg.vocab_size)))
+    loss: dict[str, list[float]] = {c: [0.0] * n for c in components}
+    for start in range(0, len(jobs), rows):
+        chunk = jobs[start : start + rows]
+        hooks = []
+        for b, (c, i) in enumerate(chunk):
             name = f"blocks.{i}.{COMPONENTS[c]}"
-            loss[c].append(next_token_loss(model, tokens, [(name, _replace_with(means.get(name)))]))
-            if progress:
-                progress(f"{c} {i}")
+            hooks.append((name, _replace_row(b, means.get(name))))
+        x = tokens.expand(len(chunk), -1)  # (R, T): the same text, one knock-out per row
+        with model.hooks(hooks):
+            logits = model(x)  # (R, T, V)
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"
+        ).mean(dim=1)  # (R,)
+        for (c, i), v in zip(chunk, ce.tolist(), strict=True):
+            loss[c][i] = v
+        if progress:
+            c, i = chunk[-1]
+            progress(len(chunk), f"{c} {i}")
     return AblationResult(
         mode, len(ids), base, loss, full if full > len(ids) else 0, list(components)
     )
