@@ -161,3 +161,13 @@ def test_missing_tensor_is_named(single, tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(PellucidError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_unsupported_rotary_scaling_is_refused(single, tmp_path):
+    folder = tmp_path / "yarn"
+    shutil.copytree(single, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PellucidError, match="rotary scaling 'yarn' is not supported for 'qwen2'"):
+        load_model(folder)

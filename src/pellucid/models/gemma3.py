@@ -267,6 +267,8 @@ def config_from_hf(c: dict) -> Gemma3Config:
     )
 
 
+ROPE_TYPES = ("default", "linear")  # config.json rotary variants config_from_hf handles
+
 # Gemma's turn format, for files that carry no template (the GGUF of Gemma 3 270M has none).
 # No system turn: ChatTemplate folds a system message into the first user turn.
 CHAT_TEMPLATE = (

@@ -51,6 +51,16 @@ def architecture_key(config: dict, folder: Path) -> str:
     return str(key)
 
 
+def rope_type(config: dict) -> str:
+    """The rotary variant config.json asks for ("default" when plain)."""
+    rp = config.get("rope_parameters") or {}
+    for d in (config.get("rope_scaling") or {}, rp, *(v for v in rp.values() if isinstance(v, dict))):
+        t = d.get("rope_type") or d.get("type") if isinstance(d, dict) else None
+        if t and t != "default":
+            return str(t)
+    return "default"
+
+
 def _source_name(ckpt: SafetensorsCheckpoint, tmpl: str, layer: str | None) -> str | None:
     name = tmpl.replace("{L}", layer) if layer is not None else tmpl
     candidates = [name]
@@ -104,6 +114,9 @@ def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None
     config = read_json(path / "config.json", "config.json")
     key = architecture_key(config, path)
     mod = architecture(key)
+    rope = rope_type(config)
+    if rope not in getattr(mod, "ROPE_TYPES", ("default",)):
+        raise PellucidError(f"{path}/config.json: rotary scaling {rope!r} is not supported for {key!r} (running without it would be silently wrong).")
     try:
         cfg = mod.config_from_hf(config)
     except KeyError as e:
