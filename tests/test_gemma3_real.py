@@ -115,9 +115,9 @@ def test_norms_in_the_file_carry_the_plus_one(gemma):
 def test_logits_match_transformers(gemma, reference):
     """Every position of five prompts and of one prompt longer than the 512-token window."""
     tok = gemma.tokenizer
-    long_text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7} stones." for i in range(60))
+    long_text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7} stones." for i in range(40))
     seqs = [tok.encode(p) for p in PROMPTS] + [tok.encode(long_text)]
-    assert len(seqs[-1]) > 600
+    assert len(seqs[-1]) > 512  # past the sliding window
     diffs = []
     with torch.no_grad():
         for ids in seqs:
