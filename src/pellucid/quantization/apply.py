@@ -69,7 +69,8 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
         w = source(wname) if source is not None else lin.weight.detach()
         if tuple(w.shape) != tuple(lin.weight.shape):
             raise PellucidError(f"weight {wname!r} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
-        w = w.to(lin.weight.device) if lin.weight.device.type != "meta" else w
+        if isinstance(w, torch.Tensor) and lin.weight.device.type != "meta":
+            w = w.to(lin.weight.device)
         bias = None
         if lin.bias is not None:
             bias = source(f"{name}.bias") if source is not None else lin.bias.detach()

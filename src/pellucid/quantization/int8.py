@@ -18,10 +18,13 @@ KERNEL = "aten._weight_int8pack_mm"
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> q (N, K) int8, scales (N,) in `scale_dtype` (rounded before q is chosen)."""
     N, K = w.shape
-    scales = (w.abs().amax(dim=1).float() / 127.0).clamp_(min=1e-10).to(scale_dtype)  # (N,)
     q = torch.empty(N, K, dtype=torch.int8, device=w.device)
-    for r in range(0, N, 4096):  # bounds the float temporaries
-        q[r : r + 4096] = (w[r : r + 4096].float() / scales[r : r + 4096].float()[:, None]).round_().clamp_(-127, 127)
+    scales = torch.empty(N, dtype=scale_dtype, device=w.device)
+    for r in range(0, N, 4096):  # a block of rows at a time: bounds the float temporaries
+        wr = w[r : r + 4096].float()
+        s = (wr.abs().amax(dim=1) / 127.0).clamp_(min=1e-10).to(scale_dtype)  # (n,)
+        scales[r : r + 4096] = s
+        q[r : r + 4096] = (wr / s.float()[:, None]).round_().clamp_(-127, 127)  # not in place: wr may be w
     return q, scales
 
 

@@ -183,19 +183,45 @@ class GGUFFile:
         return self.metadata.get(key, default)
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of a tensor (no copy)."""
+        """The stored bytes of a tensor, read into memory of their own.
+
+        Read, not mapped: a loaded model then never keeps the file's pages in its resident
+        memory next to the tensors made from them (the map serves the header only).
+        """
         t = self.tensors[name]
-        return self._mm[t.offset : t.offset + t.nbytes]
+        return self._read(t.offset, t.nbytes)
+
+    def _read(self, offset: int, n: int) -> np.ndarray:
+        buf = np.empty(n, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            got = fh.readinto(memoryview(buf))
+        if got != n:
+            raise PellucidError(f"{self.path}: short read ({got} of {n} bytes at offset {offset}); is the file truncated?")
+        return buf
+
+    def load_rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor, dequantized (rows are contiguous in the file)."""
+        t = self.tensors[name]
+        rows, cols = t.shape
+        start, stop = max(0, start), min(rows, stop)
+        block, type_size = GGML_QUANT_SIZES[t.qtype]
+        row_bytes = cols // block * type_size
+        part = TensorInfo(name, (stop - start, cols), t.qtype, t.offset + start * row_bytes, (stop - start) * row_bytes)
+        return self._load_info(part, dtype)
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize one tensor to `dtype`, shaped rows-first like PyTorch."""
         if name not in self.tensors:
             raise PellucidError(f"{self.path}: tensor {name!r} is missing.")
-        t = self.tensors[name]
+        return self._load_info(self.tensors[name], dtype)
+
+    def _load_info(self, t: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+        name = t.name
         if t.qtype not in SUPPORTED_TYPES:
             ok = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
             raise PellucidError(f"{self.path}: tensor {name!r} is stored as {t.qtype.name}, which pellucid cannot read. Supported: {ok}.")
-        data = self.raw(name)
+        data = self._read(t.offset, t.nbytes)
         if t.qtype == GGMLQuantizationType.F32:
             arr = data.view(np.float32)
         elif t.qtype == GGMLQuantizationType.F16:
@@ -204,7 +230,7 @@ class GGUFFile:
             return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(t.shape).to(dtype)
         else:  # a fresh array already: no second copy
             return torch.from_numpy(dequantize_blocks(data, t).reshape(t.shape)).to(dtype)
-        return torch.from_numpy(np.array(arr).reshape(t.shape)).to(dtype)  # a copy: the map is read-only
+        return torch.from_numpy(arr.reshape(t.shape)).to(dtype)  # our own buffer: no copy needed
 
     def q4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A Q4_0/Q4_1 matrix as stored: q (rows, cols) uint8 in 0..15, d and m (rows, cols / 32) float32,
