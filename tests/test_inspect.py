@@ -339,7 +339,7 @@ def test_cli_params(cli, tmp_path):
 
 def test_cli_attention_lens_ablate(cli, tmp_path):
     res = cli("attention", PROMPT, "--layer", "16", "--head", "0", "--out", str(tmp_path))
-    assert "France (0.78)" in res.stdout
+    assert "' France' (0.78)" in res.stdout
     assert (tmp_path / "attention_grid.png").is_file() and (
         tmp_path / "attention_L16_H0.png"
     ).is_file()

@@ -358,7 +358,7 @@ def attention(
         t.add_column(f"→ {_token(a.str_tokens[0])!s} (first)", justify="right")
     for ta in a.top(layer, head, top, skip_first=not include_first):
         shown = [x for x in ta.top if include_first or x.pos > 0]
-        links = ", ".join(f"{_token(x.token)} ({x.weight:.2f})" for x in shown) or "—"
+        links = ", ".join(f"'{_token(x.token)}' ({x.weight:.2f})" for x in shown) or "—"
         row = [str(ta.pos), _token(ta.token), links]
         if not include_first:
             row.append(f"{float(sel[ta.pos, 0]):.2f}")
@@ -408,12 +408,12 @@ def lens(
     who = "the model's own top-1" if r.target_from == "model" else "given"
     t = Table(title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who})",
               title_justify="left")  # fmt: skip
-    for col, j in (("after layer", "right"), (f"top {top}", "left"), (f"P({tgt})", "right"), ("rank", "right"),
+    for col, j in (("after layer", "right"), (f"top {top}", "left"), (f"P('{tgt}')", "right"), ("rank", "right"),
                    ("‖attn out‖", "right"), ("‖mlp out‖", "right"), ("‖resid‖", "right")):  # fmt: skip
         t.add_column(col, justify=j)
     for s, label in enumerate(r.labels):
         tops = ", ".join(
-            f"{_token(tok)} {float(p):.2f}"
+            f"'{_token(tok)}' {float(p):.2f}"
             for tok, p in zip(r.top_tokens[s][-1][:top], r.top_probs[s][-1][:top], strict=True)
         )
         layer = s - 1
