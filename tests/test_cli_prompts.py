@@ -7,6 +7,7 @@ from the model file); the error paths run as a real process, to see the one-line
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -281,8 +282,9 @@ def test_chat_200_turns_inside_a_small_window(real_path):
     # a 128-token window holds about three turns: the budget drops the oldest turn on
     # almost every one of the 200 turns, and each answer must still come
     lines = [f"Q{i}: what is {i} plus {i}?" for i in range(200)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # on a shared machine one thread wastes the least
     r = proc("chat", "--ctx-size", "128", "--max-tokens", "4", "--max-words", "30", "--dtype", "float32",
-             input="\n".join(lines) + "\n", timeout=3600)  # fmt: skip
+             input="\n".join(lines) + "\n", timeout=3600, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr
     assert r.stdout.count("\n") >= 200  # every question answered (a reply may hold newlines)
