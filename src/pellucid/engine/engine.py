@@ -1,10 +1,12 @@
 """The engine: requests in, tokens out, one step at a time.
 
 `step()` is schedule -> execute -> update. There are no prefill and decode modes: each
-request knows how many of its tokens are in the cache. A step runs one chunk of one
-waiting prompt (at most `prefill_chunk` tokens, so a long prompt never stalls the others
-for long) and one decode token for every running request. The engine deals in token ids;
-the detokenizer and stop matcher at the request's edge only turn them into text.
+request knows how many of its tokens are in the cache. A step prefills the next chunk of
+waiting prompts (whole chunks of at most `prefill_chunk` tokens, as many prompts as fit in
+`prefill_chunk` tokens, always at least one; so a burst of short prompts starts together and
+a long prompt never stalls the others for long) and one decode token for every running
+request. The engine deals in token ids; the detokenizer and stop matcher at the request's
+edge only turn them into text.
 """
 
 from __future__ import annotations
@@ -114,11 +116,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         with self.lock:
             self._admit()
-            prefill = next((r for r in self.running if not r.prefill_done), None)
+            prefills = self._prefill_plan()
             decoding = [r for r in self.running if r.prefill_done]
         outputs: list[RequestOutput] = []
-        if prefill is not None:
-            outputs += self._run_prefill(prefill)
+        for req in prefills:
+            outputs += self._run_prefill(req)
         if decoding:
             t = time.perf_counter()
             outputs += self._run_decode(decoding)
@@ -138,7 +140,24 @@ class Engine:
             req.status = Status.RUNNING
             self.running.append(req)
 
+    def _prefill_plan(self) -> list[Request]:
+        """Prompts to prefill this step: each its next whole chunk, within prefill_chunk tokens in all."""
+        plan, budget = [], self.prefill_chunk
+        for r in self.running:
+            if r.prefill_done:
+                continue
+            n = min(len(r.prompt_ids) - r.num_computed, self.prefill_chunk)
+            if plan and n > budget:
+                break
+            plan.append(r)
+            budget -= n
+        return plan
+
     def _run_prefill(self, req: Request) -> list[RequestOutput]:
+        with self.lock:  # abort() from another thread releases the slot: skip, or read it once
+            if req.finished:
+                return []
+            slot = req.slot
         start = req.num_computed
         chunk = req.prompt_ids[start : start + self.prefill_chunk]
         end = start + len(chunk)
@@ -152,7 +171,7 @@ class Engine:
             tokens = torch.tensor([chunk], device=self.device)  # (1, T)
             ctx = ForwardContext(
                 input_pos=torch.arange(start, end, device=self.device)[None],
-                cache=self.cache, slots=torch.tensor([req.slot], device=self.device), kv_len=end,
+                cache=self.cache, slots=torch.tensor([slot], device=self.device), kv_len=end,
             )  # fmt: skip
             logits = self.model(tokens, ctx, last_only=True)  # (1, V)
         req.num_computed = end
@@ -162,6 +181,11 @@ class Engine:
         return self._sample_and_update([req], logits)
 
     def _run_decode(self, reqs: list[Request]) -> list[RequestOutput]:
+        with self.lock:  # requests aborted since the schedule have no slot any more
+            reqs = [r for r in reqs if not r.finished]
+            slots = [r.slot for r in reqs]
+        if not reqs:
+            return []
         if self.cache is None:
             logits = torch.cat([self.model(torch.tensor([r.all_ids], device=self.device), last_only=True) for r in reqs])
             for r in reqs:
@@ -171,7 +195,7 @@ class Engine:
         pos = [r.num_computed for r in reqs]
         ctx = ForwardContext(
             input_pos=torch.tensor(pos, device=self.device)[:, None],
-            cache=self.cache, slots=torch.tensor([r.slot for r in reqs], device=self.device), kv_len=max(pos) + 1,
+            cache=self.cache, slots=torch.tensor(slots, device=self.device), kv_len=max(pos) + 1,
         )  # fmt: skip
         logits = self._decode_fn(tokens, ctx, last_only=True)  # (B, V)
         for r in reqs:
