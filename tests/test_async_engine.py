@@ -1,0 +1,147 @@
+"""AsyncEngine (the engine on a background thread) and the scheduling it relies on, on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+from tiny import tiny_hf_llama, write_llama_gguf
+
+from pellucid.engine.async_engine import AsyncEngine
+from pellucid.engine.engine import Engine
+from pellucid.errors import PellucidError
+from pellucid.sampling.params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 60, 61, 62, 70], [9, 8, 7], [100, 120, 140, 160, 180, 200, 220], [33, 34], [50] * 9]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from pellucid.weights.load import load_model
+
+    hf = tiny_hf_llama(seed=11, layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128)
+    return load_model(write_llama_gguf(hf, tmp_path_factory.mktemp("async") / "tiny.gguf"), dtype="float32")
+
+
+def _sync_greedy(lm, prompts, params=GREEDY) -> list[list[int]]:
+    out = []
+    for p in prompts:  # one at a time: the reference
+        eng = Engine(lm, max_batch=1, max_len=64)
+        req = eng.make_request(p, params)
+        list(eng.run(req))
+        out.append(req.output_ids)
+    return out
+
+
+def test_concurrent_requests_match_one_at_a_time(tiny_lm):
+    ref = _sync_greedy(tiny_lm, PROMPTS)
+    ae = AsyncEngine(Engine(tiny_lm, max_batch=4, max_len=64)).start()
+
+    async def one(p):
+        await asyncio.sleep(random.random() * 0.01)  # arrive at different steps
+        group = ae.add(ae.engine.make_request(p, GREEDY))
+        ids, texts = [], []
+        async for out in group:
+            ids += out.new_token_ids
+            texts.append(out.new_text)
+        assert out.finished and out.finish_reason == "length"
+        return ids
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    try:
+        random.seed(3)
+        assert asyncio.run(main()) == ref  # 5 requests through 4 slots: one waited and joined later
+        assert ae.engine.cache.used_slots == 0 and not ae.engine.has_unfinished()
+    finally:
+        ae.shutdown()
+
+
+def test_group_of_requests_shares_one_queue(tiny_lm):
+    ref = _sync_greedy(tiny_lm, PROMPTS[:3])
+    ae = AsyncEngine(Engine(tiny_lm, max_batch=4, max_len=64)).start()
+
+    async def main():
+        eng = ae.engine
+        group = ae.add_many([eng.make_request(p, GREEDY) for p in PROMPTS[:3]])
+        ids = [[] for _ in range(3)]
+        while not group.done:
+            out = await group.get()
+            ids[group.index[out.request_id]] += out.new_token_ids
+        return ids
+
+    try:
+        assert asyncio.run(main()) == ref
+    finally:
+        ae.shutdown()
+
+
+def test_a_burst_of_short_prompts_prefills_in_one_step(tiny_lm):
+    eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16)
+    reqs = [eng.add_request(eng.make_request(p, GREEDY)) for p in ([1] * 5, [2] * 5, [3] * 5, [4] * 20)]
+    eng.step()  # 5 + 5 + 5 tokens fit in 16; the 20-token prompt's first chunk (16) does not
+    assert [len(r.output_ids) for r in reqs] == [1, 1, 1, 0] and reqs[3].num_computed == 0
+    eng.step()  # its first chunk, alone, while the three decode
+    assert [len(r.output_ids) for r in reqs] == [2, 2, 2, 0] and reqs[3].num_computed == 16
+    eng.step()
+    assert len(reqs[3].output_ids) == 1 and reqs[3].num_computed == 20
+    # chunking by whole chunks keeps a prompt's tokens the same as when it runs alone
+    rest = [r.output_ids for r in reqs]
+    while eng.has_unfinished():
+        eng.step()
+    assert [r.output_ids for r in reqs] == _sync_greedy(tiny_lm, [[1] * 5, [2] * 5, [3] * 5, [4] * 20])
+    assert all(a == b[: len(a)] for a, b in zip(rest, [r.output_ids for r in reqs], strict=True))
+
+
+def test_aborts_from_another_thread_while_stepping(tiny_lm):
+    """Requests aborted at random moments from another thread: no step fails, every slot comes back."""
+    eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=4)
+    ae = AsyncEngine(eng).start()
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=30, temperature=0.8, ignore_eos=True)
+
+    async def main():
+        groups = []
+        for _ in range(40):
+            groups.append(ae.add(eng.make_request([rng.randrange(3, 200) for _ in range(rng.randrange(1, 12))], params)))
+            await asyncio.sleep(rng.random() * 0.003)
+            if rng.random() < 0.6:
+                victim = rng.choice(groups)
+                threading.Thread(target=victim.abort).start()  # from a thread that is neither loop nor engine
+        for g in groups:
+            while not g.done and not all(r.finished for r in g.requests):
+                await asyncio.sleep(0.005)
+
+    try:
+        asyncio.run(main())
+        assert ae.error is None
+        assert eng.cache.used_slots == 0 and not eng.has_unfinished()
+        assert eng.stats.requests_aborted + eng.stats.requests_finished == 40
+    finally:
+        ae.shutdown()
+
+
+def test_full_waiting_queue_is_429(tiny_lm):
+    eng = Engine(tiny_lm, max_batch=1, max_len=64)
+    ae = AsyncEngine(eng, max_waiting=1).start()
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        a = ae.add(eng.make_request([5, 6], long))
+        await a.get()  # running, in the one slot
+        b = ae.add(eng.make_request([5, 7], long))  # waiting
+        with pytest.raises(PellucidError) as e:
+            ae.add(eng.make_request([5, 8], long))
+        assert e.value.status == 429 and "waiting" in e.value.message
+        a.abort()
+        b.abort()
+
+    try:
+        asyncio.run(main())
+    finally:
+        ae.shutdown()
+    assert eng.cache.used_slots == 0
