@@ -193,11 +193,13 @@ def bench(name: str, url: str, args, ban) -> list[dict]:
         row["server"] = name
         if before is not None:
             after = cpu_split(url)
-            proc, eng = (after[k] - before[k] for k in ("pellucid_process_cpu_seconds_total", "pellucid_engine_cpu_seconds_total"))
+            proc, eng, http = (after[k] - before[k] for k in ("pellucid_process_cpu_seconds_total",
+                               "pellucid_engine_cpu_seconds_total", "pellucid_http_thread_cpu_seconds_total"))  # fmt: skip
             busy = after["pellucid_engine_busy_seconds_total"] - before["pellucid_engine_busy_seconds_total"]
-            row |= {"server_cpu_s": proc, "engine_cpu_s": eng, "engine_busy_s": busy}
-            print(f"  {'':<22} server CPU {proc:.1f} s = engine {eng:.1f} + HTTP/other {proc - eng:.1f}; "
-                  f"engine busy {busy:.1f} s of {row['wall_s']:.1f} s wall", flush=True)  # fmt: skip
+            row |= {"server_cpu_s": proc, "engine_cpu_s": eng, "http_cpu_s": http, "engine_busy_s": busy}
+            print(f"  {'':<22} server CPU {proc:.1f} s = engine thread {eng:.1f} + HTTP thread {http:.1f} + "
+                  f"other threads (OpenMP workers) {proc - eng - http:.1f}; engine busy {busy:.1f} s of "
+                  f"{row['wall_s']:.1f} s wall", flush=True)  # fmt: skip
         rows.append(row)
         print(f"  {name:<22} {c:>3} clients: {row['tok_s']:7.1f} tok/s  TTFT {row['ttft_mean']:.3f} s "
               f"(p95 {row['ttft_p95']:.3f})  latency {row['latency_mean']:.2f} s  gap p50 {row['gap_p50_ms']:.1f} ms"

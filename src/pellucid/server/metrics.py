@@ -111,6 +111,8 @@ class Metrics:
             gauge("uptime_seconds", "Seconds since the server started.", f"{time.time() - self.started:.1f}")
             ru = resource.getrusage(resource.RUSAGE_SELF)
             gauge("process_cpu_seconds_total", "CPU time of the server process (all threads).", f"{ru.ru_utime + ru.ru_stime:.3f}", "counter")
+            # render() runs on the event loop's thread: its CPU time is the HTTP side's
+            gauge("http_thread_cpu_seconds_total", "CPU time of the HTTP (event loop) thread.", f"{time.thread_time():.3f}", "counter")
             if async_engine is not None:
                 gauge("engine_busy_seconds_total", "Wall time the engine thread spent in steps.", f"{async_engine.busy_seconds:.3f}", "counter")
                 gauge("engine_cpu_seconds_total", "CPU time the engine thread spent in steps.", f"{async_engine.cpu_seconds:.3f}", "counter")
