@@ -15,10 +15,10 @@ from pellucid.errors import PellucidError
 from pellucid.inspect import plots
 from pellucid.inspect.ablate import ablate_layers
 from pellucid.inspect.attention import attention_patterns
-from pellucid.inspect.logit_lens import logit_lens
+from pellucid.inspect.logit_lens import lens_report
 from pellucid.inspect.param_count import PRESETS, count_params
 from pellucid.inspect.subject import load_subject, next_token_loss
-from pellucid.inspect.weights_table import weights_table
+from pellucid.inspect.weights_table import weights_report
 from pellucid.weights.gguf import GGUFFile
 
 PROMPT = "The capital of France is"
@@ -27,7 +27,7 @@ SMOLLM2_PARAMS = 134_515_008
 
 @pytest.fixture(scope="module")
 def report(real_path):
-    return weights_table(real_path)
+    return weights_report(real_path)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def att(real_lm):
 
 @pytest.fixture(scope="module")
 def lens(real_lm):
-    return logit_lens(real_lm, PROMPT)
+    return lens_report(real_lm, PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_weights_table_counts_the_loaded_model_exactly(report, real_lm):
 
 
 def test_weights_table_from_loaded_model_agrees(report, real_lm):
-    loaded = weights_table(real_lm)
+    loaded = weights_report(real_lm)
     assert loaded.total_params == report.total_params
     assert loaded.total_stored_bytes == report.total_stored_bytes  # from the storage types alone
     assert loaded.total_memory_bytes == 4 * SMOLLM2_PARAMS  # float32
@@ -142,7 +142,7 @@ def test_untied_quantized_tiny_model(tmp_path):
     path = write_llama_gguf(
         tiny_hf_llama(seed=3, tied=False), tmp_path / "untied.gguf", qtype="Q8_0"
     )
-    r = weights_table(path, dtype="float32")
+    r = weights_report(path, dtype="float32")
     lm = load_model(path, dtype="float32")
     assert r.total_params == sum(p.numel() for p in lm.model.parameters())
     out = [g for g in r.groups() if g.section == "output layer"][0]
@@ -209,11 +209,11 @@ def test_lens_norms(lens, real_lm):
 
 
 def test_lens_given_target(real_lm):
-    r = logit_lens(real_lm, PROMPT, target=" London", k=1)
+    r = lens_report(real_lm, PROMPT, target=" London", k=1)
     assert r.target_token == " London" and r.target_from == "given"
     assert r.top_ids.shape == (31, 5, 1)
     with pytest.raises(PellucidError, match="single token"):
-        logit_lens(real_lm, PROMPT, target=" Parisian capital")
+        lens_report(real_lm, PROMPT, target=" Parisian capital")
 
 
 def test_run_with_cache_from_an_llm(real_llm):

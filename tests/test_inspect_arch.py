@@ -10,8 +10,8 @@ import torch
 from tiny_hf import save_hf, tiny_gemma3, tiny_gpt2, tiny_mistral, tiny_qwen2
 
 from pellucid.inspect.attention import attention_patterns
-from pellucid.inspect.logit_lens import logit_lens
-from pellucid.inspect.weights_table import weights_table
+from pellucid.inspect.logit_lens import lens_report
+from pellucid.inspect.weights_table import weights_report
 from pellucid.weights.load import load_model
 
 BUILDERS = {
@@ -46,7 +46,7 @@ def test_idle_and_reading_hooks_change_nothing(lm):
 
 
 def test_lens_and_attention(lm):
-    r = logit_lens(lm, IDS, k=3)
+    r = lens_report(lm, IDS, k=3)
     with torch.no_grad():
         probs = torch.softmax(lm.model(torch.tensor([IDS]))[0], dim=-1)
     assert torch.equal(r.top_probs[-1], probs.topk(3, dim=-1).values)
@@ -63,7 +63,7 @@ def test_lens_and_attention(lm):
 
 
 def test_weights_table_counts_every_parameter(lm):
-    r = weights_table(lm)
+    r = weights_report(lm)
     assert r.total_params == sum(p.numel() for p in lm.model.parameters())
     assert sum(g.params for g in r.groups()) == r.total_params
     sections = {g.section for g in r.groups()}

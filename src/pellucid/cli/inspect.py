@@ -82,7 +82,7 @@ def _pictures(paths: list[Path]) -> None:
 def _token(piece: str) -> str:
     from pellucid.inspect.plots import token_label
 
-    return repr(token_label(piece, 24))[1:-1]
+    return token_label(piece, 24)
 
 
 # -- inspect ----------------------------------------------------------------------------------
@@ -100,9 +100,9 @@ def inspect_cmd(
     as_json: Json = False,
 ) -> None:
     """Architecture and weights: shapes, storage types, parameter counts and bytes."""
-    from pellucid.inspect.weights_table import weights_table
+    from pellucid.inspect.weights_table import weights_report
 
-    report = weights_table(model, dtype=dtype)
+    report = weights_report(model, dtype=dtype)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(per_layer), indent=1) + "\n")
         return
@@ -391,10 +391,10 @@ def lens(
 ) -> None:
     """Logit lens (each layer's residual stream read as output) and residual-stream norms."""
     from pellucid.inspect import plots
-    from pellucid.inspect.logit_lens import logit_lens
+    from pellucid.inspect.logit_lens import lens_report
 
     subject = _load(model, dtype)
-    r = logit_lens(subject, prompt, target=target, k=max(top, 1), chat=chat)
+    r = lens_report(subject, prompt, target=target, k=max(top, 1), chat=chat)
     pictures = []
     if not no_plot:
         pictures = [plots.lens_heatmap(r, out_dir / "lens_heatmap.png"), plots.lens_target_plot(r, out_dir / "lens_target.png"),

@@ -3,10 +3,13 @@ logit lens, ablations. Every function returns tensors or dataclasses; the CLI
 (`pellucid inspect / params / attention / lens / ablate`) only formats them and
 pictures come from `pellucid.inspect.plots`.
 
-    from pellucid.inspect import run_with_cache, logit_lens
+    from pellucid.inspect import run_with_cache, lens_report
     cache = run_with_cache(llm, "The capital of France is")   # ActivationCache
     cache["pattern", 3]                                        # (B, H, T, L)
-    lens = logit_lens(llm, "The capital of France is")         # LensResult
+    lens = lens_report(llm, "The capital of France is")        # LensResult
+
+(The functions are not named after their modules, `weights_table` and `logit_lens`, so
+that importing a module never hides the function of the same name.)
 
 `source` arguments take an LLM, a LoadedModel, or a model name / path (loaded in float32).
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "weights_table": "pellucid.inspect.weights_table",
+    "weights_report": "pellucid.inspect.weights_table",
     "WeightsReport": "pellucid.inspect.weights_table",
     "count_params": "pellucid.inspect.param_count",
     "ParamSpec": "pellucid.inspect.param_count",
@@ -25,7 +28,7 @@ _EXPORTS = {
     "load_subject": "pellucid.inspect.subject",
     "attention_patterns": "pellucid.inspect.attention",
     "AttentionPatterns": "pellucid.inspect.attention",
-    "logit_lens": "pellucid.inspect.logit_lens",
+    "lens_report": "pellucid.inspect.logit_lens",
     "LensResult": "pellucid.inspect.logit_lens",
     "ablate_layers": "pellucid.inspect.ablate",
     "AblationResult": "pellucid.inspect.ablate",

@@ -94,7 +94,7 @@ def target_id(subject: Any, target: str | int) -> int:
 
 
 @torch.no_grad()
-def logit_lens(source: Any, prompt: str | list[int], *, target: str | int | None = None, k: int = 5,
+def lens_report(source: Any, prompt: str | list[int], *, target: str | int | None = None, k: int = 5,
                chat: bool = False) -> LensResult:  # fmt: skip
     """Logit lens at every stage and position, P(target) by layer, and residual norms.
 

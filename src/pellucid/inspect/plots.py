@@ -23,6 +23,7 @@ CMAP = "viridis"
 def token_label(piece: str, width: int = 12) -> str:
     """A token as it should read on an axis: visible spaces and newlines, cut to `width`."""
     s = piece.replace("\n", "↵").replace("\t", "\\t").replace("\r", "\\r")
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)  # control characters as \x04
     if s.strip() == "":
         s = s.replace(" ", "␣")
     return s if len(s) <= width else s[: width - 1] + "…"

@@ -331,7 +331,7 @@ def arch_info(model: nn.Module, cfg: Any) -> ArchInfo:
 # -- entry point ----------------------------------------------------------------------------
 
 
-def weights_table(source: Any, *, dtype: str = "bfloat16") -> WeightsReport:
+def weights_report(source: Any, *, dtype: str = "bfloat16") -> WeightsReport:
     """Architecture and weights table of a model name, .gguf path, LoadedModel or LLM.
 
     For a name or .gguf path nothing is loaded: memory bytes are at `dtype`. For a loaded
