@@ -9,7 +9,8 @@ from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid.errors import PellucidError
 from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
-from pellucid.quantization.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4
+from pellucid.quantization.embedding import RowEmbedding
+from pellucid.quantization.int4 import Int4Linear, Int4PairLinear, dequantize_int4, pack_int4, quantize_int4
 from pellucid.quantization.int8 import Int8Linear, quantize_int8
 from pellucid.quantization.kernels import check_linear_shapes, has_kernel
 
@@ -64,6 +65,20 @@ def test_int4_keeps_q4_1_blocks_bit_for_bit():
     assert (q2.long() == q).float().mean() > 0.995
     err = (dequantize_int4(q2, sz, 32) - w).abs().reshape(N, K // 32, 32).amax(-1)
     assert (err <= 0.05 * d).float().mean() > 0.97  # bfloat16 scale/zero rounding (and the rare nibble it moves)
+
+
+def test_int4_pair_holds_what_one_int4_loses():
+    """The head's format: int4 + an int4 of the residual, about 8 bits per group of 32."""
+    torch.manual_seed(4)
+    w = torch.randn(256, 576) * 0.05
+    one = Int4Linear.from_float(w).dequantize(torch.float32)
+    pair = Int4PairLinear.from_float(w)
+    two = pair.dequantize(torch.float32)
+    rms = lambda d: d.pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(two - w) < rms(one - w) / 8
+    x = torch.randn(3, 576)
+    assert torch.allclose(pair(x), x.to(torch.bfloat16).float() @ two.t(), rtol=2e-2, atol=1e-2)
+    assert pair.nbytes == 2 * Int4Linear.from_float(w).nbytes
 
 
 def test_pack_in_row_chunks_equals_one_pack():
@@ -124,9 +139,11 @@ def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
     layers = quantized_layers(lm.model)
     assert len(layers) == 2 * 7 + 1  # 7 per block and the tied head
     assert not any(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
-    # the embedding stays a float table (the lookup needs rows), untied from the quantized head
-    assert lm.model.embed.weight.dtype == torch.float32
-    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight)
+    # the embedding stays a float table (the lookup needs rows): bfloat16 rows, float32 out
+    assert isinstance(lm.model.embed, RowEmbedding) and lm.model.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight.to(torch.bfloat16))
+    assert lm.model.embed(torch.tensor([[1, 2]])).dtype == torch.float32
+    assert next(lm.model.parameters()).dtype == torch.float32  # the engine reads the activation type here
     # the tiny vocabulary (273) is not a multiple of 16: its int4 head falls back to int8
     assert isinstance(layers["lm_head"], Int8Linear)
     assert model_nbytes(lm.model) < model_nbytes(ref.model)

@@ -143,8 +143,8 @@ def measure(cfg: BenchConfig, t_start: float | None = None) -> BenchResult:
     # cold: the first request after the load (what a user waits for)
     res.first_token_seconds, _, _ = _run_once(llm, [ids], 1)
     fast = llm.engine._decode_fn
-    if cfg.compile and hasattr(fast, "warmup"):
-        res.compile_seconds = fast.warmup(llm.engine.cache, tuple(sorted({1, cfg.batch})))
+    if cfg.compile and hasattr(fast, "ensure_compiled"):
+        res.compile_seconds = fast.ensure_compiled(llm.engine.cache, tuple(sorted({1, cfg.batch})))
     _run_once(llm, rows, min(cfg.gen_tokens, 16))  # warm-up
     ttfts, lats, decode_rates = [], [], []
     tokens: list[int] = []
@@ -182,8 +182,8 @@ def kv_curve(cfg: BenchConfig, max_pos: int = 2048, nocache_positions: tuple[int
     eng = llm.engine
     start = 16
     ids = prompt_ids(llm.tokenizer, max(start, max(nocache_positions or (0,)) + 1))
-    if cfg.compile and hasattr(eng._decode_fn, "warmup"):
-        eng._decode_fn.warmup(eng.cache)
+    if cfg.compile and hasattr(eng._decode_fn, "ensure_compiled"):
+        eng._decode_fn.ensure_compiled(eng.cache)
     _run_once(llm, [ids[:start]], 32)  # warm-up
     p = SamplingParams(max_tokens=max_pos - start, temperature=0.0, ignore_eos=True)
     req = eng.make_request(ids[:start], p)

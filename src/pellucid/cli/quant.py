@@ -18,6 +18,17 @@ console = Console(stderr=True)
 DEFAULT_TEXT = "../shared/data/wikitext-2-raw-test.txt"
 
 
+def split_format(label: str) -> tuple[str | None, str]:
+    """'int4' -> ('int4', 'float32'); 'int4@bfloat16' -> ('int4', 'bfloat16'); 'bfloat16' -> (None, 'bfloat16').
+
+    A quantized format's activations (residual stream, norms, attention) default to float32.
+    """
+    fmt, _, act = label.partition("@")
+    if fmt.startswith("int"):
+        return fmt, act or "float32"
+    return None, fmt
+
+
 def _default_text() -> str:
     return os.environ.get("PELLUCID_EVAL_TEXT", DEFAULT_TEXT)
 
@@ -28,7 +39,8 @@ def quantize_report(
     text: Path = typer.Option(None, "--text", help=f"Evaluation text (default: $PELLUCID_EVAL_TEXT or {DEFAULT_TEXT})."),
     tokens: int = typer.Option(16384, "--tokens", help="Tokens of the text to score (from its start)."),
     window: int = typer.Option(512, "--window", help="Tokens per window (non-overlapping)."),
-    formats: str = typer.Option("float32,bfloat16,float16,int8,int4", "--formats", help="Formats to compare (float32 is the reference)."),
+    formats: str = typer.Option("float32,bfloat16,float16,int8,int4", "--formats",
+                                help="Formats to compare (float32 is the reference); int8/int4 run float32 activations, int4@bfloat16 bfloat16 ones."),  # fmt: skip
     peer_python: str | None = typer.Option(os.environ.get("PELLUCID_PEER_PYTHON"), "--peer-python",
                                            help="An interpreter with llama-cpp-python, to score llama.cpp on the same windows."),  # fmt: skip
     peer_tokens: int = typer.Option(8192, "--peer-tokens", help="Tokens scored through llama.cpp (a prefix of --tokens)."),
@@ -52,7 +64,7 @@ def quantize_report(
 
         raise PellucidError(f"evaluation text {str(text)!r} does not exist; pass --text FILE", param="text")
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in fmts if f.split("-g")[0] not in FORMATS]
+    bad = [f for f in fmts if split_format(f)[0].split("-g")[0] not in FORMATS]
     if bad:
         from pellucid.errors import PellucidError
 
@@ -64,8 +76,8 @@ def quantize_report(
     models, seconds = {}, {}
     with console.status("loading the formats"):
         for f in fmts:
-            q = f if f.startswith("int") else None
-            lm = load_model(path, dtype="bfloat16" if q else f, quant=q)
+            q, act = split_format(f)
+            lm = load_model(path, dtype=act, quant=q)
             models[f] = lm
     tok = models["float32"].tokenizer
     windows = qr.text_windows(tok, text, tokens, window)

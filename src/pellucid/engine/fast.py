@@ -19,6 +19,7 @@ Prefill stays eager: it is a few large GEMMs, which compilation barely speeds up
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -130,9 +131,15 @@ class CompileStats:
 
 
 class FastDecoder:
-    """The Engine's decode forward, compiled: `fast(tokens (B, 1), ctx) -> logits (B, V)`."""
+    """The Engine's decode forward, compiled: `fast(tokens (B, 1), ctx) -> logits (B, V)`.
 
-    def __init__(self, model: nn.Module, *, compile: bool = True, max_autotune: bool = True,
+    Graphs: "b1" (batch 1) and "bN" (a dynamic batch >= 2), both with a dynamic key
+    length. `warmup(cache)` compiles them now; `start_background(cache)` compiles them in
+    a thread on a scratch cache of the same shape (never the live one) while decoding
+    goes on eagerly, and swaps them in when ready.
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool = True, max_autotune: bool = False,
                  threads: int | None = None):  # fmt: skip
         if not supports(model):
             raise ValueError(f"the fast decode step supports llama-family models, not {type(model).__name__}")
@@ -142,6 +149,9 @@ class FastDecoder:
         self.stats = CompileStats()
         self._arange: torch.Tensor | None = None
         self._fns: dict[str, object] = {}
+        self._ready: set[str] = set()  # graphs compiled and run once
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # a failed background compile: decoding stays eager
         self._options = {"freezing": True, "cpp_wrapper": True}
         if max_autotune:
             self._options["max_autotune"] = True
@@ -161,41 +171,76 @@ class FastDecoder:
     def __call__(self, tokens: torch.Tensor, ctx: ForwardContext, *, last_only: bool = True) -> torch.Tensor:
         cache = ctx.cache
         assert cache is not None and tokens.shape[1] == 1, f"decode takes one token per row with a cache, got {tuple(tokens.shape)}"
-        dev = tokens.device
-        if self._arange is None or self._arange.device != dev:
-            self._arange = torch.arange(cache.max_len, device=dev)
         B = tokens.shape[0]
+        key = "b1" if B == 1 else "bN"
         L = max(ctx.kv_len, 2)
         if L >= cache.max_len:  # the whole window: a slice that is no slice would need its own graph
             return self.model(tokens, ctx, last_only=True)
-        tok, pos, slots = tokens[:, 0], ctx.input_pos[:, 0], ctx.slots
+        if self._thread is not None and key not in self._ready:  # still compiling in the background
+            return self.model(tokens, ctx, last_only=True)
+        return self._run(key, tokens[:, 0], ctx.input_pos[:, 0], ctx.slots, cache.k, cache.v, L, cache.max_len)
+
+    def _run(self, key: str, tok, pos, slots, k, v, L: int, max_len: int) -> torch.Tensor:
+        if self._arange is None or self._arange.shape[0] != max_len or self._arange.device != tok.device:
+            self._arange = torch.arange(max_len, device=tok.device)
         kv_pos = self._arange[:L]
-        torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=cache.max_len - 1)
-        key = "b1" if B == 1 else "bN"
-        if B > 1:
+        torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=max_len - 1)
+        if key == "bN":
             for t in (tok, pos, slots):
                 torch._dynamo.mark_dynamic(t, 0, min=2)
         fn = self._fn(key)
         first = key not in self.stats.compile_seconds
         t0 = time.perf_counter() if first else 0.0
-        logits = fn(self.model, tok, pos, slots, cache.k, cache.v, kv_pos)
+        logits = fn(self.model, tok, pos, slots, k, v, kv_pos)
         if first:
             self.stats.compile_seconds[key] = time.perf_counter() - t0
+        self._ready.add(key)
         self.stats.calls += 1
         return logits
 
+    @torch.inference_mode()
     def warmup(self, cache, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Compile (or load from the disk cache) the graphs for these batch sizes; returns seconds.
 
-        Runs a step on scratch positions of free slots; what it writes is overwritten
-        before anything reads it (a sequence writes position p before attending to it).
+        Runs on a scratch cache of the live one's shape and type (torch.empty: the few
+        pages it touches are all it costs), so no live slot is ever written.
         """
         t0 = time.perf_counter()
-        free = list(cache.free)
-        for B in batch_sizes:
-            if B > len(free):
+        k = torch.empty_like(cache.k)
+        v = torch.empty_like(cache.v)
+        for key, B in (("b1", 1), ("bN", 2)):
+            if not any((b == 1) == (key == "b1") for b in batch_sizes) or B > cache.k.shape[1] or key in self._ready:
                 continue
-            slots = torch.tensor(free[:B])
-            ctx = ForwardContext(input_pos=torch.zeros(B, 1, dtype=torch.long), cache=cache, slots=slots, kv_len=2)
-            self(torch.zeros(B, 1, dtype=torch.long), ctx)
+            z = torch.zeros(B, dtype=torch.long, device=k.device)
+            self._run(key, z, z, torch.arange(B, device=k.device), k, v, 2, cache.max_len)
         return time.perf_counter() - t0
+
+    def start_background(self, cache, batch_sizes: tuple[int, ...] = (1, 2)) -> None:
+        """Compile in a thread; until a graph is ready its batches decode with the eager model."""
+        if not self.compile or self._thread is not None:
+            return
+
+        def work() -> None:
+            try:
+                self.warmup(cache, batch_sizes)
+            except Exception as e:  # noqa: BLE001  (any compile failure leaves the eager path in place)
+                self.error = e
+
+        self._thread = threading.Thread(target=work, name="pellucid-compile", daemon=True)
+        self._thread.start()
+
+    def ensure_compiled(self, cache, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Wait for the background compile, or compile now; returns the seconds waited."""
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self.wait()
+            if self.error is not None:
+                raise RuntimeError(f"compiling the decode step failed: {self.error}") from self.error
+        self.warmup(cache, batch_sizes)
+        return time.perf_counter() - t0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a background compile has finished; True if every graph is ready."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.error is None and bool(self._ready)

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from pellucid.errors import PellucidError
-from pellucid.quantization.int4 import Int4Linear
+from pellucid.quantization.embedding import RowEmbedding
+from pellucid.quantization.int4 import Int4Linear, Int4PairLinear
 from pellucid.quantization.int8 import Int8Linear
-from pellucid.quantization.kernels import check_linear_shapes
+from pellucid.quantization.kernels import check_linear_shapes, kernel_dtype
 
 QUANT_FORMATS = ("int8", "int4")
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
@@ -35,30 +36,38 @@ def parse_quant(quant: str | None) -> tuple[str | None, int]:
 
 
 def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torch.Tensor] | None = None,
-                   source_q4: Callable[[str], tuple | None] | None = None, dtype: torch.dtype = torch.bfloat16,
-                   head: str | None = "same", skip: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
+                   source_q4: Callable[[str], tuple | None] | None = None, dtype: torch.dtype | None = None,
+                   head: str | None = "auto", embedding: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
     """Swap each nn.Linear of `model` for its `quant` version, in place; returns `model`.
 
-    head: the output head's format ("same" as the rest, "int8", "int4", or None to keep
-    it as it is). source: parameter name -> float32 weight (defaults to the module's own).
-    source_q4: parameter name -> (q, d, m) 4-bit blocks of 32 as stored in a GGUF file, or
-    None; int4 with groups of 32 takes those nibbles as they are (no float round trip).
-    An int4 layer whose shape the kernel cannot take (a vocabulary that is not a multiple
-    of 16) becomes int8.
+    dtype: the kernels' input type (default: bfloat16, float16 for a float16 model); the
+    model's own dtype stays its activation type. head: the output head's format: "auto"
+    (int8 for int8; for int4 an int4 pair, about 8 bits per group, since a plain int4 head
+    costs far more quality than any other layer), "same", "int8", "int4", "int4x2", or None
+    to keep it. embedding: store nn.Embedding tables as bfloat16 rows (RowEmbedding).
+    source: parameter name -> float32 weight (default: the module's own); it may also
+    return a row source (w[a:b], w.shape) for large tables. source_q4: parameter name ->
+    (q, d, m) 4-bit blocks of 32 as stored in a GGUF file, or None; int4 with groups of 32
+    takes those nibbles as they are (no float round trip). An int4 layer whose shape the
+    kernel cannot take (a vocabulary that is not a multiple of 16) becomes int8.
     """
     fmt, group = parse_quant(quant)
     if fmt is None:
         return model
+    act = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = dtype or kernel_dtype(act)
+    head_fmt = {"auto": "int4x2" if fmt == "int4" else "int8", "same": quant}.get(head, head)  # type: ignore[arg-type]
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}  # a tied weight keeps its first name
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    tied_kept = False
     for name, lin in linears:
-        is_head = name.endswith("lm_head")
         layer_fmt, layer_group = fmt, group
-        if is_head and head != "same":
-            if head is None:
+        if name.endswith("lm_head"):
+            if head_fmt is None:
+                tied_kept = id(lin.weight) in {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
                 continue
-            layer_fmt, layer_group = parse_quant(head)
-            layer_group = layer_group or group or 32
+            layer_fmt = head_fmt
+            layer_group = parse_quant(head_fmt.replace("x2", ""))[1] or group or 32
         wname = names.get(id(lin.weight), f"{name}.weight")
         if layer_fmt == "int4" and lin.bias is None and layer_group == 32 and source_q4 is not None \
                 and int4_fits(lin.in_features, lin.out_features, 32):  # fmt: skip
@@ -74,14 +83,24 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
         bias = None
         if lin.bias is not None:
             bias = source(f"{name}.bias") if source is not None else lin.bias.detach()
-        if layer_fmt == "int4" and not int4_fits(lin.in_features, lin.out_features, layer_group):
+        if layer_fmt in ("int4", "int4x2") and not int4_fits(lin.in_features, lin.out_features, layer_group):
             layer_fmt = "int8"  # e.g. a vocabulary that is not a multiple of 16: per-channel int8 has no constraint
         if layer_fmt == "int8":
             new = Int8Linear.from_float(w, bias, dtype)
+        elif layer_fmt == "int4x2":
+            new = Int4PairLinear.from_float(w, bias, group_size=layer_group, dtype=dtype, name=name)
         else:
             new = Int4Linear.from_float(w, bias, group_size=layer_group, dtype=dtype, name=name)
         _set_module(model, name, new)
         del w
+    if embedding and not tied_kept:
+        for name, emb in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]:
+            store = torch.bfloat16 if emb.weight.dtype == torch.float32 else emb.weight.dtype
+            new = RowEmbedding(emb.num_embeddings, emb.embedding_dim, store_dtype=store, out_dtype=emb.weight.dtype,
+                               device=None if emb.weight.device.type == "meta" else emb.weight.device)  # fmt: skip
+            wname = names.get(id(emb.weight), f"{name}.weight")
+            new.fill(source(wname) if source is not None else emb.weight.detach())
+            _set_module(model, name, new)
     return model
 
 
@@ -99,7 +118,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear | Int4Linear)}
+    """Name -> quantized linear layer (an int4 pair counts once, not with its two halves)."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, Int8Linear | Int4Linear | Int4PairLinear) and not any(n.startswith(p + ".") for p in out):
+            out[n] = m
+    return out
 
 
 def model_nbytes(model: nn.Module) -> int:
@@ -107,9 +131,9 @@ def model_nbytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for mod in model.modules():
         tensors = list(mod._parameters.values())
-        if isinstance(mod, Int8Linear | Int4Linear):
+        if isinstance(mod, Int8Linear | Int4Linear | RowEmbedding):
             tensors += [b for b in mod._buffers.values()]
-            if mod.weight_q is not None and isinstance(mod, Int4Linear):
+            if isinstance(mod, Int4Linear) and mod.weight_q is not None:
                 tensors.append(mod.weight_q)
         for t in tensors:
             if t is None or t.data_ptr() in seen or t.numel() == 0:

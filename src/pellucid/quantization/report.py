@@ -63,11 +63,12 @@ def text_windows(tokenizer, path: str | Path, n_tokens: int, window: int) -> lis
 def count_params(model: torch.nn.Module) -> int:
     """Parameters of the model as its float version holds them (tied weights once)."""
     from pellucid.quantization.apply import quantized_layers
+    from pellucid.quantization.embedding import RowEmbedding
 
     n = sum(p.numel() for p in model.parameters())
     for m in quantized_layers(model).values():
         n += m.in_features * m.out_features
-    return n
+    return n + sum(m.weight.numel() for m in model.modules() if isinstance(m, RowEmbedding))
 
 
 class Accumulator:

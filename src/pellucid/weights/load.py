@@ -6,6 +6,7 @@ architecture's name table says which stored tensor fills which parameter.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
 
         lm = load_hf_folder(path, dt, device, max_len)
         if quant:
-            quantize_model(lm.model, quant, dtype=dt)
+            quantize_model(lm.model, quant)
     else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
         lm = _load_gguf(path, dt, device, max_len, quant)
     lm.quant = quant
@@ -91,7 +92,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
 
 def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
     """Instantiate without spending time on random init, then compute the buffers."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init(mod.MODEL):
         model = mod.MODEL(cfg, max_len=max_len)
     if dtype is not None:
         model = model.to(dtype)  # on meta: no memory, and no float32 copy to convert later
@@ -141,7 +142,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
         if quant:  # swap the linear layers before any float weight of theirs is touched
             from pellucid.quantization.apply import quantize_model
 
-            quantize_model(model, quant, source=source, source_q4=source_q4, dtype=dt)
+            quantize_model(model, quant, source=source, source_q4=source_q4)
         for name, p in dict(model.named_parameters()).items():  # tied weights appear once
             w = source(name)
             if tuple(w.shape) != tuple(p.shape):
@@ -159,6 +160,29 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
     tmpl_src = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)  # e.g. Gemma GGUFs carry none
     return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_random_init(model_cls):
+    """Skip nn.init and the buffers while building on the meta device: computing on meta goes
+    through torch's reference ops, whose first use imports torch._dynamo (over a second and
+    ~70 MB resident), only to fill tensors that the checkpoint and init_buffers() overwrite."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *a, **k: t)
+    had_own = "init_buffers" in model_cls.__dict__
+    real_init_buffers = model_cls.__dict__.get("init_buffers")
+    model_cls.init_buffers = lambda self: None  # build_empty calls the real one on the real device
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+        if had_own:
+            model_cls.init_buffers = real_init_buffers
+        else:
+            del model_cls.init_buffers
 
 
 _MALLOC_SET = False
