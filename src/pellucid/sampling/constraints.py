@@ -181,7 +181,8 @@ def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torc
 def make_constraint(tokenizer, *, json: bool = False, json_schema: Any = None, regex: str | None = None,
                     choice: list[str] | None = None, grammar: str | None = None, strict: bool = True,
                     compact: bool = True, vocab_size: int | None = None) -> Constraint:  # fmt: skip
-    """A constraint of exactly one kind.
+    """A constraint of exactly one kind (tokenizer None: only check the arguments, as the
+    CLI does before it loads a model, and return None).
 
     json: any JSON object. json_schema: a dict, JSON text, or a pydantic model class.
     regex: the whole output matches it. choice: the output is exactly one of the strings.
@@ -216,10 +217,12 @@ def make_constraint(tokenizer, *, json: bool = False, json_schema: Any = None, r
             compiled = llg.grammar_from("grammar", spec)
         except ValueError as e:
             raise PellucidError(f"grammar: {e}", param="grammar") from None
-    ll = ll_tokenizer(tokenizer)
+    ll = ll_tokenizer(tokenizer) if tokenizer is not None else None
     is_error, msgs = llg.LLMatcher.validate_grammar_with_warnings(compiled, ll)
     if is_error:
         raise PellucidError(_explain(kind, spec, msgs[0]), param=kind)
+    if tokenizer is None:
+        return None
     warnings += [m for m in msgs if m not in warnings]
     v = vocab_size or tokenizer.vocab_size
     if v < tokenizer.vocab_size:
@@ -232,7 +235,9 @@ def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> 
 
     {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; strict defaults
     to True here (OpenAI's default is False, which there means "no guarantee"; a grammar
-    always guarantees, so False only loosens what cannot be enforced)."""
+    always guarantees, so False only loosens what cannot be enforced). pellucid adds
+    {"type": "regex", "regex": R}, {"type": "choice", "choice": [...]} and
+    {"type": "grammar", "grammar": LARK} (used by the config file's control.response_format)."""
     if response_format is None:
         return None
     if hasattr(response_format, "model_dump"):
@@ -255,8 +260,14 @@ def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> 
         try:
             return make_constraint(tokenizer, json_schema=js["schema"], strict=True if strict is None else bool(strict), **kw)
         except PellucidError as e:
-            raise PellucidError(e.message, param="response_format.json_schema.schema") from None
-    raise PellucidError(f"response_format.type {t!r} is not one of: text, json_object, json_schema", param="response_format.type")
+            msg = e.message.replace("pass strict=False", "set json_schema.strict to false")
+            raise PellucidError(msg, param="response_format.json_schema.schema") from None
+    if t in ("regex", "choice", "grammar"):  # pellucid's own types, same shape
+        if t not in response_format:
+            raise PellucidError(f"response_format of type {t!r} needs a {t!r} field", param=f"response_format.{t}")
+        return make_constraint(tokenizer, **{t: response_format[t]}, **kw)
+    raise PellucidError(f"response_format.type {t!r} is not one of: text, json_object, json_schema (OpenAI's), "
+                        f"regex, choice, grammar (pellucid's)", param="response_format.type")  # fmt: skip
 
 
 # -- the front doors' side ----------------------------------------------------------------------
@@ -286,6 +297,37 @@ def pop_constraint(tokenizer, kw: dict[str, Any], *, vocab_size: int | None = No
     return None
 
 
+def from_cli(tokenizer, *, json: bool = False, json_schema: str | None = None, regex: str | None = None,
+             choice: list[str] | None = None, grammar: str | None = None, strict: bool = True,
+             vocab_size: int | None = None) -> Constraint | None:  # fmt: skip
+    """The CLI's flags: --json, --json-schema FILE, --regex R, --choice A --choice B,
+    --grammar FILE (Lark or GBNF), --no-strict. Files are read here; errors name the flag."""
+    from pathlib import Path
+
+    def read(flag: str, path: str) -> str:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise PellucidError(f"{flag} {path!r}: no such file", param=flag)
+        return p.read_text(encoding="utf-8")
+
+    kinds = {"json": json or None, "json_schema": json_schema and read("--json-schema", json_schema), "regex": regex,
+             "choice": list(choice) if choice else None, "grammar": grammar and read("--grammar", grammar)}  # fmt: skip
+    kinds = {k: v for k, v in kinds.items() if v is not None}
+    if not kinds:
+        return None
+    if len(kinds) > 1:
+        flags = ", ".join("--" + k.replace("_", "-") for k in kinds)
+        raise PellucidError(f"give one of --json, --json-schema, --regex, --choice, --grammar (got {flags})", param="--json")
+    try:
+        return make_constraint(tokenizer, **kinds, strict=strict, vocab_size=vocab_size)
+    except PellucidError as e:
+        kind = next(iter(kinds))
+        flag = "--" + kind.replace("_", "-")
+        where = f" {json_schema}" if json_schema else f" {grammar}" if grammar else ""
+        msg = e.message.removeprefix(f"{kind}: ").replace("pass strict=False", "pass --no-strict")
+        raise PellucidError(f"{flag}{where}: {msg}", param=flag) from None
+
+
 def is_incomplete(constraint: Constraint | None, finish_reason: str | None, stop_reason: str | int | None = None) -> bool:
     """A constrained output that must not be taken as valid: cut by max_tokens ("length"),
     aborted, cut by a stop string, or otherwise ended before the grammar was complete."""
@@ -313,7 +355,7 @@ def _compile_schema(schema: dict, *, strict: bool, compact: bool, param: str, wa
     if not compact:
         options.update(item_separator=", ", key_separator=": ")
     if strict:
-        schema = close_objects(schema)
+        schema = narrow(close_objects(schema))
     user_opts = schema.get("x-guidance") if isinstance(schema, dict) else None
     if user_opts is not None:
         warnings.append("the schema's own 'x-guidance' options are overridden by pellucid's (compact JSON, strictness)")
@@ -363,6 +405,9 @@ def _explain(kind: str, spec: Any, message: str) -> str:
     if where is None:
         return f"json_schema: {message}"
     path, keyword = where
+    if keyword == "oneOf" and message.startswith("oneOf"):
+        return (f"json_schema: keyword 'oneOf' at {path}: oneOf ('exactly one branch') is enforced only when its "
+                f"branches cannot overlap, and these can. Use anyOf, or pass strict=False to treat it as anyOf.")  # fmt: skip
     if message.startswith("Unimplemented keys"):
         return (f"json_schema: keyword '{keyword}' at {path} is not supported by the grammar engine, so the output "
                 f"could not be guaranteed to satisfy it. Remove it, or pass strict=False to ignore it.")  # fmt: skip
@@ -480,4 +525,54 @@ def close_objects(schema: dict) -> dict:
         return copy.deepcopy(schema)
     for s in closable:
         s["additionalProperties"] = False
+    return out
+
+
+SAFE_INTEGER = 2**53 - 1  # I-JSON (RFC 7493): integers every JSON parser reads exactly
+# llguidance's date formats accept Feb 29 of any year and the year 0000, its time formats
+# a leap second (:60) at any time of day; RFC 3339 (and Python's date parser, which the
+# jsonschema package uses) do not. These patterns, intersected with the format, narrow
+# them: Feb 29 only in leap years, no year 0000, no leap seconds.
+_YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = rf"({_YEAR}-(0[13-9]|1[0-2])-[0-9]{{2}}|{_YEAR}-02-(0[1-9]|1[0-9]|2[0-8])|{_LEAP_YEAR}-02-29)"
+_TIME = r"[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
+
+
+def narrow(schema: dict) -> dict:
+    """A copy of `schema` that only narrows what it accepts, so outputs still validate:
+    integers without a bound get I-JSON's safe range (a model caught in a loop cannot write
+    a 100-digit number), and date/time formats keep only real dates and times. Not under not/if/then/else,
+    where narrowing would change the meaning."""
+    import copy
+
+    out = copy.deepcopy(schema)
+
+    def walk(s: Any) -> None:
+        if not isinstance(s, dict):
+            return
+        fmt = s.get("format")
+        if fmt in FORMAT_PATTERNS:
+            if "pattern" not in s:
+                s["pattern"] = FORMAT_PATTERNS[fmt]
+            elif isinstance(s.get("allOf", []), list):
+                s["allOf"] = [*s.get("allOf", []), {"pattern": FORMAT_PATTERNS[fmt]}]
+        t = s.get("type")
+        if (t == "integer" or (isinstance(t, list) and "integer" in t)) and "enum" not in s and "const" not in s:
+            if "maximum" not in s and "exclusiveMaximum" not in s:
+                s["maximum"] = SAFE_INTEGER
+            if "minimum" not in s and "exclusiveMinimum" not in s:
+                s["minimum"] = -SAFE_INTEGER
+        for k in _ONE:
+            if k not in ("not", "if", "then", "else"):
+                walk(s.get(k))
+        for k in _LIST:
+            for x in s.get(k) if isinstance(s.get(k), list) else ():
+                walk(x)
+        for k in _MAP:
+            for x in s.get(k).values() if isinstance(s.get(k), dict) else ():
+                walk(x)
+
+    walk(out)
     return out
