@@ -13,7 +13,8 @@
     control:
       stop_sequences: ["\\n\\n", "END"]
       logit_bias: {}                # token id or the text of one token -> [-100, 100]
-      # pellucid's extras: stop_token_ids, min_tokens
+      # pellucid's extras: stop_token_ids, min_tokens, and structured output (generate):
+      # response_format: {type: json_object}   # or json_schema / regex / choice / grammar
     system_prompt: |
       You are a helpful assistant.
 
@@ -46,7 +47,7 @@ SCHEMA: dict[str, dict[str, str | None]] = {
     },
     "control": {
         "stop_sequences": "stop", "logit_bias": "logit_bias", "stop_token_ids": "stop_token_ids",
-        "min_tokens": "min_tokens",
+        "min_tokens": "min_tokens", "response_format": None,
     },
 }  # fmt: skip
 TOP_LEVEL = [*SCHEMA, "system_prompt"]
@@ -64,6 +65,12 @@ class Config:
     @property
     def model(self) -> str | None:
         return self.values.get("model.name")
+
+    @property
+    def response_format(self) -> dict | None:
+        """control.response_format: OpenAI's (json_object, json_schema) or pellucid's
+        (regex, choice, grammar); see pellucid.sampling.constraints.from_response_format."""
+        return self.values.get("control.response_format")
 
     @property
     def system_prompt(self) -> str | None:
@@ -174,6 +181,14 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
             raise _err(cfg, node, dotted, f"must be a list of non-empty strings, got {value!r}")
+        return value
+    if dotted == "control.response_format":
+        from pellucid.sampling.constraints import from_response_format
+
+        try:
+            from_response_format(None, value)  # checks the kind and compiles the grammar, no model needed
+        except PellucidError as e:
+            raise _err(cfg, node, dotted, e.message) from None
         return value
     if dotted == "control.stop_token_ids":
         if value is None:
