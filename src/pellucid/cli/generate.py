@@ -53,6 +53,13 @@ from pellucid.cli.prompts import (
 
 err = Console(stderr=True)
 
+JsonMode = typer.Option(False, "--json", help="Structured output: any JSON object.")
+JsonSchema = typer.Option(None, "--json-schema", help="Structured output: JSON that validates against the schema in FILE.", metavar="FILE")
+Regex = typer.Option(None, "--regex", help="Structured output: text that matches the regular expression.")
+Choice = typer.Option(None, "--choice", help="Structured output: exactly one of these strings (repeatable).")
+Grammar = typer.Option(None, "--grammar", help="Structured output: text of the Lark (or GBNF) grammar in FILE.", metavar="FILE")
+Strict = typer.Option(True, "--strict/--no-strict", help="--no-strict: ignore schema keywords that cannot be enforced.")
+
 
 @app.command()
 def generate(
@@ -74,12 +81,22 @@ def generate(
     stop: Stop = None,
     stop_token_id: StopTokenId = None,
     ignore_eos: IgnoreEos = False,
+    json_mode: bool = JsonMode,
+    json_schema: str | None = JsonSchema,
+    regex: str | None = Regex,
+    choice: list[str] | None = Choice,
+    grammar: str | None = Grammar,
+    strict: bool = Strict,
 ) -> None:
     """Continue PROMPT; prints only the continuation, streamed.
 
     Defaults: greedy (temperature 0), 128 tokens; a --config file overrides them and the
-    flags you give override the config.
+    flags you give override the config. With --json, --json-schema, --regex, --choice or
+    --grammar (or the config's control.response_format) the output is constrained to it;
+    an output cut by --max-tokens is reported as incomplete (exit code 1).
     """
+    from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
+
     flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                            repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
@@ -88,15 +105,25 @@ def generate(
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
+    structured = dict(json=json_mode, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, strict=strict)
+    from_cli(None, **structured)  # a bad schema or grammar fails before the load too
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
     llm = load_llm(model_name(model, cfg), dtype)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
-    for piece in llm.stream(prompt, params):
-        sys.stdout.write(piece)
+    constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
+    if constraint is None and cfg is not None and cfg.response_format:
+        constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)
+    req = llm.request(prompt, params, constraint=constraint)
+    for out in llm.stream_request(req):
+        sys.stdout.write(out.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if is_incomplete(constraint, req.finish_reason, req.stop_reason):
+        err.print(f"[yellow]incomplete: the output ended ({req.finish_reason}) before the {constraint.kind} constraint "
+                  f"was satisfied; it is not valid. Raise --max-tokens.[/]")  # fmt: skip
+        raise typer.Exit(1)
 
 
 @app.command()
