@@ -354,12 +354,13 @@ def weights_report(source: Any, *, dtype: str = "bfloat16") -> WeightsReport:
 
 def _from_gguf(path: Path, name: str, dt: torch.dtype) -> WeightsReport:
     from pellucid.weights.gguf import GGUFFile
-    from pellucid.weights.load import gguf_architecture, gguf_tensor_name
+    from pellucid.weights.load import _no_random_init, gguf_architecture, gguf_tensor_name
 
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init(mod.MODEL):  # no init, no reference ops on meta
         model = mod.MODEL(cfg)
+    model.init_buffers()  # ties the output head; the rotary tables are small CPU tensors
     storage, stored = {}, {}
     for pname, p in model.named_parameters():
         info = f.tensors[gguf_tensor_name(mod, f, pname)]
