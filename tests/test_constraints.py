@@ -287,6 +287,88 @@ def test_strict_closes_open_objects(tok):
     assert any(p.startswith(b",") for p in allowed_pieces(loose, tok))
 
 
+def test_narrow_bounds_integers_and_dates():
+    s = {"type": "object", "properties": {"n": {"type": "integer"}, "m": {"type": ["integer", "null"], "minimum": 0},
+         "e": {"type": "integer", "enum": [1, 2]}, "d": {"type": "string", "format": "date"},
+         "t": {"type": "string", "format": "date-time", "pattern": "^2"}, "x": {"not": {"type": "integer"}}}}  # fmt: skip
+    out = C.narrow(s)
+    n, m = out["properties"]["n"], out["properties"]["m"]
+    assert (n["minimum"], n["maximum"]) == (-C.SAFE_INTEGER, C.SAFE_INTEGER)
+    assert (m["minimum"], m["maximum"]) == (0, C.SAFE_INTEGER)
+    assert "maximum" not in out["properties"]["e"] and "maximum" not in out["properties"]["x"]["not"]
+    assert out["properties"]["d"]["pattern"] == C.FORMAT_PATTERNS["date"]
+    assert out["properties"]["t"]["pattern"] == "^2" and out["properties"]["t"]["allOf"] == [{"pattern": C.FORMAT_PATTERNS["date-time"]}]
+    assert "minimum" not in s["properties"]["n"]  # the input is not changed
+
+
+def test_no_runaway_integers(tok):
+    c = C.make_constraint(tok, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    replay(c, tok, '{"n":' + "1" * 16)  # 1111111111111111 < 2**53 - 1
+    assert all(p.startswith(b"}") for p in allowed_pieces(c, tok))  # no 17th digit
+    c = C.make_constraint(tok, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    replay(c, tok, '{"n":' + "9" * 15)
+    assert not any(p[:1].isdigit() for p in allowed_pieces(c, tok))  # 9999999999999999 > 2**53 - 1
+
+
+@pytest.mark.parametrize(("fmt", "good", "bad"), [
+    ("date", ["2024-02-29", "2000-02-29", "0001-01-01"], ["2023-02-29", "1900-02-29", "2023-04-31", "0000-01-01"]),
+    ("date-time", ["2024-02-29T23:59:59.5Z", "1999-12-31t00:00:00+05:30"], ["2023-02-29T00:00:00Z", "2024-01-01T10:15:60Z", "2024-01-01T24:00:00Z"]),
+    ("time", ["00:00:00Z", "12:34:56.789-08:00"], ["12:34:60Z", "25:00:00Z", "12:00:00"]),
+])  # fmt: skip
+def test_date_time_formats_are_real_dates(tok, fmt, good, bad):
+    def accepts(s: str) -> bool:
+        c = C.make_constraint(tok, json_schema={"type": "string", "format": fmt})
+        for t in tok.encode(json.dumps(s)):
+            if not c.allowed_mask()[t]:
+                return False
+            c.accept(t)
+        return c.is_finished()
+
+    assert [accepts(s) for s in good] == [True] * len(good)
+    assert [accepts(s) for s in bad] == [False] * len(bad)
+
+
+def test_random_walks_through_formats_validate(tok):
+    """Draw tokens uniformly from the mask until the grammar ends: every string satisfies
+    a strict checker of its format (this found llguidance's leap-second and Feb 29 gaps)."""
+    import datetime as dt
+    import ipaddress
+    import random
+    import re
+    import uuid
+
+    def ok_time(s):
+        m = re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])", s)
+        return m is not None
+
+    def ok_date(s):
+        return re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", s) is not None and dt.date.fromisoformat(s) is not None
+
+    checks = {
+        "date": ok_date, "time": ok_time, "date-time": lambda s: ok_date(s[:10]) and s[10] in "Tt" and ok_time(s[11:]),
+        "ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address,
+        "uuid": lambda s: uuid.UUID(s) and all(s[i] == "-" for i in (8, 13, 18, 23)),
+    }  # fmt: skip
+    eog = torch.tensor(sorted(tok.eog_ids))
+    rng = random.Random(0)
+    for fmt, check in checks.items():
+        base = C.make_constraint(tok, json_schema={"type": "string", "format": fmt})
+        done = 0
+        for _ in range(25):
+            c, ids = base.copy(), []
+            while not c.is_finished() and len(ids) < 60:
+                m = c.allowed_mask().clone()
+                m[eog] = False
+                allowed = m.nonzero().flatten()
+                ids.append(int(allowed[rng.randrange(len(allowed))]))
+                c.accept(ids[-1])
+            if c.is_finished():
+                done += 1
+                s = json.loads(tok.decode(ids))
+                assert check(s), (fmt, s)
+        assert done >= 8, (fmt, done)
+
+
 # -- the sampler chain under a mask -----------------------------------------------------------
 def test_sampler_honours_mask_with_every_control(tok):
     """Random logits, every other control on: each drawn token is one the grammar allows,
