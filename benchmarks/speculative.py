@@ -107,6 +107,8 @@ def main() -> None:
             "draft_ms_per_round": 1000 * s.draft_seconds / s.rounds, "verify_ms_per_round": 1000 * s.verify_seconds / s.rounds,
         })  # fmt: skip
 
+    # what a verification costs: one target forward over T = k + 1 positions vs T = 1
+    fwd = forward_times(llm, ids, sorted({1, 2} | {k + 1 for k in args.num_draft} | {args.model_num_draft + 1}))
     load1 = os.getloadavg()
     print(f"\n{'method':<34} {'tokens':>6} {'accept':>7} {'acc/rnd':>7} {'tok/fwd':>7} {'decode tok/s':>12} {'speed-up':>8}  same")
     for r in results:
@@ -114,16 +116,39 @@ def main() -> None:
         mean = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "-"
         print(f"{r['method']:<34} {r['tokens']:>6} {acc:>7} {mean:>7} {r['tokens_per_round']:>7.2f} "
               f"{r['decode_tok_s']:>12.1f} {r['speedup']:>7.2f}x  {'yes' if r['identical'] else 'NO'}")  # fmt: skip
+    print(f"\ntarget forward with the cache at position ~{len(ids) + 100}: "
+          + ", ".join(f"T={t}: {ms:.1f} ms ({ms / fwd[1]:.2f}x)" for t, ms in fwd.items()))
     print(f"\nplain output ({len(plain.token_ids)} tokens): {plain.text!r}")
     print(f"load average at end {load1[0]:.2f} (2 cores; above ~2 means other work shared them)")
     if args.json_out:
-        meta = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
+        meta = {"forward_ms": fwd, "model": args.model, "dtype": args.dtype, "quant": args.quant, "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
                 "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
                 "machine": platform.machine(), "load_average": [load0[0], load1[0]],
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "plain_text": plain.text}  # fmt: skip
         with open(args.json_out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(f"wrote {args.json_out}")
+
+
+@torch.inference_mode()
+def forward_times(llm, ids: list[int], sizes: list[int], repeats: int = 7) -> dict[int, float]:
+    """Best-of-N milliseconds of one cached target forward over T positions, for each T."""
+    from pellucid.engine.kv_cache import KVCache
+    from pellucid.models.layers import ForwardContext
+
+    model = llm.model
+    cache = KVCache(llm.config, 1, len(ids) + 256, llm.engine.cache.k.dtype)
+    slots = torch.zeros(1, dtype=torch.long)
+    start = len(ids) + 100
+    model(torch.tensor([ids]), ForwardContext(torch.arange(len(ids))[None], cache, slots, len(ids)), last_only=True)
+    best = {t: float("inf") for t in sizes}
+    for _ in range(repeats):
+        for t in sizes:
+            x = torch.tensor([ids[:t]])
+            t0 = time.perf_counter()
+            model(x, ForwardContext(torch.arange(start, start + t)[None], cache, slots, start + t))
+            best[t] = min(best[t], 1000 * (time.perf_counter() - t0))
+    return best
 
 
 if __name__ == "__main__":

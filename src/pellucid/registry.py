@@ -154,7 +154,12 @@ def pull(name: str, *, progress: bool = True) -> Path:
     sha256 match, so an interrupted pull never leaves a file that looks complete.
     """
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )  # fmt: skip
 
     if name not in REGISTRY:

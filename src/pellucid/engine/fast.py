@@ -185,9 +185,9 @@ class FastDecoder:
             self._arange = torch.arange(max_len, device=tok.device)
         kv_pos = self._arange[:L]
         torch._dynamo.mark_dynamic(kv_pos, 0, min=2, max=max_len - 1)
-        if key == "bN":
+        if key == "bN":  # torch 2.13 needs both bounds of a dynamic dim: at most every cache slot
             for t in (tok, pos, slots):
-                torch._dynamo.mark_dynamic(t, 0, min=2)
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=max(3, k.shape[1]))
         fn = self._fn(key)
         first = key not in self.stats.compile_seconds
         t0 = time.perf_counter() if first else 0.0

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from pellucid.models.hooks import HookedMixin, HookPoint
-from pellucid.models.layers import Attention, ForwardContext, GatedMLP, ModelConfig, RMSNorm, rope_table
+from pellucid.models.layers import (
+    Attention,
+    ForwardContext,
+    GatedMLP,
+    ModelConfig,
+    RMSNorm,
+    rope_table,
+)
 
 
 @dataclass
