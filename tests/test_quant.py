@@ -8,6 +8,7 @@ import torch
 from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid.errors import PellucidError
+from pellucid.quantization import cpu
 from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import Int4Linear, Int4PairLinear, dequantize_int4, pack_int4, quantize_int4
@@ -18,6 +19,26 @@ from pellucid.quantization.kernels import check_linear_shapes, has_kernel
 def test_kernels_exist_on_cpu():
     assert has_kernel("int8", "cpu")
     assert has_kernel("int4", "cpu")
+
+
+@pytest.mark.skipif(not cpu.available(), reason="pellucid's AVX2 kernels need an x86 CPU with AVX2, g++ and ninja")
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
+def test_own_cpu_kernels_equal_float32_matmul_of_their_weights(M):
+    """pellucid.int8_mm / int4_mm: every row count (4-, 2- and 1-row tiles), a K with a
+    tail past the last 8/32 (int8), groups of 32 and 64 (int4), float32 throughout."""
+    torch.manual_seed(M)
+    x = torch.randn(M, 200)
+    q8, s8 = quantize_int8(torch.randn(48, 200), torch.float32)
+    ref8 = x.double() @ (q8.double() * s8.double()[:, None]).t()
+    assert torch.allclose(torch.ops.pellucid.int8_mm(x, q8, s8).double(), ref8, rtol=1e-5, atol=1e-5)
+    for group in (32, 64):
+        w = torch.randn(32, 256)
+        lin = Int4Linear.from_float(w, group_size=group, dtype=torch.float32)
+        assert lin.own_kernel
+        x = torch.randn(M, 256)
+        ref4 = x.double() @ lin.dequantize(torch.float32).double().t()
+        assert torch.allclose(lin(x).double(), ref4, rtol=1e-5, atol=1e-4)
+        assert (lin.dequantize(torch.float32) - w).abs().max() <= (w.abs().max() * 2 / 15) / 2 * 1.01  # half a step
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])
@@ -111,9 +132,11 @@ def test_parse_quant():
 def test_bytes_per_parameter():
     w = torch.randn(576, 1536)
     i8, i4 = Int8Linear.from_float(w), Int4Linear.from_float(w, group_size=32)
-    assert i8.nbytes == 576 * 1536 + 2 * 576  # int8 values + a bf16 scale per row
-    assert i4.nbytes == 576 * 1536 // 2 + (1536 // 32) * 576 * 2 * 2  # nibbles + bf16 scale and zero per group
-    assert abs(i4.nbytes / w.numel() - (0.5 + 4 / 32)) < 1e-9
+    s8 = 4 if i8.own_kernel else 2  # pellucid's AVX2 kernels keep float32 scales; torch's take bfloat16
+    s4 = 4 if i4.own_kernel else 2
+    assert i8.nbytes == 576 * 1536 + s8 * 576  # int8 values + a scale per row
+    assert i4.nbytes == 576 * 1536 // 2 + (1536 // 32) * 576 * 2 * s4  # nibbles + scale and zero per group
+    assert abs(i4.nbytes / w.numel() - (0.5 + 2 * s4 / 32)) < 1e-9
 
 
 def test_quantize_int8_scale_rounding_is_consistent():

@@ -106,6 +106,21 @@ def test_several_stop_strings_the_first_in_the_text_wins(real_llm, greedy_run):
     assert done.text == c.text[: c.text.find(early)] and done.stop_reason == early
 
 
+def test_stop_string_before_min_tokens_does_not_end_it(real_llm, greedy_run):
+    """As vLLM: until min_tokens are out, a stop string is plain text; after, it stops."""
+    c, pieces = greedy_run
+    stop = pieces[0]  # complete in the first token
+    p = SamplingParams(temperature=0, max_tokens=12, min_tokens=3, stop=[stop])
+    done = real_llm.generate(PROMPT, p)
+    assert "".join(real_llm.stream(PROMPT, p)) == done.text
+    assert done.text.startswith(stop) and len(done.token_ids) > 3
+    later = c.text.find(stop, len("".join(pieces[:3])))  # its next occurrence past min_tokens, if any
+    if later == -1:
+        assert done.finish_reason == "length" and done.text == c.text
+    else:
+        assert done.finish_reason == "stop" and done.text == c.text[:later]
+
+
 def test_no_stop_runs_to_length(real_llm, greedy_run):
     c, _ = greedy_run
     done = stop_case(real_llm, ["this string never appears"])

@@ -36,6 +36,12 @@ def test_stop_starting_inside_the_held_back_tail():
     assert out == ["x", "a"] and matched == "aab"
 
 
+def test_matching_off_passes_stops_through_but_holds_a_partial_tail():
+    m = StopMatcher(["END"])
+    assert m.push("a END b E", match=False) == "a END b "  # complete: text; "E" may still grow
+    assert m.push("ND", match=True) == "" and m.matched == "END"  # completed once matching is on
+
+
 def test_stop_in_the_very_first_piece():
     out, matched = stream(["Hi"], ["Hi there"])
     assert out == [""] and matched == "Hi"

@@ -45,21 +45,22 @@ FLAG_NAMES = {
 }  # fmt: skip
 
 
-def sampling_flags(*, temperature=None, top_k=None, top_p=None, min_p=None, frequency_penalty=None,
-                   presence_penalty=None, repetition_penalty=None, logit_bias=None, stop=None,
-                   stop_token_id=None, max_tokens=None, min_tokens=None, seed=None,
-                   ignore_eos=False) -> dict[str, Any]:  # fmt: skip
-    """The sampling flags as SamplingParams fields; None = not given on the command line."""
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                  "repetition_penalty", "logit_bias", "stop", "stop_token_id", "max_tokens", "min_tokens",
+                  "seed", "ignore_eos")  # fmt: skip
+
+
+def sampling_flags(given: dict[str, Any]) -> dict[str, Any]:
+    """The sampling flags among a command's arguments (pass `locals()`) as SamplingParams
+    fields; None = not given on the command line."""
     from pellucid.sampling.bias import parse_bias_entry
 
-    bias = dict(parse_bias_entry(e) for e in logit_bias) if logit_bias else None
-    return {
-        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-        "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
-        "repetition_penalty": repetition_penalty, "logit_bias": bias, "stop": list(stop) if stop else None,
-        "stop_token_ids": list(stop_token_id) if stop_token_id else None, "max_tokens": max_tokens,
-        "min_tokens": min_tokens, "seed": seed, "ignore_eos": True if ignore_eos else None,
-    }  # fmt: skip
+    f = {name: given.get(name) for name in SAMPLING_FLAGS}
+    f["logit_bias"] = dict(parse_bias_entry(e) for e in f["logit_bias"]) if f["logit_bias"] else None
+    f["stop"] = list(f["stop"]) if f["stop"] else None
+    f["stop_token_ids"] = list(f.pop("stop_token_id") or []) or None
+    f["ignore_eos"] = True if f["ignore_eos"] else None
+    return f
 
 
 def read_config(path: Path | None):

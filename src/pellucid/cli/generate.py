@@ -97,11 +97,7 @@ def generate(
     """
     from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
 
-    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                           repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
-                           stop_token_id=stop_token_id, max_tokens=max_tokens, min_tokens=min_tokens,
-                           seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    flags = sampling_flags(locals())
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
@@ -160,11 +156,7 @@ def chat(
     window (--ctx-size, default the model's): the oldest turns are dropped first, with a
     note on stderr; the system prompt and the new message never are.
     """
-    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                           repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
-                           stop_token_id=stop_token_id, max_tokens=max_tokens, min_tokens=min_tokens,
-                           seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    flags = sampling_flags(locals())
     defaults = {"max_tokens": 512, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)

@@ -64,10 +64,7 @@ def next_token(
     """
     from pellucid.sampling.explain import explain_next_token
 
-    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                           repetition_penalty=repetition_penalty, logit_bias=logit_bias,
-                           stop_token_id=stop_token_id, min_tokens=min_tokens, seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    flags = sampling_flags(locals())
     defaults = {"max_tokens": None}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)

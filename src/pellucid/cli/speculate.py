@@ -123,11 +123,7 @@ def speculate(
 
     spec = SpeculativeConfig(draft=draft, num_draft=num_draft, draft_model=draft_model, draft_quant=draft_quant,
                              draft_dtype=draft_dtype, draft_layers=draft_layers)  # fmt: skip
-    flags = sampling_flags(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                           repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
-                           stop_token_id=stop_token_id, max_tokens=max_tokens, min_tokens=min_tokens,
-                           seed=seed, ignore_eos=ignore_eos)  # fmt: skip
+    flags = sampling_flags(locals())
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load

@@ -229,36 +229,14 @@ class Engine:
 
     def _update(self, req: Request, tok: int, logprobs: list[TokenLogprob]) -> RequestOutput:
         """Append one token's text and decide, in this one place, whether the request ends."""
-        p = req.params
-        n_out = len(req.output_ids)
-        reason, stop_reason, text = None, None, ""
-        can_stop = n_out > p.min_tokens or p.min_tokens == 0
-        if tok in p.stop_token_ids and can_stop:
-            reason, stop_reason = "stop", tok
-        elif tok in self.tokenizer.eog_ids and not p.ignore_eos and can_stop:
-            reason, stop_reason = "stop", tok
-        else:
-            piece = req.detok.push(tok)
-            text = req.stop.push(piece) if req.stop else piece
-            if req.stop and req.stop.matched is not None:
-                reason, stop_reason = "stop", req.stop.matched
-            elif req.constraint is not None and req.constraint.is_finished():
-                reason = "stop"  # the grammar is complete: nothing but end-of-generation may follow
-            elif p.max_tokens is not None and n_out >= p.max_tokens:
-                reason = "length"
-            elif len(req.prompt_ids) + n_out >= req.max_len:
-                reason = "length"
+        text, reason, stop_reason = req.check_finish(tok, self.tokenizer.eog_ids)
         if reason is not None:
-            tail = req.detok.flush()
-            if req.stop:
-                tail = req.stop.push(tail) + req.stop.flush() if reason != "stop" or stop_reason != req.stop.matched else ""
-            text += tail
             req.stop_reason = stop_reason
             self._finish(req, reason)
         req.text += text
         return RequestOutput(
             req.request_id, [tok], text, req.finished, req.finish_reason, req.stop_reason, logprobs,
-            len(req.prompt_ids), n_out,
+            len(req.prompt_ids), len(req.output_ids),
         )  # fmt: skip
 
     def _finish(self, req: Request, reason: str) -> None:

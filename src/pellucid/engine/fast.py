@@ -77,17 +77,20 @@ def supports(model: nn.Module) -> bool:
 
 
 def decode_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_pos: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """One token per sequence: tokens, pos, slots (B,); caches (layers, S, K, M, D); kv_pos = arange(L).
 
-    Writes each layer's new key and value at `pos` of `slots`, attends over the first L
-    cache positions masked to those <= pos, returns float32 logits (B, V).
+    Reads the cache, never writes it: each layer attends over the cached positions before
+    `pos` plus its new key and value, which are returned for the caller to store, so the
+    compiled graph has no mutation (a write inside it made inductor copy whole cache
+    layers every step). Returns float32 logits (B, V), new keys and values (layers, B, K, D).
     """
     B = tokens.shape[0]
-    L = kv_pos.shape[0]
     x = model.embed(tokens)  # (B, E)
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (B, D)
-    visible = kv_pos[None, :] <= pos[:, None]  # (B, L)
+    before = kv_pos[None, :] < pos[:, None]  # (B, L): the cache rows written by earlier steps
+    new_k, new_v = [], []
     for i, blk in enumerate(model.blocks):
         a = blk.attn
         H, K, D = a.n_heads, a.n_kv_heads, a.head_dim
@@ -98,22 +101,24 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, slots
         v = a.v_proj(h).view(B, 1, K, D)
         q, k = a.qk_transform(q, k)
         q = _rope(q[:, 0], cos, sin)  # (B, H, D) float32
-        k = _rope(k[:, 0], cos, sin).to(k_cache.dtype)  # (B, K, D)
-        k_cache[i, slots, :, pos] = k
-        v_cache[i, slots, :, pos] = v[:, 0].to(v_cache.dtype)
-        keys = k_cache[i][slots, :, :L]  # (B, K, L, D)
-        values = v_cache[i][slots, :, :L]  # (B, K, L, D)
-        mask = visible if a.window is None else visible & (pos[:, None] - kv_pos[None, :] < a.window)
+        k = _rope(k[:, 0], cos, sin).to(k_cache.dtype)  # (B, K, D), as stored
+        v = v[:, 0].to(v_cache.dtype)
+        new_k.append(k)
+        new_v.append(v)
+        keys = k_cache[i][slots, :, : kv_pos.shape[0]]  # (B, K, L, D)
+        values = v_cache[i][slots, :, : kv_pos.shape[0]]  # (B, K, L, D)
+        mask = before if a.window is None else before & (pos[:, None] - kv_pos[None, :] < a.window)
         qg = q.view(B, K, G, D).to(k_cache.dtype).float()  # as eager: q is rounded to the cache dtype
-        scores = (qg[:, :, :, None, :] * keys[:, :, None, :, :].float()).sum(-1) * a.scale  # (B, K, G, L)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        z = (p[..., None] * values[:, :, None, :, :].float()).sum(-2)  # (B, K, G, D)
-        x = x + a.o_proj(z.reshape(B, H * D).to(x.dtype))
+        old = (qg[:, :, :, None, :] * keys[:, :, None, :, :].float()).sum(-1) * a.scale  # (B, K, G, L)
+        old = old.masked_fill(~mask[:, None, None, :], float("-inf"))
+        own = (qg * k.float()[:, :, None, :]).sum(-1, keepdim=True) * a.scale  # (B, K, G, 1)
+        p = torch.softmax(torch.cat([old, own], dim=-1), dim=-1)  # (B, K, G, L + 1)
+        z = (p[..., :-1, None] * values[:, :, None, :, :].float()).sum(-2) + p[..., -1:] * v.float()[:, :, None, :]
+        x = x + a.o_proj(z.reshape(B, H * D).to(x.dtype))  # z: (B, K, G, D)
         h = blk.mlp_norm(x)
         m = blk.mlp
         x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
-    return model.lm_head(model.norm(x)).float()  # (B, V)
+    return model.lm_head(model.norm(x)).float(), torch.stack(new_k), torch.stack(new_v)  # (B, V), (layers, B, K, D)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -161,7 +166,10 @@ class FastDecoder:
         if fn is None:
             if self.compile:
                 inductor_cache_dir()
-                fn = torch.compile(decode_step, dynamic=False, fullgraph=True, options=dict(self._options))
+                options = dict(self._options)
+                if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guards on every module: ~2 ms a call
+                    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+                fn = torch.compile(decode_step, dynamic=False, fullgraph=True, options=options)
             else:
                 fn = decode_step
             self._fns[key] = fn
@@ -191,7 +199,9 @@ class FastDecoder:
         fn = self._fn(key)
         first = key not in self.stats.compile_seconds
         t0 = time.perf_counter() if first else 0.0
-        logits = fn(self.model, tok, pos, slots, k, v, kv_pos)
+        logits, new_k, new_v = fn(self.model, tok, pos, slots, k, v, kv_pos)
+        k[:, slots, :, pos] = new_k.transpose(0, 1)  # indexed (B, layers, K, D): each sequence's row `pos`
+        v[:, slots, :, pos] = new_v.transpose(0, 1)
         if first:
             self.stats.compile_seconds[key] = time.perf_counter() - t0
         self._ready.add(key)

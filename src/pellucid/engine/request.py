@@ -75,3 +75,38 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def check_finish(self, tok: int, eog_ids) -> tuple[str, str | None, str | int | None]:
+        """`tok` was just appended to output_ids: (text to emit, finish reason, stop reason).
+
+        In order: a stop token id or an end-of-generation id, else the token's text through
+        the detokenizer and the stop-string matcher, a completed grammar, max_tokens, the
+        context window. Before min_tokens no stop of any kind ends the request (stop strings
+        included, as in vLLM); a partial stop string is still held back across the boundary.
+        """
+        p = self.params
+        n_out = len(self.output_ids)
+        reason, stop_reason, text = None, None, ""
+        can_stop = n_out > p.min_tokens or p.min_tokens == 0
+        if tok in p.stop_token_ids and can_stop:
+            reason, stop_reason = "stop", tok
+        elif tok in eog_ids and not p.ignore_eos and can_stop:
+            reason, stop_reason = "stop", tok
+        else:
+            piece = self.detok.push(tok) if self.detok is not None else ""
+            text = self.stop.push(piece, match=can_stop) if self.stop else piece
+            if self.stop and self.stop.matched is not None:
+                reason, stop_reason = "stop", self.stop.matched
+            elif self.constraint is not None and self.constraint.is_finished():
+                reason = "stop"  # the grammar is complete: nothing but end-of-generation may follow
+            elif p.max_tokens is not None and n_out >= p.max_tokens:
+                reason = "length"
+            elif len(self.prompt_ids) + n_out >= self.max_len:
+                reason = "length"
+        if reason is not None:
+            tail = self.detok.flush() if self.detok is not None else ""
+            if self.stop:
+                matched = reason == "stop" and stop_reason == self.stop.matched
+                tail = "" if matched else self.stop.push(tail, match=can_stop) + self.stop.flush()
+            text += tail
+        return text, reason, stop_reason

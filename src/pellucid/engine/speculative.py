@@ -407,41 +407,6 @@ def truncated(model: nn.Module, n_layers: int) -> nn.Module:
     return d
 
 
-# -- stop conditions ----------------------------------------------------------------------
-
-
-def _finish_check(req: Request, tok: int, eog_ids: frozenset[int]) -> tuple[str, str | None, str | int | None]:
-    """One token just appended to req.output_ids: (text to emit, finish reason, stop reason).
-
-    The same rules as Engine._update, in the same order: a stop token id or an
-    end-of-generation id (once min_tokens allow it), else its text through the detokenizer
-    and the stop-string matcher, then max_tokens, then the context window.
-    """
-    p = req.params
-    n_out = len(req.output_ids)
-    reason, stop_reason, text = None, None, ""
-    can_stop = n_out > p.min_tokens or p.min_tokens == 0
-    if tok in p.stop_token_ids and can_stop:
-        reason, stop_reason = "stop", tok
-    elif tok in eog_ids and not p.ignore_eos and can_stop:
-        reason, stop_reason = "stop", tok
-    else:
-        piece = req.detok.push(tok) if req.detok is not None else ""
-        text = req.stop.push(piece) if req.stop else piece
-        if req.stop and req.stop.matched is not None:
-            reason, stop_reason = "stop", req.stop.matched
-        elif p.max_tokens is not None and n_out >= p.max_tokens:
-            reason = "length"
-        elif len(req.prompt_ids) + n_out >= req.max_len:
-            reason = "length"
-    if reason is not None:
-        tail = req.detok.flush() if req.detok is not None else ""
-        if req.stop:
-            tail = req.stop.push(tail) + req.stop.flush() if reason != "stop" or stop_reason != req.stop.matched else ""
-        text += tail
-    return text, reason, stop_reason
-
-
 # -- the decoder ----------------------------------------------------------------------------
 
 
@@ -583,7 +548,7 @@ class SpeculativeDecoder:
             req.sampler.accept(tok)
             emitted.append(tok)
             logprobs += self._logprobs(logits, chain, i, tok, req)
-            piece, reason, stop_reason = _finish_check(req, tok, self.eog_ids)
+            piece, reason, stop_reason = req.check_finish(tok, self.eog_ids)
             text += piece
             if reason is not None:
                 req.status = Status.FINISHED

@@ -20,14 +20,18 @@ class StopMatcher:
         self._pending = ""
         self.matched: str | None = None
 
-    def push(self, text: str) -> str:
-        """Add newly decoded text; return what may be emitted now."""
+    def push(self, text: str, match: bool = True) -> str:
+        """Add newly decoded text; return what may be emitted now.
+
+        match=False (before min_tokens): complete stop strings pass through as text, but a
+        tail that could still become one is held back as usual.
+        """
         if self.matched is not None:
             return ""
         buf = self._pending + text
         if not self.stops:
             return buf
-        hit = self._first_complete(buf)
+        hit = self._first_complete(buf) if match else None
         if hit is not None:
             start, stop = hit
             self.matched, self._pending = stop, ""
