@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid.api import LLM
 from pellucid.sampling.params import SamplingParams
 from pellucid.weights.load import load_model
-from tiny import tiny_hf_llama, write_llama_gguf
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

@@ -11,7 +11,13 @@ from pellucid.errors import PellucidError
 from pellucid.quantization import cpu
 from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
 from pellucid.quantization.embedding import RowEmbedding
-from pellucid.quantization.int4 import Int4Linear, Int4PairLinear, dequantize_int4, pack_int4, quantize_int4
+from pellucid.quantization.int4 import (
+    Int4Linear,
+    Int4PairLinear,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+)
 from pellucid.quantization.int8 import Int8Linear, quantize_int8
 from pellucid.quantization.kernels import check_linear_shapes, has_kernel
 
