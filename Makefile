@@ -30,7 +30,8 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 bench: pull
-	$(BIN)/python benchmarks/core.py
+	# llama.cpp joins when $$PELLUCID_PEER_PYTHON names an interpreter with llama-cpp-python
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

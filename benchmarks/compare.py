@@ -42,7 +42,7 @@ def _pellucid_configs(spec: str, base):
     for item in spec.split(","):
         fmt, _, mode = item.strip().partition(":")
         q = fmt if fmt.startswith("int") else None
-        out.append(BenchConfig(**{**asdict(base), "dtype": "float32" if q and "f32" in mode else ("bfloat16" if q else fmt),
+        out.append(BenchConfig(**{**asdict(base), "dtype": "bfloat16" if q and "bf16" in mode else ("float32" if q else fmt),
                                   "quant": q, "compile": "compile" in mode}))  # fmt: skip
     return out
 

@@ -85,17 +85,22 @@ def run_llama_cpp(gguf: str, ids: list[int], gen: int, threads: int, repeat: int
                           verbose=False)  # fmt: skip
     load_s = time.perf_counter() - t
 
+    n_vocab = llm.n_vocab()
+
+    def argmax_last() -> int:  # llm.scores stays zero unless logits_all: read the context's last row
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))))
+
     def once(n: int) -> tuple[float, list[float], list[int]]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = argmax_last()
         ttft = time.perf_counter() - t0
         toks, lats = [tok], []
         for _ in range(n - 1):
             t1 = time.perf_counter()
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = argmax_last()
             lats.append(time.perf_counter() - t1)
             toks.append(tok)
         return ttft, lats, toks

@@ -18,10 +18,10 @@ def cli(real_llm):
     from pellucid.registry import DEFAULT_MODEL
 
     _register()
-    common.LOADED[DEFAULT_MODEL, "float32"] = real_llm
+    common.LOADED[DEFAULT_MODEL, "float32", None] = real_llm
     runner = CliRunner()
-    yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32"])
-    common.LOADED.pop((DEFAULT_MODEL, "float32"), None)
+    yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32", "--quant", "none"])
+    common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)
 
 
 def test_json_schema_file(cli, tmp_path):

@@ -63,7 +63,7 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        fmt = self.quant or self.dtype
+        fmt = f"{self.quant}@{self.dtype}" if self.quant else self.dtype
         return fmt + (" compiled" if self.compile else "") + ("" if self.use_cache else " no-kv-cache")
 
 

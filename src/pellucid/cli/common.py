@@ -15,7 +15,8 @@ import typer
 from pellucid.registry import DEFAULT_MODEL
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
+Quant = Annotated[str, typer.Option("--quant", help="Weight-only linear layers: int8, int4 (int4-g64, ...) or none.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
 MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.")]
@@ -32,8 +33,9 @@ Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this tex
 StopTokenId = Annotated[list[int] | None, typer.Option("--stop-token-id", help="Stop at this token id (repeatable).")]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.")]
 
-DEFAULT_DTYPE = "bfloat16"
-__all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE"]
+DEFAULT_DTYPE = "auto"
+DEFAULT_QUANT = "int8"  # the fastest format whose quality meets the goal (BENCHMARKS.md)
+__all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 
 # flag name of each SamplingParams field, for error messages
 FLAG_NAMES = {
@@ -80,23 +82,24 @@ def model_name(model: str | None, config) -> str:
 
 # Models loaded in this process, by (name, dtype): a command loads once; in-process callers
 # (tests driving the CLI, a notebook) reuse what is already loaded.
-LOADED: dict[tuple[str, str], Any] = {}
+LOADED: dict[tuple[str, str, str | None], Any] = {}
 
 
-def load_llm(model: str, dtype: str, *, max_batch: int = 1, quiet: bool = False):
+def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int = 1, quiet: bool = False):
     """Load a model with a spinner on stderr (one request at a time: a batch of 1)."""
     from rich.console import Console
 
     from pellucid.api import LLM
 
-    if (model, dtype) in LOADED:
-        return LOADED[model, dtype]
+    quant = None if quant in (None, "", "none") else quant
+    if (model, dtype, quant) in LOADED:
+        return LOADED[model, dtype, quant]
     err = Console(stderr=True, quiet=quiet)
     t = time.perf_counter()
-    with err.status(f"loading {model} ({dtype})"):
-        llm = LLM(model, dtype=dtype, max_batch=max_batch)
+    with err.status(f"loading {model} ({dtype}{', ' + quant if quant else ''})"):
+        llm = LLM(model, dtype=dtype, max_batch=max_batch, quant=quant)
     err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
-    LOADED[model, dtype] = llm
+    LOADED[model, dtype, quant] = llm
     return llm
 
 

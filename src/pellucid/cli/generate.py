@@ -10,6 +10,7 @@ from rich.console import Console
 from pellucid.cli import app
 from pellucid.cli.common import (
     DEFAULT_DTYPE,
+    DEFAULT_QUANT,
     ConfigFile,
     Dtype,
     FrequencyPenalty,
@@ -20,6 +21,7 @@ from pellucid.cli.common import (
     MinTokens,
     Model,
     PresencePenalty,
+    Quant,
     RepetitionPenalty,
     Seed,
     Stop,
@@ -66,6 +68,7 @@ def generate(
     prompt: str = typer.Argument(..., help="Text to continue (raw completion, no chat template)."),
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
+    quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
     max_tokens: MaxTokens = None,
     min_tokens: MinTokens = None,
@@ -105,7 +108,7 @@ def generate(
     from_cli(None, **structured)  # a bad schema or grammar fails before the load too
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
-    llm = load_llm(model_name(model, cfg), dtype)
+    llm = load_llm(model_name(model, cfg), dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
@@ -126,6 +129,7 @@ def generate(
 def chat(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
+    quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (default: the config's system_prompt)."),
     prompt_file: PromptFileRef = None,
@@ -162,6 +166,6 @@ def chat(
     build_params(defaults, cfg, flags, None, without_bias=True)
     style = make_style(length, formality, structure, persona, depth, max_words, format_skeleton)
     chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
-    llm = load_llm(model_name(model, cfg), dtype)
+    llm = load_llm(model_name(model, cfg), dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once)

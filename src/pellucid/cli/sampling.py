@@ -12,6 +12,7 @@ from rich.table import Table
 from pellucid.cli import app
 from pellucid.cli.common import (
     DEFAULT_DTYPE,
+    DEFAULT_QUANT,
     ConfigFile,
     Dtype,
     FrequencyPenalty,
@@ -21,6 +22,7 @@ from pellucid.cli.common import (
     MinTokens,
     Model,
     PresencePenalty,
+    Quant,
     RepetitionPenalty,
     Seed,
     StopTokenId,
@@ -40,6 +42,7 @@ def next_token(
     prompt: str = typer.Argument(..., help="Text whose next token to show (raw; --chat wraps it as a user message)."),
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
+    quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
     chat: bool = typer.Option(False, "--chat", help="Apply the chat template, PROMPT as the user's message."),
     top: int = typer.Option(10, "--top", help="How many candidate tokens to show.", min=1, max=200),
@@ -69,7 +72,7 @@ def next_token(
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)
     name = model_name(model, cfg)
-    llm = load_llm(name, dtype, quiet=json_out)
+    llm = load_llm(name, dtype, quant, quiet=json_out)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     stages = explain_next_token(llm, prompt, params, top=top, chat=chat)
     drawn = next(c for c in stages[-1].candidates if c.kept)

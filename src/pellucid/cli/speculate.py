@@ -14,6 +14,7 @@ from rich.table import Table
 from pellucid.cli import app
 from pellucid.cli.common import (
     DEFAULT_DTYPE,
+    DEFAULT_QUANT,
     ConfigFile,
     Dtype,
     FrequencyPenalty,
@@ -24,6 +25,7 @@ from pellucid.cli.common import (
     MinTokens,
     Model,
     PresencePenalty,
+    Quant,
     RepetitionPenalty,
     Seed,
     Stop,
@@ -91,6 +93,7 @@ def speculate(
     json_out: bool = typer.Option(False, "--json", help="Print the text and figures as JSON instead."),
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
+    quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
     max_tokens: MaxTokens = None,
     min_tokens: MinTokens = None,
@@ -127,7 +130,7 @@ def speculate(
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
-    llm = load_llm(model_name(model, cfg), dtype)
+    llm = load_llm(model_name(model, cfg), dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     text = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = llm.encode_prompt(text)

@@ -66,6 +66,42 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, float* y, in
   }
 }
 
+// One input row against two weight rows at a time: 8 independent sums keep both FMA ports
+// busy and two streams of weights in flight (decode, M = 1).
+void int8_row1(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const int8_t* a = w + n * K;
+    const int8_t* b = a + K;
+    __m256 sa0 = _mm256_setzero_ps(), sa1 = _mm256_setzero_ps(), sa2 = _mm256_setzero_ps(), sa3 = _mm256_setzero_ps();
+    __m256 sb0 = _mm256_setzero_ps(), sb1 = _mm256_setzero_ps(), sb2 = _mm256_setzero_ps(), sb3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+      sa0 = _mm256_fmadd_ps(widen8(a + k), x0, sa0);
+      sb0 = _mm256_fmadd_ps(widen8(b + k), x0, sb0);
+      sa1 = _mm256_fmadd_ps(widen8(a + k + 8), x1, sa1);
+      sb1 = _mm256_fmadd_ps(widen8(b + k + 8), x1, sb1);
+      sa2 = _mm256_fmadd_ps(widen8(a + k + 16), x2, sa2);
+      sb2 = _mm256_fmadd_ps(widen8(b + k + 16), x2, sb2);
+      sa3 = _mm256_fmadd_ps(widen8(a + k + 24), x3, sa3);
+      sb3 = _mm256_fmadd_ps(widen8(b + k + 24), x3, sb3);
+    }
+    for (; k + 8 <= K; k += 8) {
+      __m256 xv = _mm256_loadu_ps(x + k);
+      sa0 = _mm256_fmadd_ps(widen8(a + k), xv, sa0);
+      sb0 = _mm256_fmadd_ps(widen8(b + k), xv, sb0);
+    }
+    float ta = hsum(_mm256_add_ps(_mm256_add_ps(sa0, sa1), _mm256_add_ps(sa2, sa3)));
+    float tb = hsum(_mm256_add_ps(_mm256_add_ps(sb0, sb1), _mm256_add_ps(sb2, sb3)));
+    for (; k < K; ++k) ta += x[k] * static_cast<float>(a[k]), tb += x[k] * static_cast<float>(b[k]);
+    y[n] = ta * scale[n];
+    y[n + 1] = tb * scale[n + 1];
+  }
+  if (n < n1) int8_rows<1>(x, w, scale, y, K, 0, n, n1);
+}
+
 // MB input rows against weight rows [n0, n1) of a 4-bit matrix; xs (MB, K/32): sums of x per block.
 template <int MB>
 void int4_rows(const float* x, const float* xs, const uint8_t* qs, const float* d, const float* mn, float* y,
@@ -121,7 +157,7 @@ at::Tensor int8_mm(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor&
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) int8_rows<4>(X + m * K, W, S, Y + m * N, K, N, n0, n1);
     for (; m + 2 <= M; m += 2) int8_rows<2>(X + m * K, W, S, Y + m * N, K, N, n0, n1);
-    for (; m < M; ++m) int8_rows<1>(X + m * K, W, S, Y + m * N, K, N, n0, n1);
+    for (; m < M; ++m) int8_row1(X + m * K, W, S, Y + m * N, K, n0, n1);
   });
   return y;
 }

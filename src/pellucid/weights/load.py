@@ -44,11 +44,16 @@ class LoadedModel:
     quant: str | None = None  # weight-only format of the linear layers (None: all in `dtype`)
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """A dtype name; "auto" is bfloat16 where the device computes it natively, else float32."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        from pellucid.quantization.kernels import native_bf16
+
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
-        raise PellucidError(f"dtype {name!r} is not one of: float32, bfloat16, float16", param="dtype")
+        raise PellucidError(f"dtype {name!r} is not one of: auto, float32, bfloat16, float16", param="dtype")
     return DTYPES[name]
 
 
@@ -70,7 +75,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     """
     t0 = time.perf_counter()
     _return_big_blocks()
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
     if quant is not None:
         from pellucid.quantization.apply import parse_quant, quantize_model
 
