@@ -359,7 +359,7 @@ def bench(
         for f in formats.split(","):
             f = f.strip()
             q = f if f.startswith("int") else None
-            configs.append(BenchConfig(**{**asdict(base), "dtype": "bfloat16" if q else f, "quant": q}))
+            configs.append(BenchConfig(**{**asdict(base), "dtype": base.dtype if q else f, "quant": q}))
     results = []
     for c in configs:
         with console.status(f"measuring {c.label} ({c.prompt_tokens}-token prompt, {c.gen_tokens} tokens, {c.threads} threads)"):

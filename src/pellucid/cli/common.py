@@ -34,7 +34,7 @@ StopTokenId = Annotated[list[int] | None, typer.Option("--stop-token-id", help="
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.")]
 
 DEFAULT_DTYPE = "auto"
-DEFAULT_QUANT = "int8"  # the fastest format whose quality meets the goal (BENCHMARKS.md)
+DEFAULT_QUANT = "int4"  # the fastest format whose KL from float32 is below llama.cpp's own (BENCHMARKS.md)
 __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 
 # flag name of each SamplingParams field, for error messages

@@ -64,7 +64,7 @@ def quantize_report(
 
         raise PellucidError(f"evaluation text {str(text)!r} does not exist; pass --text FILE", param="text")
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in fmts if split_format(f)[0].split("-g")[0] not in FORMATS]
+    bad = [f for f in fmts if (split_format(f)[0] or split_format(f)[1]).split("-g")[0] not in FORMATS]
     if bad:
         from pellucid.errors import PellucidError
 
