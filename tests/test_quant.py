@@ -191,3 +191,24 @@ def test_quantize_model_keeps_head_when_asked(tiny_gguf):
     quantize_model(lm.model, "int8", head=None)
     assert isinstance(lm.model.lm_head, torch.nn.Linear)
     assert lm.model.lm_head.weight is lm.model.embed.weight  # still tied
+
+
+def test_quantize_report_cli_on_a_tiny_model(tiny_gguf, tmp_path):
+    """Float and quantized formats side by side: float32 is the reference (KL 0, top-1 1)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pellucid.cli import _register, app
+
+    _register()
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    r = CliRunner().invoke(app, ["quantize-report", str(tiny_gguf), "--text", str(text), "--tokens", "96", "--window", "32",
+                                 "--formats", "float32,bfloat16,int8", "--out", str(tmp_path), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = {row["label"]: row for row in json.loads(r.stdout[r.stdout.index("{"):])["rows"]}
+    assert set(rows) == {"float32", "bfloat16", "int8"}
+    assert rows["float32"]["kl_mean"] == 0 and rows["float32"]["top1_agreement"] == 1
+    assert rows["int8"]["bytes_per_param"] < rows["bfloat16"]["bytes_per_param"] < rows["float32"]["bytes_per_param"]
+    assert (tmp_path / "quantize_report.png").is_file()
