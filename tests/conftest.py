@@ -33,3 +33,18 @@ def real_llm(real_lm):
     from pellucid.api import LLM
 
     return LLM(loaded=real_lm, max_batch=4, max_len=2048)
+
+
+@pytest.fixture(scope="module")
+def real_cli(real_llm):
+    """The CLI in-process on the already loaded float32 model: real_cli("generate", ...)."""
+    from typer.testing import CliRunner
+
+    from pellucid.cli import _register, app, common
+    from pellucid.registry import DEFAULT_MODEL
+
+    _register()
+    common.LOADED[DEFAULT_MODEL, "float32", None] = real_llm
+    runner = CliRunner()
+    yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32", "--quant", "none"])
+    common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_hf_llama, write_llama_gguf
+from tiny import greedy, tiny_hf_llama, write_llama_gguf
 
 from pellucid.engine.engine import Engine
 from pellucid.engine.fast import FastDecoder, physical_cores, supports
 from pellucid.engine.kv_cache import KVCache
 from pellucid.models.layers import ForwardContext
-from pellucid.sampling.params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +18,6 @@ def tiny_lm(tmp_path_factory):
 
     hf = tiny_hf_llama(seed=7, layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128)
     return load_model(write_llama_gguf(hf, tmp_path_factory.mktemp("fast") / "tiny.gguf"), dtype="float32")
-
-
-def _greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    reqs = [engine.add_request(engine.make_request(p, params)) for p in prompts]
-    while not all(r.finished for r in reqs):
-        engine.step()
-    return [r.output_ids for r in reqs]
 
 
 PROMPTS = [[5, 60, 61, 62, 70], [9, 8, 7], [100, 120, 140, 160, 180, 200, 220, 240, 250]]
@@ -59,29 +50,29 @@ def test_step_matches_the_model_at_mixed_positions(tiny_lm):
 
 
 def test_uncompiled_step_gives_the_eager_greedy_tokens(tiny_lm):
-    eager = _greedy(Engine(tiny_lm, max_batch=3, max_len=64), PROMPTS, 24)
+    eager = greedy(Engine(tiny_lm, max_batch=3, max_len=64), PROMPTS, 24)
     eng = Engine(tiny_lm, max_batch=3, max_len=64)
     eng._decode_fn = FastDecoder(tiny_lm.model, compile=False)
-    assert _greedy(eng, PROMPTS, 24) == eager
+    assert greedy(eng, PROMPTS, 24) == eager
 
 
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_greedy_tokens(tiny_lm, tmp_path, monkeypatch):
     """torch.compile (inductor, freezing, C++ wrapper): batch 1 and a dynamic batch of 3."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    eager = _greedy(Engine(tiny_lm, max_batch=3, max_len=64), PROMPTS, 16)
+    eager = greedy(Engine(tiny_lm, max_batch=3, max_len=64), PROMPTS, 16)
     eng = Engine(tiny_lm, max_batch=3, max_len=64)
     fast = FastDecoder(tiny_lm.model, compile=True, max_autotune=False)
     eng._decode_fn = fast
-    assert _greedy(eng, PROMPTS[:1], 16) == eager[:1]
-    assert _greedy(eng, PROMPTS, 16) == eager
+    assert greedy(eng, PROMPTS[:1], 16) == eager[:1]
+    assert greedy(eng, PROMPTS, 16) == eager
     assert set(fast.stats.compile_seconds) == {"b1", "bN"}
 
 
 def test_fast_step_on_the_real_model(real_llm):
     """float32 weights: the fast step's greedy tokens are the eager model's."""
     ids = real_llm.tokenizer.encode("The three primary colours are")
-    eager = _greedy(real_llm.engine, [ids], 12)
+    eager = greedy(real_llm.engine, [ids], 12)
     eng = Engine(real_llm.loaded, max_batch=1, max_len=64)
     eng._decode_fn = FastDecoder(real_llm.model, compile=False)
-    assert _greedy(eng, [ids], 12) == eager
+    assert greedy(eng, [ids], 12) == eager

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_hf_llama, write_llama_gguf
+from tiny import greedy, tiny_hf_llama, write_llama_gguf
 
 from pellucid.engine.engine import Engine
 from pellucid.engine.kv_cache import KVCache
-from pellucid.sampling.params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +36,16 @@ def test_real_model_kv_bytes_per_token(real_path):
     assert cfg.kv_bytes_per_token == 23040
 
 
-def _greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    reqs = [engine.add_request(engine.make_request(p, params)) for p in prompts]
-    while not all(r.finished for r in reqs):
-        engine.step()
-    return [r.output_ids for r in reqs]
-
-
 def test_no_kv_cache_gives_the_cached_greedy_tokens(tiny_lm):
     prompts = [[5, 60, 61, 62, 70], [9, 8, 7], [100, 120, 140, 160, 180, 200, 220]]
-    cached = _greedy(Engine(tiny_lm, max_batch=3, max_len=64), prompts, 20)
-    recomputed = _greedy(Engine(tiny_lm, max_batch=3, max_len=64, use_cache=False), prompts, 20)
+    cached = greedy(Engine(tiny_lm, max_batch=3, max_len=64), prompts, 20)
+    recomputed = greedy(Engine(tiny_lm, max_batch=3, max_len=64, use_cache=False), prompts, 20)
     assert Engine(tiny_lm, use_cache=False).cache is None
     assert cached == recomputed
 
 
 def test_no_kv_cache_on_the_real_model(real_llm):
     ids = real_llm.tokenizer.encode("The three primary colours are")
-    cached = _greedy(real_llm.engine, [ids], 8)
-    recomputed = _greedy(Engine(real_llm.loaded, max_batch=1, max_len=64, use_cache=False), [ids], 8)
+    cached = greedy(real_llm.engine, [ids], 8)
+    recomputed = greedy(Engine(real_llm.loaded, max_batch=1, max_len=64, use_cache=False), [ids], 8)
     assert cached == recomputed

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pellucid.config import merge_params, parse_config
 from pellucid.errors import PellucidError
@@ -159,20 +158,10 @@ def test_config_logit_bias_by_text(real_llm):
 
 
 # -- the CLI, in-process, on the already loaded model ------------------------------------------
-@pytest.fixture(scope="module")
-def cli(real_llm):
-    from pellucid.cli import _register, app, common
-    from pellucid.registry import DEFAULT_MODEL
-
-    _register()
-    common.LOADED[DEFAULT_MODEL, "float32", None] = real_llm
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32", "--quant", "none"])
-    common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)
 
 
-def test_cli_next_token_json(cli):
-    r = cli("next-token", PROMPT, "--top-k", "3", "--temperature", "0.7", "--logit-bias", " London=-100", "--seed", "3", "--json")
+def test_cli_next_token_json(real_cli):
+    r = real_cli("next-token", PROMPT, "--top-k", "3", "--temperature", "0.7", "--logit-bias", " London=-100", "--seed", "3", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert [s["name"] for s in out["stages"]][-1] == "draw"
@@ -184,29 +173,29 @@ def test_cli_next_token_json(cli):
     assert out["chosen"]["text"] in {c["text"] for c in top_k["candidates"] if c["kept"]}
 
 
-def test_cli_next_token_table(cli):
-    r = cli("next-token", PROMPT, "--top-p", "0.5", "--top", "4")
+def test_cli_next_token_table(real_cli):
+    r = real_cli("next-token", PROMPT, "--top-p", "0.5", "--top", "4")
     assert r.exit_code == 0, r.output
     for word in ("' Paris'", "top-p", "p=0.5", "cut", "tokens kept", "chosen:"):
         assert word in r.stdout, word
 
 
-def test_cli_generate_with_config_and_overrides(cli, real_llm, tmp_path):
+def test_cli_generate_with_config_and_overrides(real_cli, real_llm, tmp_path):
     conf = tmp_path / "inference.yaml"
     conf.write_text("model:\n  name: smollm2-135m-instruct\n  max_tokens: 40\nsampling:\n  temperature: 0.0\n"
                     "control:\n  stop_sequences: ['this string never appears']\n")  # fmt: skip
-    r = cli("generate", PROMPT, "--config", str(conf), "--max-tokens", "4")
+    r = real_cli("generate", PROMPT, "--config", str(conf), "--max-tokens", "4")
     assert r.exit_code == 0, r.output
     expected = real_llm.generate(PROMPT, temperature=0, max_tokens=4).text
     assert r.stdout == expected + "\n"  # the flag's 4 tokens, not the config's 40
-    r = cli("generate", PROMPT, "--config", str(conf), "--max-tokens", "2", "--logit-bias", " Paris=-100")
+    r = real_cli("generate", PROMPT, "--config", str(conf), "--max-tokens", "2", "--logit-bias", " Paris=-100")
     assert r.exit_code == 0 and not r.stdout.startswith(" Paris")
 
 
-def test_cli_config_errors(cli, tmp_path):
+def test_cli_config_errors(real_cli, tmp_path):
     conf = tmp_path / "note.yaml"
     conf.write_text("model:\n  name: gpt-4o\n")
-    r = cli("generate", PROMPT, "--config", str(conf))
+    r = real_cli("generate", PROMPT, "--config", str(conf))
     assert isinstance(r.exception, PellucidError) and "gpt-4o" in r.exception.message and ":2:" in r.exception.message
-    r = cli("generate", PROMPT, "--top-p", "3")
+    r = real_cli("generate", PROMPT, "--top-p", "3")
     assert isinstance(r.exception, PellucidError) and r.exception.message.startswith("--top-p: top_p = 3.0")

@@ -7,63 +7,52 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
 
 pytestmark = pytest.mark.real
 
 
-@pytest.fixture(scope="module")
-def cli(real_llm):
-    from pellucid.cli import _register, app, common
-    from pellucid.registry import DEFAULT_MODEL
-
-    _register()
-    common.LOADED[DEFAULT_MODEL, "float32", None] = real_llm
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32", "--quant", "none"])
-    common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)
 
 
-def test_json_schema_file(cli, tmp_path):
+def test_json_schema_file(real_cli, tmp_path):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
               "required": ["name", "age"]}  # fmt: skip
     f = tmp_path / "person.json"
     f.write_text(json.dumps(schema))
-    r = cli("generate", "A person as JSON:", "--json-schema", str(f), "--max-tokens", "40")
+    r = real_cli("generate", "A person as JSON:", "--json-schema", str(f), "--max-tokens", "40")
     assert r.exit_code == 0, r.output
     value = json.loads(r.stdout)
     assert set(value) == {"name", "age"} and 0 <= value["age"] <= 120
 
 
-def test_choice_regex_grammar(cli, tmp_path):
-    r = cli("generate", "Q: Is the sky blue? A:", "--choice", " yes", "--choice", " no")
+def test_choice_regex_grammar(real_cli, tmp_path):
+    r = real_cli("generate", "Q: Is the sky blue? A:", "--choice", " yes", "--choice", " no")
     assert r.exit_code == 0, r.output
     assert r.stdout.rstrip("\n") in (" yes", " no")
-    r = cli("generate", "The year the Berlin wall fell:", "--regex", " [0-9]{4}")
+    r = real_cli("generate", "The year the Berlin wall fell:", "--regex", " [0-9]{4}")
     assert r.exit_code == 0 and re.fullmatch(r" [0-9]{4}\n", r.stdout), r.output
     g = tmp_path / "answer.lark"
     g.write_text('start: " The answer is " NUMBER "."\nNUMBER: /[0-9]+/\n')
-    r = cli("generate", "What is 2 + 2?", "--grammar", str(g), "--max-tokens", "12")
+    r = real_cli("generate", "What is 2 + 2?", "--grammar", str(g), "--max-tokens", "12")
     assert r.exit_code == 0 and re.fullmatch(r" The answer is [0-9]+\.\n", r.stdout), r.output
 
 
-def test_cut_output_is_reported_incomplete(cli):
-    r = cli("generate", "List 3 colors as JSON:", "--json", "--max-tokens", "4")
+def test_cut_output_is_reported_incomplete(real_cli):
+    r = real_cli("generate", "List 3 colors as JSON:", "--json", "--max-tokens", "4")
     assert r.exit_code == 1
     assert "incomplete" in r.output and "length" in r.output
 
 
-def test_config_response_format(cli, tmp_path):
+def test_config_response_format(real_cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  max_tokens: 64\ncontrol:\n  response_format:\n    type: json_schema\n    json_schema:\n"
                    "      name: colors\n      schema:\n        type: object\n        properties:\n"
                    "          colors: {type: array, items: {type: string, maxLength: 12}, minItems: 3, maxItems: 3}\n"
                    "        required: [colors]\n")  # fmt: skip
-    r = cli("generate", "List 3 colors as JSON:", "--config", str(cfg))
+    r = real_cli("generate", "List 3 colors as JSON:", "--config", str(cfg))
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)["colors"]) == 3
     cfg.write_text("control:\n  response_format:\n    type: json_schema\n    json_schema: {name: x, schema: {type: array, uniqueItems: true}}\n")
-    r = cli("generate", "x", "--config", str(cfg))
+    r = real_cli("generate", "x", "--config", str(cfg))
     said = r.output + str(r.exception)  # in-process, a PellucidError reaches us as the exception main() prints
     assert r.exit_code != 0 and "c.yaml:3" in said and "uniqueItems" in said, said
 
@@ -76,7 +65,7 @@ def test_config_response_format(cli, tmp_path):
         (["--regex", "(a"], "--regex"),
     ],
 )
-def test_bad_flags_fail_before_generation(cli, args, message):
-    r = cli("generate", "x", *args)
+def test_bad_flags_fail_before_generation(real_cli, args, message):
+    r = real_cli("generate", "x", *args)
     said = r.output + str(r.exception)
     assert r.exit_code != 0 and message in said, said

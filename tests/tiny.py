@@ -116,3 +116,14 @@ def write_llama_gguf(model, path: Path, *, qtype: str = "F32", arch: str = "llam
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def greedy(engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Run `prompts` together through an Engine, greedy, n tokens each (EOS ignored)."""
+    from pellucid.sampling.params import SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(engine.make_request(p, params)) for p in prompts]
+    while not all(r.finished for r in reqs):
+        engine.step()
+    return [r.output_ids for r in reqs]
