@@ -7,7 +7,7 @@ through benchmarks/core.py. llama-cpp-python is never a dependency of pellucid: 
 an interpreter that has it (`--peer-python`, default $PELLUCID_PEER_PYTHON).
 
     .venv/bin/python benchmarks/compare.py --peer-python /work/peer-venv/bin/python
-    .venv/bin/python benchmarks/compare.py --pellucid int4:compile,int8:compile,bfloat16 --no-transformers
+    .venv/bin/python benchmarks/compare.py --pellucid int4,int8,bfloat16 --no-transformers
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _pellucid_configs(spec: str, base):
         fmt, _, mode = item.strip().partition(":")
         q = fmt if fmt.startswith("int") else None
         out.append(BenchConfig(**{**asdict(base), "dtype": "bfloat16" if q and "bf16" in mode else ("float32" if q else fmt),
-                                  "quant": q, "compile": "compile" in mode}))  # fmt: skip
+                                  "quant": q}))  # fmt: skip
     return out
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--pellucid", default="default,bfloat16,float32",
-                    help="comma list of FORMAT[:compile] (FORMAT: float32, bfloat16, int8, int4, default)")
+                    help="comma list of FORMAT[:bf16] (FORMAT: float32, bfloat16, int8, int4, default; :bf16 = bfloat16 activations)")
     ap.add_argument("--peer-python", default=os.environ.get("PELLUCID_PEER_PYTHON"))
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--prompt", type=int, default=128)
@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
-    from pellucid import registry
-    from pellucid.cli.bench import BenchConfig, default_format, prompt_ids, run_isolated
+    from pellucid import registry, runtime
+    from pellucid.cli.bench import BenchConfig, prompt_ids, run_isolated
 
     gguf = str(registry.resolve(args.model))
     load_before = os.getloadavg()
@@ -75,10 +75,9 @@ def main() -> None:
     json.dump(ids, ids_file)
     ids_file.close()
 
-    d_dtype, d_quant, d_compile = default_format()
     base = BenchConfig(model=args.model, prompt_tokens=args.prompt, gen_tokens=args.gen, threads=args.threads,
                        repeat=args.repeat, max_len=512)  # fmt: skip
-    spec = args.pellucid.replace("default", f"{d_quant or d_dtype}{':compile' if d_compile else ''}")
+    spec = args.pellucid.replace("default", runtime.DEFAULT_QUANT or runtime.DEFAULT_DTYPE)
     rows: list[dict] = []
     if args.peer_python:
         print("llama.cpp ...", file=sys.stderr, flush=True)

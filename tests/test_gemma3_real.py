@@ -97,7 +97,7 @@ def test_norms_in_the_file_carry_the_plus_one(gemma):
             logits = gemma.model(ids)[0, :-1]
         return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
 
-    norms = [m.weight for m in gemma.model.modules() if type(m).__name__ == "GemmaRMSNorm"]
+    norms = [m.weight for m in gemma.model.modules() if getattr(m, "offset", 0) == 1.0]  # (1 + w) norms
     saved = [w.detach().clone() for w in norms]
     ours = loss()
     try:

@@ -10,6 +10,7 @@ from tiny import tiny_hf_llama, write_llama_gguf
 from pellucid.errors import PellucidError
 from pellucid.quantization import cpu
 from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
+from pellucid.quantization.blocks import Q8Embedding, Q8Linear
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import (
     Int4Linear,
@@ -168,13 +169,18 @@ def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
     layers = quantized_layers(lm.model)
     assert len(layers) == 2 * 7 + 1  # 7 per block and the tied head
     assert not any(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
-    # the embedding stays a float table (the lookup needs rows): bfloat16 rows, float32 out
-    assert isinstance(lm.model.embed, RowEmbedding) and lm.model.embed.weight.dtype == torch.bfloat16
-    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight.to(torch.bfloat16))
-    assert lm.model.embed(torch.tensor([[1, 2]])).dtype == torch.float32
+    rows = lm.model.embed(torch.tensor([[1, 2]]))
+    assert rows.dtype == torch.float32
     assert next(lm.model.parameters()).dtype == torch.float32  # the engine reads the activation type here
-    # the tiny vocabulary (273) is not a multiple of 16: its int4 head falls back to int8
-    assert isinstance(layers["lm_head"], Int8Linear)
+    if cpu.available():  # block layers: a Q8 head, and the tied embedding reads the head's own bytes
+        assert isinstance(layers["lm_head"], Q8Linear)
+        assert isinstance(lm.model.embed, Q8Embedding) and lm.model.embed.qs is layers["lm_head"].qs
+        assert torch.equal(rows[0], layers["lm_head"].dequantize()[[1, 2]])
+        assert torch.allclose(rows[0], ref.model.embed.weight[[1, 2]], atol=0.01 * float(ref.model.embed.weight.abs().max()))
+    else:  # torch's kernels: the embedding is a bfloat16 table; the tiny vocabulary (273) is not a multiple of 16: int8 head
+        assert isinstance(lm.model.embed, RowEmbedding) and lm.model.embed.weight.dtype == torch.bfloat16
+        assert torch.equal(lm.model.embed.weight, ref.model.embed.weight.to(torch.bfloat16))
+        assert isinstance(layers["lm_head"], Int8Linear)
     assert model_nbytes(lm.model) < model_nbytes(ref.model)
     ids = torch.tensor([[5, 60, 61, 62, 70, 80, 90, 100]])
     with torch.no_grad():

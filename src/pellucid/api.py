@@ -6,11 +6,12 @@ same stream of RequestOutputs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pellucid import registry
+from pellucid import registry, runtime
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
@@ -56,21 +57,24 @@ def make_params(params: SamplingParams | None, overrides: dict[str, Any]) -> Sam
 class LLM:
     """A loaded model with its tokenizer, chat template and engine."""
 
-    def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = runtime.DEFAULT_DTYPE, device: str = "cpu",
                  max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
-                 loaded: LoadedModel | None = None, quant: str | None = None, compile: bool = False,
+                 loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT, compile: bool = False,
                  speculative: Any = None):  # fmt: skip
-        """quant: "int8" or "int4" weight-only linear layers; compile: the compiled decode step;
-        speculative: "ngram", "model", a dict or SpeculativeConfig: single requests (not
-        batches, not structured output) decode speculatively (engine/speculative.py)."""
+        """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
+        blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
+        or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
+        (not batches, not structured output) decode speculatively (engine/speculative.py).
+        compile: accepted for older callers; the eager fast path needs no compile step."""
+        if compile:
+            warnings.warn("compile=True is no longer needed: pellucid's fused CPU path runs eagerly", stacklevel=2)
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant)
         self.model_name = str(model)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.chat_template = self.loaded.chat_template
         self.config = self.loaded.config
-        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
-                             compile=compile)  # fmt: skip
+        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device)
         self.speculative = None
         if speculative is not None:
             from pellucid.engine.speculative import from_option

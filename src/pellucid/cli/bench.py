@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pellucid import runtime
 from pellucid.cli import app
 from pellucid.registry import DEFAULT_MODEL
 
@@ -39,20 +40,11 @@ PROMPT_TEXT = (
 )
 
 
-def default_format() -> tuple[str, str | None, bool]:
-    """(dtype, quant, compile) of a plain run: the CLI defaults."""
-    from pellucid.cli import common
-
-    return (getattr(common, "DEFAULT_DTYPE", "bfloat16"), getattr(common, "DEFAULT_QUANT", None),
-            getattr(common, "DEFAULT_COMPILE", False))  # fmt: skip
-
-
 @dataclass
 class BenchConfig:
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
-    quant: str | None = None
-    compile: bool = False
+    dtype: str = runtime.DEFAULT_DTYPE
+    quant: str | None = runtime.DEFAULT_QUANT
     use_cache: bool = True
     prompt_tokens: int = 128
     gen_tokens: int = 128
@@ -64,7 +56,7 @@ class BenchConfig:
     @property
     def label(self) -> str:
         fmt = f"{self.quant}@{self.dtype}" if self.quant else self.dtype
-        return fmt + (" compiled" if self.compile else "") + ("" if self.use_cache else " no-kv-cache")
+        return fmt + ("" if self.use_cache else " no-kv-cache")
 
 
 @dataclass
@@ -72,7 +64,6 @@ class BenchResult:
     config: dict
     load_seconds: float = 0.0  # load_model: file -> model in memory
     import_seconds: float = 0.0  # python + torch + pellucid imports, before the load
-    compile_seconds: float = 0.0  # first call of the compiled step (from the disk cache when warm)
     first_token_seconds: float = 0.0  # first request after load (cold): prefill + first draw
     ttft_seconds: float = 0.0  # warm, median over runs
     prefill_tok_s: float = 0.0
@@ -135,16 +126,13 @@ def measure(cfg: BenchConfig, t_start: float | None = None) -> BenchResult:
 
     torch.set_num_threads(cfg.threads)
     import_s = time.perf_counter() - (t_start if t_start is not None else t_imp)
-    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, compile=cfg.compile, max_batch=cfg.batch,
+    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, max_batch=cfg.batch,
               max_len=cfg.max_len, use_cache=cfg.use_cache)  # fmt: skip
     res = BenchResult(asdict(cfg), load_seconds=llm.loaded.load_seconds, import_seconds=import_s)
     ids = prompt_ids(llm.tokenizer, cfg.prompt_tokens)
     rows = [ids] * cfg.batch
     # cold: the first request after the load (what a user waits for)
     res.first_token_seconds, _, _ = _run_once(llm, [ids], 1)
-    fast = llm.engine._decode_fn
-    if cfg.compile and hasattr(fast, "ensure_compiled"):
-        res.compile_seconds = fast.ensure_compiled(llm.engine.cache, tuple(sorted({1, cfg.batch})))
     _run_once(llm, rows, min(cfg.gen_tokens, 16))  # warm-up
     ttfts, lats, decode_rates = [], [], []
     tokens: list[int] = []
@@ -178,12 +166,10 @@ def kv_curve(cfg: BenchConfig, max_pos: int = 2048, nocache_positions: tuple[int
 
     torch.set_num_threads(cfg.threads)
     out: dict = {"config": asdict(cfg), "max_pos": max_pos}
-    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, compile=cfg.compile, max_batch=1, max_len=max_pos + 8)
+    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, max_batch=1, max_len=max_pos + 8)
     eng = llm.engine
     start = 16
     ids = prompt_ids(llm.tokenizer, max(start, max(nocache_positions or (0,)) + 1))
-    if cfg.compile and hasattr(eng._decode_fn, "ensure_compiled"):
-        eng._decode_fn.ensure_compiled(eng.cache)
     _run_once(llm, [ids[:start]], 32)  # warm-up
     p = SamplingParams(max_tokens=max_pos - start, temperature=0.0, ignore_eos=True)
     req = eng.make_request(ids[:start], p)
@@ -196,7 +182,7 @@ def kv_curve(cfg: BenchConfig, max_pos: int = 2048, nocache_positions: tuple[int
     out["kv_bytes_per_token"] = eng.cache.bytes_per_token
     del llm, eng
     nocache_positions = nocache_positions or tuple(x for x in (16, 32, 64, 100, 128, 256, 512, 768, 1024, 1536, 2000) if x < max_pos)
-    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, compile=False, max_batch=1, max_len=max_pos + 8, use_cache=False)
+    llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, max_batch=1, max_len=max_pos + 8, use_cache=False)
     eng = llm.engine
     ids = ids if len(ids) > max(nocache_positions) else prompt_ids(llm.tokenizer, max(nocache_positions) + 1)
     xs, ys = [], []
@@ -238,7 +224,7 @@ def plot_kv_curve(data: dict, path: Path) -> Path:
     cfg = data["config"]
     fmt = cfg.get("quant") or cfg.get("dtype")
     a, b = window_median(c["positions"], c["ms"], 100), window_median(c["positions"], c["ms"], 2000)
-    title = f"{cfg['model']} {fmt}{' compiled' if cfg.get('compile') else ''}, {cfg['threads']} threads"
+    title = f"{cfg['model']} {fmt}, {cfg['threads']} threads"
     ax.set_title(title)
     kvb = data["kv_bytes_per_token"]
     note = f"KV cache: {kvb:,} bytes per token ({kvb / 1024:.1f} KiB)"
@@ -269,7 +255,8 @@ def versions() -> dict:
         pass
     return {"pellucid": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": model_name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "logical_cpus": os.cpu_count()}  # fmt: skip
+            "logical_cpus": os.cpu_count(), "kernels": runtime.kernels(),
+            "cpu_flags": " ".join(sorted(f for f in runtime.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))}  # fmt: skip
 
 
 def run_isolated(cfg: BenchConfig, mode: str = "measure", timeout: float = 1800, **kw) -> dict:
@@ -299,7 +286,7 @@ def _worker(payload: str, t_start: float) -> None:
 def _table(results: list[dict]) -> Table:
     t = Table(title="pellucid bench")
     cols = ["format", "load s", "first token s", "TTFT ms", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms",
-            "peak RSS MiB", "weights MiB", "compile s"]  # fmt: skip
+            "peak RSS MiB", "weights MiB"]  # fmt: skip
     for c in cols:
         t.add_column(c, justify="right" if c != "format" else "left")
     for r in results:
@@ -307,7 +294,7 @@ def _table(results: list[dict]) -> Table:
         t.add_row(cfg.label, f"{r['load_seconds']:.2f}", f"{r['load_seconds'] + r['first_token_seconds']:.2f}",
                   f"{r['ttft_seconds'] * 1e3:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                   f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}", f"{r['peak_rss_mib']:.0f}",
-                  f"{r['weights_mib']:.0f}", f"{r['compile_seconds']:.1f}")  # fmt: skip
+                  f"{r['weights_mib']:.0f}")  # fmt: skip
     return t
 
 
@@ -316,7 +303,6 @@ def bench(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name, .gguf file or HF folder."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the CLI default)."),
     quant: str | None = typer.Option(None, "--quant", help="none, int8 or int4 (default: the CLI default)."),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="The compiled decode step."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole sequence for every token."),
     formats: str | None = typer.Option(None, "--formats", help="Several formats, e.g. float32,bfloat16,int8,int4 (each in its own process)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens"),
@@ -330,11 +316,9 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, per-token latency, load time and peak memory."""
-    d_dtype, d_quant, d_compile = default_format()
-    quant = d_quant if quant is None else (None if quant == "none" else quant)
-    dtype = dtype or d_dtype
-    compile = d_compile if compile is None else compile
-    base = BenchConfig(model=model, dtype=dtype, quant=quant, compile=compile, use_cache=not no_kv_cache,
+    quant = runtime.DEFAULT_QUANT if quant is None else (None if quant == "none" else quant)
+    dtype = dtype or runtime.DEFAULT_DTYPE
+    base = BenchConfig(model=model, dtype=dtype, quant=quant, use_cache=not no_kv_cache,
                        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, batch=batch,
                        repeat=repeat, max_len=max(512, prompt_tokens + gen_tokens + 8))  # fmt: skip
     if kv_curve_:
@@ -370,7 +354,7 @@ def bench(
     Console().print(_table(results))
     r0 = results[0]
     console.print(f"[dim]KV cache {r0['kv_bytes_per_token']:,} bytes/token; torch {r0['versions']['torch']}, "
-                  f"{r0['versions']['cpu']} ({r0['versions']['cpu_capability']})[/]")  # fmt: skip
+                  f"{r0['versions']['cpu']} ({r0['versions']['cpu_capability']}); kernels: {r0['versions']['kernels']}[/]")  # fmt: skip
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

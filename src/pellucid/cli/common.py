@@ -15,8 +15,8 @@ import typer
 from pellucid.registry import DEFAULT_MODEL
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
-Quant = Annotated[str, typer.Option("--quant", help="Weight-only linear layers: int8, int4 (int4-g64, ...) or none.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Activations: auto (float32 for quantized weights on CPU; else bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
+Quant = Annotated[str, typer.Option("--quant", help="Weights: int4 (default: the file's own quantized blocks; int4-g64, ...), int8, or none.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
 MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.")]
@@ -33,8 +33,8 @@ Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this tex
 StopTokenId = Annotated[list[int] | None, typer.Option("--stop-token-id", help="Stop at this token id (repeatable).")]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.")]
 
-DEFAULT_DTYPE = "auto"
-DEFAULT_QUANT = "int4"  # the fastest format whose KL from float32 is below llama.cpp's own (BENCHMARKS.md)
+from pellucid.runtime import DEFAULT_DTYPE, DEFAULT_QUANT  # noqa: E402  (one set of defaults: API, CLI, server)
+
 __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 
 # flag name of each SamplingParams field, for error messages
@@ -113,11 +113,8 @@ def build_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokeni
 def fit_context(llm, prompt_len: int, max_tokens: int | None) -> None:
     """Grow the engine's context to the model's own window when prompt + max_tokens needs it,
     instead of failing at the default 4,096 positions (one slot, so the cache stays small)."""
-    from pellucid.engine.engine import Engine
-
     need = prompt_len + (max_tokens or 0)
     eng = llm.engine
     limit = min(llm.config.context_length, getattr(llm.model, "max_len", llm.config.context_length))
     if need > eng.max_len and eng.max_len < limit:
-        llm.engine = Engine(llm.loaded, max_batch=eng.max_batch, max_len=min(need, limit), use_cache=eng.use_cache,
-                            device=str(eng.device))  # fmt: skip
+        llm.engine = eng.resized(min(need, limit))

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from pellucid.cli import app
-from pellucid.cli.common import DEFAULT_MODEL
+from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_QUANT, Dtype, Quant
 from pellucid.errors import PellucidError
 
 err = Console(stderr=True)
@@ -25,13 +25,13 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="PELLUCID_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")] = None,
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML inference config: model, default sampling and control values, system prompt.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")] = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = 16,
     max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step.")] = 512,
-    quant: Annotated[str | None, typer.Option("--quant", help="Weight-only quantized linear layers: int8 or int4 (default: none).")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Compile the decode step (torch.compile; the first start takes minutes, later ones seconds).")] = False,
+    quant: Quant = DEFAULT_QUANT,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", hidden=True, help="No longer needed: the fused CPU path runs eagerly.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model name clients send (default: --model as given).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
@@ -64,7 +64,9 @@ def serve(
     sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
                       max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, num_threads=threads,
                       served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt,
-                      llm_options={"quant": quant, "compile": compile} if (quant or compile) else {})  # fmt: skip
+                      quant=None if quant in ("", "none") else quant)  # fmt: skip
+    if compile:
+        err.print("[yellow]note:[/] --compile is no longer needed (pellucid's fused CPU path runs eagerly); ignored")
     state = ServerState(sc, loader=_loader(cfg))
     server = uvicorn.Server(uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=3))  # fmt: skip
@@ -87,13 +89,12 @@ def serve(
 
 def _loader(cfg):
     def load(sc):
+        from pellucid import runtime
         from pellucid.server.state import default_loader
 
         t = time.perf_counter()
-        from pellucid.server.state import auto_dtype
-
-        dtype = auto_dtype() if sc.dtype == "auto" else sc.dtype
-        err.print(f"loading {sc.model} ({dtype}{' (auto)' if sc.dtype == 'auto' else ''}) in the background; "
+        dtype = runtime.resolve_dtype(sc.dtype, sc.quant)
+        err.print(f"loading {sc.model} ({sc.quant or 'no quantization'}, {dtype} activations) in the background; "
                   "requests get 503 until it is ready", highlight=False)  # fmt: skip
         llm = default_loader(sc)
         if cfg is not None and "logit_bias" in sc.defaults:
@@ -102,13 +103,8 @@ def _loader(cfg):
 
             sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
-        warm = getattr(llm.engine._decode_fn, "warmup", None)
-        if warm is not None and llm.engine.cache is not None:  # compile before taking requests (503 meanwhile)
-            sizes = (1, 2) if sc.max_batch > 1 else (1,)
-            err.print(f"compiling the decode step for batch sizes {sizes} (cached for later starts)", highlight=False)
-            warm(llm.engine.cache, sizes)
         err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
-                  f"(max batch {sc.max_batch}, context {llm.engine.max_len})", highlight=False)  # fmt: skip
+                  f"(max batch {sc.max_batch}, context {llm.engine.max_len}; kernels: {runtime.kernels()})", highlight=False)  # fmt: skip
         return llm
 
     return load

@@ -43,7 +43,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, lm, *, max_batch: int = 4, max_len: int | None = None, prefill_chunk: int = 512,
-                 use_cache: bool = True, device: str | None = None, compile: bool = False):  # fmt: skip
+                 use_cache: bool = True, device: str | None = None):  # fmt: skip
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -61,12 +61,11 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.lock = threading.Lock()  # add/abort may come from other threads than step()
-        self._decode_fn = self.model  # the perf layer may swap in a compiled step
-        if compile and use_cache:
-            from pellucid.engine.fast import FastDecoder, supports
 
-            if supports(self.model):  # llama family; other architectures decode eagerly
-                self._decode_fn = FastDecoder(self.model)
+    def resized(self, max_len: int) -> Engine:
+        """A new idle engine like this one with a context window of `max_len` positions."""
+        return Engine(self.lm, max_batch=self.max_batch, max_len=max_len, prefill_chunk=self.prefill_chunk,
+                      use_cache=self.use_cache, device=str(self.device))  # fmt: skip
 
     # -- requests -----------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -197,7 +196,7 @@ class Engine:
             input_pos=torch.tensor(pos, device=self.device)[:, None],
             cache=self.cache, slots=torch.tensor(slots, device=self.device), kv_len=max(pos) + 1,
         )  # fmt: skip
-        logits = self._decode_fn(tokens, ctx, last_only=True)  # (B, V)
+        logits = self.model(tokens, ctx, last_only=True)  # (B, V)
         for r in reqs:
             r.num_computed += 1
         return self._sample_and_update(reqs, logits)

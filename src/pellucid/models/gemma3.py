@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from pellucid.errors import PellucidError
-from pellucid.models.hooks import HookedMixin, HookPoint
-from pellucid.models.layers import Attention, ForwardContext, GatedMLP, ModelConfig
+from pellucid.models.decoder import Block, Decoder
+from pellucid.models.layers import Attention, GatedMLP, ModelConfig, RMSNorm, gguf_getter
 
 
 @dataclass
@@ -34,110 +33,39 @@ def every_nth_global(n_layers: int, pattern: int = 6) -> tuple[int, ...]:
     return tuple(i for i in range(n_layers) if (i + 1) % pattern == 0)
 
 
-class GemmaRMSNorm(nn.Module):
+def GemmaRMSNorm(dim: int, eps: float = 1e-6) -> RMSNorm:  # noqa: N802  (reads as the class it builds)
     """x / rms(x) * (1 + weight): the weight is stored as an offset from one."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+    return RMSNorm(dim, eps, offset=1.0)
 
 
-def rope_table(head_dim: int, max_len: int, base: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (max_len, D), rotate-half layout, positions divided by `scale` (linear scaling)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64) / scale, inv_freq)  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-    return angles.cos().float(), angles.sin().float()
+class Gemma3(Decoder):
+    def block(self, cfg: Gemma3Config, i: int) -> Block:
+        E, is_global = cfg.d_model, i in cfg.global_layers
+        attn = Attention(cfg, i, window=None if is_global else cfg.sliding_window,
+                         scale=cfg.query_pre_attn_scalar**-0.5, qk_norm=True)  # fmt: skip
+        return Block(
+            GemmaRMSNorm(E, cfg.norm_eps), attn, GemmaRMSNorm(E, cfg.norm_eps), GatedMLP(E, cfg.d_ff, "gelu_tanh"),
+            post_attention_norm=GemmaRMSNorm(E, cfg.norm_eps), post_mlp_norm=GemmaRMSNorm(E, cfg.norm_eps),
+            rope="rope" if is_global else "local",
+        )  # fmt: skip
 
+    def final_norm(self, cfg: Gemma3Config) -> RMSNorm:
+        return GemmaRMSNorm(cfg.d_model, cfg.norm_eps)
 
-class GemmaAttention(Attention):
-    def __init__(self, cfg: Gemma3Config, i: int, window: int | None):
-        super().__init__(cfg, i, window=window, scale=cfg.query_pre_attn_scalar**-0.5)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
-
-    def qk_transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)  # (B, T, H, D), (B, T, K, D)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: Gemma3Config, i: int):
-        super().__init__()
-        E = cfg.d_model
-        self.is_global = i in cfg.global_layers
-        self.attention_norm = GemmaRMSNorm(E, cfg.norm_eps)
-        self.attn = GemmaAttention(cfg, i, window=None if self.is_global else cfg.sliding_window)
-        self.post_attention_norm = GemmaRMSNorm(E, cfg.norm_eps)
-        self.mlp_norm = GemmaRMSNorm(E, cfg.norm_eps)
-        self.mlp = GatedMLP(E, cfg.d_ff, "gelu_tanh")
-        self.post_mlp_norm = GemmaRMSNorm(E, cfg.norm_eps)
-        self.hook_resid_pre = HookPoint()  # (B, T, E)
-        self.hook_attn_out = HookPoint()  # (B, T, E) after the post-attention norm
-        self.hook_resid_mid = HookPoint()  # (B, T, E)
-        self.hook_mlp_out = HookPoint()  # (B, T, E) after the post-MLP norm
-        self.hook_resid_post = HookPoint()  # (B, T, E)
-
-    def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
-        x = self.hook_resid_pre(x)
-        attn = self.post_attention_norm(self.attn(self.attention_norm(x), rope, ctx))
-        h = self.hook_resid_mid(x + self.hook_attn_out(attn))
-        mlp = self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
-        return self.hook_resid_post(h + self.hook_mlp_out(mlp))
-
-
-class Gemma3(HookedMixin, nn.Module):
-    def __init__(self, cfg: Gemma3Config, max_len: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.hook_embed = HookPoint()  # (B, T, E) after scaling
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = GemmaRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.max_len = max_len or cfg.context_length
-        self.init_buffers()
+    def rotary(self) -> dict[str, tuple[float, float]]:
+        """Global layers: rope_base with linear scaling; sliding layers: the local base."""
+        return {"rope": (self.cfg.rope_base, self.cfg.rope_scale), "local": (self.cfg.rope_local_base, 1.0)}
 
     def init_buffers(self) -> None:
-        """Tie the head; rotary tables for global (rope_*) and sliding (local_*) layers."""
-        cfg = self.cfg
-        if cfg.tied_embeddings:
-            self.lm_head.weight = self.embed.weight
+        super().init_buffers()
         device = self.embed.weight.device
-        if device.type == "meta":
-            device = None
-        cos, sin = rope_table(cfg.head_dim, self.max_len, cfg.rope_base, cfg.rope_scale)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
-        cos, sin = rope_table(cfg.head_dim, self.max_len, cfg.rope_local_base)
-        self.register_buffer("local_cos", cos.to(device), persistent=False)
-        self.register_buffer("local_sin", sin.to(device), persistent=False)
         # float32 here; rounded to the model dtype at use, as the reference does
-        self.register_buffer("embed_scale", torch.tensor(cfg.d_model**0.5, device=device), persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(self.cfg.d_model**0.5, device=None if device.type == "meta" else device),
+                             persistent=False)  # fmt: skip
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)  # (B, T, E)
         return self.hook_embed(x * self.embed_scale.to(x.dtype))
-
-    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, V) with `last_only`."""
-        ctx = ctx or ForwardContext.full(tokens)
-        x = self.embed_tokens(tokens)
-        pos = ctx.input_pos
-        ropes = {
-            True: (self.rope_cos[pos], self.rope_sin[pos]),  # (B, T, D) each
-            False: (self.local_cos[pos], self.local_sin[pos]),
-        }
-        for block in self.blocks:
-            x = block(x, ropes[block.is_global], ctx)
-        if last_only:
-            x = x[:, -1]
-        return self.unembed(self.norm(x))
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x).float()
@@ -185,12 +113,7 @@ HF_NAMES = {
 
 
 def config_from_gguf(meta: dict, arch: str = "gemma3") -> Gemma3Config:
-    def g(key, default=None):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise KeyError(f"{arch}.{key}")
-        return v
-
+    g = gguf_getter(meta, arch)
     n_heads, d_model, n_layers = int(g("attention.head_count")), int(g("embedding_length")), int(g("block_count"))
     head_dim = int(g("attention.key_length", d_model // n_heads))
     vocab = int(meta.get(f"{arch}.vocab_size", 0)) or len(meta["tokenizer.ggml.tokens"])

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import PellucidError
-from pellucid.models.hooks import HookedMixin, HookPoint
-from pellucid.models.layers import Attention, ForwardContext, ModelConfig
+from pellucid.models.decoder import Block, Decoder
+from pellucid.models.hooks import HookPoint
+from pellucid.models.layers import Attention, ForwardContext, ModelConfig, gguf_getter
 
 
 @dataclass
@@ -36,12 +37,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-class GPT2Attention(Attention):
-    def __init__(self, cfg: GPT2Config, i: int):
-        super().__init__(cfg, i, bias=True, scale=cfg.attn_scale)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=True)
-
-
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, act: str):
         super().__init__()
@@ -54,60 +49,27 @@ class MLP(nn.Module):
         return self.down_proj(self.hook_post(F.gelu(self.up_proj(x), approximate=self.approximate)))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config, i: int):
-        super().__init__()
-        self.attention_norm = LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = GPT2Attention(cfg, i)
-        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.act)
-        self.hook_resid_pre = HookPoint()  # (B, T, E)
-        self.hook_attn_out = HookPoint()  # (B, T, E)
-        self.hook_resid_mid = HookPoint()  # (B, T, E)
-        self.hook_mlp_out = HookPoint()  # (B, T, E)
-        self.hook_resid_post = HookPoint()  # (B, T, E)
+class GPT2(Decoder):
+    def block(self, cfg: GPT2Config, i: int) -> Block:
+        E = cfg.d_model
+        attn = Attention(cfg, i, bias=True, o_bias=True, scale=cfg.attn_scale)
+        return Block(LayerNorm(E, cfg.norm_eps), attn, LayerNorm(E, cfg.norm_eps), MLP(E, cfg.d_ff, cfg.act), rope=None)
 
-    def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
-        x = self.hook_resid_pre(x)
-        h = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attention_norm(x), rope, ctx)))
-        return self.hook_resid_post(h + self.hook_mlp_out(self.mlp(self.mlp_norm(h))))
+    def final_norm(self, cfg: GPT2Config) -> LayerNorm:
+        return LayerNorm(cfg.d_model, cfg.norm_eps)
 
+    def rotary(self) -> dict[str, tuple[float, float]]:
+        return {}  # learned absolute positions instead
 
-class GPT2(HookedMixin, nn.Module):
-    def __init__(self, cfg: GPT2Config, max_len: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.context_length, cfg.d_model)
-        self.hook_embed = HookPoint()  # (B, T, E) token embeddings
+    def init_positions(self) -> None:
+        self.pos_embed = nn.Embedding(self.cfg.context_length, self.cfg.d_model)
         self.hook_pos_embed = HookPoint()  # (B, T, E) position embeddings
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # learned positions end where the table ends
-        self.max_len = min(max_len or cfg.context_length, cfg.context_length)
-        self.init_buffers()
 
-    def init_buffers(self) -> None:
-        """Tie the output head (no rotary tables: positions are learned)."""
-        if self.cfg.tied_embeddings:
-            self.lm_head.weight = self.embed.weight
+    def position_limit(self) -> int:
+        return self.cfg.context_length  # learned positions end where the table ends
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.hook_embed(self.embed(tokens))  # (B, T, E)
-
-    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, V) with `last_only`."""
-        ctx = ctx or ForwardContext.full(tokens)
-        x = self.embed_tokens(tokens) + self.hook_pos_embed(self.pos_embed(ctx.input_pos))  # (B, T, E)
-        for block in self.blocks:
-            x = block(x, None, ctx)
-        if last_only:
-            x = x[:, -1]
-        return self.unembed(self.norm(x))
-
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x).float()
+    def embed_positions(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return x + self.hook_pos_embed(self.pos_embed(ctx.input_pos))  # (B, T, E)
 
 
 def _table(prefix: str, names: dict[str, str]) -> dict[str, str]:
@@ -197,12 +159,7 @@ def _act(name: str) -> str:
 
 
 def config_from_gguf(meta: dict, arch: str = "gpt2") -> GPT2Config:
-    def g(key, default=None):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise KeyError(f"{arch}.{key}")
-        return v
-
+    g = gguf_getter(meta, arch)
     d_model, n_heads = int(g("embedding_length")), int(g("attention.head_count"))
     return GPT2Config(
         arch=arch,

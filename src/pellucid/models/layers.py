@@ -40,25 +40,54 @@ class ModelConfig:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
 
 
+def gguf_getter(meta: dict, arch: str):
+    """`g(key, default)`: the GGUF metadata value `{arch}.{key}`; KeyError naming it when missing without a default."""
+
+    def g(key: str, default=None):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise KeyError(f"{arch}.{key}")
+        return v
+
+    return g
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """x / rms(x) * (offset + weight). Gemma stores its weight as an offset from one (offset=1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 as the reference implementations do, then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        w = self.weight.float() if self.offset == 0 else self.offset + self.weight.float()
+        return (xf * w).to(x.dtype)
 
 
-def rope_table(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, D) for the rotate-half (NeoX / HF) layout."""
+def rope_table(head_dim: int, max_len: int, base: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, D) for the rotate-half (NeoX / HF) layout; positions divided by `scale`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64) / scale, inv_freq)  # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
     return angles.cos().float(), angles.sin().float()
+
+
+class Rope:
+    """A rotary table (cos, sin (P, D)) and this forward's positions (B, T); gathered once, on first use."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor):
+        self.cos, self.sin, self.pos = cos, sin, pos
+        self._at: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def at_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) at each token's position."""
+        if self._at is None:
+            self._at = (self.cos[self.pos], self.sin[self.pos])
+        return self._at
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,8 +139,8 @@ class ForwardContext:
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, bias: bool = False, window: int | None = None,
-                 scale: float | None = None):  # fmt: skip
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, bias: bool = False, o_bias: bool = False,
+                 window: int | None = None, scale: float | None = None, qk_norm: bool = False):  # fmt: skip
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -121,27 +150,28 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(E, H * D, bias=bias)
         self.k_proj = nn.Linear(E, K * D, bias=bias)
         self.v_proj = nn.Linear(E, K * D, bias=bias)
-        self.o_proj = nn.Linear(H * D, E, bias=False)
+        self.o_proj = nn.Linear(H * D, E, bias=o_bias)
+        if qk_norm:  # Gemma 3: RMSNorm over each head's queries and keys, before rotary
+            self.q_norm = RMSNorm(D, cfg.norm_eps, offset=1.0)
+            self.k_norm = RMSNorm(D, cfg.norm_eps, offset=1.0)
         self.hook_q = HookPoint()  # (B, T, H, D) after rotary
         self.hook_k = HookPoint()  # (B, T, K, D) after rotary
         self.hook_v = HookPoint()  # (B, T, K, D)
         self.hook_pattern = HookPoint()  # (B, H, T, L) attention probabilities
         self.hook_z = HookPoint()  # (B, T, H, D) per-head outputs before o_proj
 
-    def qk_transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head transform of q, k before rotary (Gemma's q/k norms); identity here."""
-        return q, k
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: ForwardContext) -> torch.Tensor:
-        """`rope`: cos, sin (B, T, D) at each token's position; None for learned positions (GPT-2)."""
+    def forward(self, x: torch.Tensor, rope: Rope | None, ctx: ForwardContext) -> torch.Tensor:
+        """x (B, T, E) -> (B, T, E). `rope`: None for learned positions (GPT-2)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D)
         k = self.k_proj(x).view(B, T, K, D)
         v = self.v_proj(x).view(B, T, K, D)
-        q, k = self.qk_transform(q, k)
+        if "q_norm" in self._modules:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope.at_positions()
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(v)
         if ctx.cache is not None:
@@ -178,6 +208,17 @@ class Attention(nn.Module):
             return None
         return (pattern @ values.float()).to(q.dtype)
 
+    def fused(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
+        """forward() as one projection, one fused op (norms, rotary, cache write, attention) and o_proj."""
+        B, T, _ = x.shape
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if "q_norm" in self._modules else (None, None)
+        eps, offset = (self.q_norm.eps, self.q_norm.offset) if qn is not None else (0.0, 0.0)
+        z = torch.ops.pellucid.attention(
+            self.qkv_proj(x), ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx], ctx.slots, ctx.input_pos,
+            rope.cos, rope.sin, self.n_heads, self.n_kv_heads, self.scale, self.window or 0, qn, kn, eps, offset,
+        )  # (B, T, H * D)  # fmt: skip
+        return self.o_proj(z)
+
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with tanh-GELU (Gemma)."""
@@ -194,3 +235,39 @@ class GatedMLP(nn.Module):
         g = self.gate_proj(x)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.down_proj(self.hook_post(g * self.up_proj(x)))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() as one gate+up projection, one fused activation-and-product, and down_proj."""
+        return self.down_proj(torch.ops.pellucid.glu(self.gate_up_proj(x), 0 if self.act == "silu" else 1))
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module:
+    """One linear layer whose output rows are `parts`' rows in order; each part becomes a view of it.
+
+    Float layers share one weight; quantized ones (duck-typed: a `concat_rows` classmethod)
+    share their buffers. The fused layer is kept out of the module tree (the parts still
+    own the parameters, so counts, names and state dicts do not change).
+    """
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1:
+        raise TypeError(f"cannot fuse layers of different kinds: {sorted(k.__name__ for k in kinds)}")
+    kind = kinds.pop()
+    if kind is nn.Linear:
+        w = torch.cat([p.weight.detach() for p in parts])
+        has_bias = parts[0].bias is not None
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if has_bias:
+            fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        a = 0
+        for p in parts:
+            n = p.out_features
+            p.weight = nn.Parameter(fused.weight[a : a + n], requires_grad=False)
+            if has_bias:
+                p.bias = nn.Parameter(fused.bias[a : a + n], requires_grad=False)
+            a += n
+        return fused
+    concat = getattr(kind, "concat_rows", None)
+    if concat is None:
+        raise TypeError(f"{kind.__name__} cannot be fused (no concat_rows)")
+    return concat(parts)

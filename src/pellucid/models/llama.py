@@ -9,17 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from pellucid.models.hooks import HookedMixin, HookPoint
-from pellucid.models.layers import (
-    Attention,
-    ForwardContext,
-    GatedMLP,
-    ModelConfig,
-    RMSNorm,
-    rope_table,
-)
+from pellucid.models.decoder import Block, Decoder
+from pellucid.models.layers import Attention, GatedMLP, ModelConfig, RMSNorm, gguf_getter
 
 
 @dataclass
@@ -27,66 +19,16 @@ class LlamaConfig(ModelConfig):
     sliding_window: int | None = None
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, i: int, *, bias: bool = False):
-        super().__init__()
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, i, bias=bias, window=cfg.sliding_window)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.d_model, cfg.d_ff, "silu")
-        self.hook_resid_pre = HookPoint()  # (B, T, E)
-        self.hook_attn_out = HookPoint()  # (B, T, E)
-        self.hook_resid_mid = HookPoint()  # (B, T, E)
-        self.hook_mlp_out = HookPoint()  # (B, T, E)
-        self.hook_resid_post = HookPoint()  # (B, T, E)
-
-    def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
-        x = self.hook_resid_pre(x)
-        h = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attention_norm(x), rope, ctx)))
-        return self.hook_resid_post(h + self.hook_mlp_out(self.mlp(self.mlp_norm(h))))
-
-
-class Llama(HookedMixin, nn.Module):
+class Llama(Decoder):
     attn_bias = False  # Qwen2 sets True
 
-    def __init__(self, cfg: LlamaConfig, max_len: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.hook_embed = HookPoint()  # (B, T, E)
-        self.blocks = nn.ModuleList(Block(cfg, i, bias=self.attn_bias) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.max_len = max_len or cfg.context_length
-        self.init_buffers()
-
-    def init_buffers(self) -> None:
-        """Tie the output head and compute the rotary tables (neither is in a checkpoint)."""
-        if self.cfg.tied_embeddings:
-            self.lm_head.weight = self.embed.weight
-        cos, sin = rope_table(self.cfg.head_dim, self.max_len, self.cfg.rope_base)
-        device = self.embed.weight.device
-        if device.type == "meta":
-            device = None
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.hook_embed(self.embed(tokens))  # (B, T, E)
-
-    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, V) with `last_only`."""
-        ctx = ctx or ForwardContext.full(tokens)
-        x = self.embed_tokens(tokens)
-        rope = (self.rope_cos[ctx.input_pos], self.rope_sin[ctx.input_pos])  # (B, T, D) each
-        for block in self.blocks:
-            x = block(x, rope, ctx)
-        if last_only:
-            x = x[:, -1]
-        return self.unembed(self.norm(x))
-
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x).float()
+    def block(self, cfg: LlamaConfig, i: int) -> Block:
+        return Block(
+            RMSNorm(cfg.d_model, cfg.norm_eps),
+            Attention(cfg, i, bias=self.attn_bias, window=cfg.sliding_window),
+            RMSNorm(cfg.d_model, cfg.norm_eps),
+            GatedMLP(cfg.d_model, cfg.d_ff, "silu"),
+        )
 
 
 # Checkpoint names -> ours. {L} is the layer index.
@@ -121,12 +63,7 @@ HF_NAMES = {
 
 
 def config_from_gguf(meta: dict, arch: str = "llama") -> LlamaConfig:
-    def g(key, default=None):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise KeyError(f"{arch}.{key}")
-        return v
-
+    g = gguf_getter(meta, arch)
     n_heads = int(g("attention.head_count"))
     d_model = int(g("embedding_length"))
     vocab = int(meta.get(f"{arch}.vocab_size", 0)) or len(meta["tokenizer.ggml.tokens"])

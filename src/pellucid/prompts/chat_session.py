@@ -151,14 +151,10 @@ class ChatSession:
 
     def _make_room(self, need: int) -> None:
         """Grow the engine's context (one slot) when this window needs more than it has."""
-        from pellucid.engine.engine import Engine
-
         eng = self.llm.engine
         if need > eng.max_len:
             if eng.running or eng.waiting:
                 raise PellucidError(f"this conversation needs {need:,} positions and the engine has "
                                     f"{eng.max_len:,} while it serves other requests; create the LLM "
                                     f"with max_len={self.window}", param="window")  # fmt: skip
-            compiled = eng._decode_fn is not eng.model  # keep a compiled decode step compiled
-            self.llm.engine = Engine(self.llm.loaded, max_batch=eng.max_batch, max_len=self.window,
-                                     use_cache=eng.use_cache, device=str(eng.device), compile=compiled)  # fmt: skip
+            self.llm.engine = eng.resized(self.window)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pellucid.errors import PellucidError
+from pellucid.quantization.blocks import Q4Linear, Q8Embedding, Q8Linear
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import Int4Linear, Int4PairLinear
 from pellucid.quantization.int8 import Int8Linear
@@ -36,25 +37,31 @@ def parse_quant(quant: str | None) -> tuple[str | None, int]:
 
 
 def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torch.Tensor] | None = None,
-                   source_q4: Callable[[str], tuple | None] | None = None, dtype: torch.dtype | None = None,
+                   source_blocks: Callable[[str], tuple | None] | None = None, dtype: torch.dtype | None = None,
                    head: str | None = "auto", embedding: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
     """Swap each nn.Linear of `model` for its `quant` version, in place; returns `model`.
 
-    dtype: the kernels' input type (default: bfloat16, float16 for a float16 model); the
-    model's own dtype stays its activation type. head: the output head's format: "auto"
-    (int8 for int8; for int4 an int4 pair, about 8 bits per group, since a plain int4 head
-    costs far more quality than any other layer), "same", "int8", "int4", "int4x2", or None
-    to keep it. embedding: store nn.Embedding tables as bfloat16 rows (RowEmbedding).
+    With pellucid's CPU kernels (x86 with AVX2, the usual case) every layer becomes a
+    block layer (quantization/blocks.py): "int4" keeps each tensor the file stores in
+    blocks exactly as stored (Q4_0/Q4_1/Q4_K as Q4; Q8_0/Q5_0/Q6_K as Q8) and quantizes
+    float tensors to 4 bits per group; "int8" makes Q8 blocks of 32. The output head
+    ("auto") is the file's blocks or Q8, and a tied embedding shares the head's Q8 bytes.
+    Without the kernels: torch's weight-only int8/int4 layers (Int8Linear, Int4Linear; an
+    int4 pair for the head), with `dtype` their input type (default bfloat16).
+
     source: parameter name -> float32 weight (default: the module's own); it may also
-    return a row source (w[a:b], w.shape) for large tables. source_q4: parameter name ->
-    (q, d, m) 4-bit blocks of 32 as stored in a GGUF file, or None; int4 with groups of 32
-    takes those nibbles as they are (no float round trip). An int4 layer whose shape the
-    kernel cannot take (a vocabulary that is not a multiple of 16) becomes int8.
+    return a row source (w[a:b], w.shape) for large tables. source_blocks: parameter
+    name -> the file's blocks as `GGUFFile.blocks` gives them (in our row order), or None.
     """
+    from pellucid.quantization import cpu
+
     fmt, group = parse_quant(quant)
     if fmt is None:
         return model
     act = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type in ("cpu", "meta") and cpu.available():
+        return _to_blocks(model, fmt, group, source, source_blocks, head, embedding, skip, act)
     dtype = dtype or kernel_dtype(act)
     head_fmt = {"auto": "int4x2" if fmt == "int4" else "int8", "same": quant}.get(head, head)  # type: ignore[arg-type]
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}  # a tied weight keeps its first name
@@ -69,17 +76,7 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
             layer_fmt = head_fmt
             layer_group = parse_quant(head_fmt.replace("x2", ""))[1] or group or 32
         wname = names.get(id(lin.weight), f"{name}.weight")
-        if layer_fmt == "int4" and lin.bias is None and layer_group == 32 and source_q4 is not None \
-                and int4_fits(lin.in_features, lin.out_features, 32):  # fmt: skip
-            blocks = source_q4(wname)
-            if blocks is not None:
-                _set_module(model, name, Int4Linear.from_q4_blocks(*blocks, dtype=dtype, name=name))
-                continue
-        w = source(wname) if source is not None else lin.weight.detach()
-        if tuple(w.shape) != tuple(lin.weight.shape):
-            raise PellucidError(f"weight {wname!r} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
-        if isinstance(w, torch.Tensor) and lin.weight.device.type != "meta":
-            w = w.to(lin.weight.device)
+        w = _float_weight(source, wname, lin)
         bias = None
         if lin.bias is not None:
             bias = source(f"{name}.bias") if source is not None else lin.bias.detach()
@@ -104,6 +101,68 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
     return model
 
 
+def _float_weight(source, wname: str, lin: nn.Linear):
+    w = source(wname) if source is not None else lin.weight.detach()
+    if tuple(w.shape) != tuple(lin.weight.shape):
+        raise PellucidError(f"weight {wname!r} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
+    if isinstance(w, torch.Tensor) and lin.weight.device.type != "meta":
+        w = w.to(lin.weight.device)
+    return w
+
+
+def _to_blocks(model: nn.Module, fmt: str, group: int, source, source_blocks, head: str | None, embedding: bool,
+               skip: tuple[str, ...], act: torch.dtype) -> nn.Module:  # fmt: skip
+    """quantize_model with pellucid's CPU kernels: Q4 / Q8 block layers (see quantize_model)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    embeds = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    shared: dict[int, Q8Linear] = {}  # a tied table's id -> its Q8 head, which the embedding reuses
+    kept: set[int] = set()
+    for name, lin in linears:
+        is_head = name.endswith("lm_head")
+        if is_head and head is None:
+            kept.add(id(lin.weight))  # a tied table stays the float table the head reads
+            continue
+        wname = names.get(id(lin.weight), f"{name}.weight")
+        bias = lin.bias.detach() if lin.bias is not None else None
+        if bias is not None and source is not None:
+            bias = source(f"{name}.bias")
+        if lin.in_features % 32:
+            continue  # no block layout: the layer stays as it is
+        blocks = source_blocks(wname) if source_blocks is not None and (fmt == "int4" or is_head) else None
+        if blocks is not None and fmt == "int8" and blocks[0] != "q8":
+            blocks = None  # int8 asks for 8 bits: re-quantize a 4-bit tensor's values to Q8
+        if blocks is not None:
+            kind, q, d, m = blocks
+            new = Q4Linear.from_blocks(q, d, m, bias, name) if kind == "q4" else Q8Linear.from_blocks(q, d, bias, name)
+        elif fmt == "int8" or is_head:
+            new = Q8Linear.from_float(_float_weight(source, wname, lin), bias, name=name)
+        else:
+            new = Q4Linear.from_float(_float_weight(source, wname, lin), bias, group_size=group, name=name)
+        if is_head and id(lin.weight) in embeds and isinstance(new, Q8Linear) and new.d.shape[1] * 32 == new.in_features:
+            shared[id(lin.weight)] = new
+        _set_module(model, name, new)
+    if not embedding:
+        return model
+    for name, emb in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]:
+        if emb.embedding_dim % 32 or id(emb.weight) in kept:
+            continue
+        head_q8 = shared.get(id(emb.weight))
+        if head_q8 is not None:
+            new = Q8Embedding(head_q8.qs, head_q8.d, act)
+        else:
+            wname = names.get(id(emb.weight), f"{name}.weight")
+            blocks = source_blocks(wname) if source_blocks is not None else None
+            if blocks is not None and blocks[0] == "q8" and blocks[2].shape[1] * 32 == emb.embedding_dim:
+                new = Q8Embedding(blocks[1], blocks[2], act)
+            else:
+                w = source(wname) if source is not None else emb.weight.detach()
+                lin = Q8Linear.from_float(w, name=name)
+                new = Q8Embedding(lin.qs, lin.d, act)
+        _set_module(model, name, new)
+    return model
+
+
 def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     try:
         check_linear_shapes("int4", in_features, out_features, group_size)
@@ -121,7 +180,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> quantized linear layer (an int4 pair counts once, not with its two halves)."""
     out = {}
     for n, m in model.named_modules():
-        if isinstance(m, Int8Linear | Int4Linear | Int4PairLinear) and not any(n.startswith(p + ".") for p in out):
+        if isinstance(m, Int8Linear | Int4Linear | Int4PairLinear | Q4Linear | Q8Linear) and not any(n.startswith(p + ".") for p in out):
             out[n] = m
     return out
 
@@ -131,7 +190,7 @@ def model_nbytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for mod in model.modules():
         tensors = list(mod._parameters.values())
-        if isinstance(mod, Int8Linear | Int4Linear | RowEmbedding):
+        if isinstance(mod, Int8Linear | Int4Linear | RowEmbedding | Q4Linear | Q8Linear | Q8Embedding):
             tensors += [b for b in mod._buffers.values()]
             if isinstance(mod, Int4Linear) and mod.weight_q is not None:
                 tensors.append(mod.weight_q)

@@ -1,4 +1,5 @@
-"""pellucid's own CPU kernels for int8 and int4 weights (cpu_kernels.cpp), built on first use.
+"""pellucid's own CPU kernels, built on first use: quantized matmuls (cpu_kernels.cpp) and
+the fused decode ops (cpu_ops.cpp: norms, rotary + cache write + attention, gated MLP).
 
 torch's weight-only CPU kernels are written for AVX-512: on an AVX2 machine they run
 float32 inputs 16-30x slower than bfloat16 ones and even the bfloat16 path widens each
@@ -25,7 +26,13 @@ import torch
 
 log = logging.getLogger("pellucid")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+# extension name -> source; each is built into its own folder named by its source's hash
+EXTENSIONS = {"pellucid_cpu_kernels": HERE / "cpu_kernels.cpp", "pellucid_cpu_ops": HERE / "cpu_ops.cpp"}
+# AVX2 + FMA is the baseline; AVX-512 / VNNI / BF16 code is compiled per function
+# (target attributes) and chosen at run time from the CPU found. No FMA contraction: every
+# sum is written in one order, so a row's result never depends on the code path around it.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 
 def _cpu_ok() -> bool:
@@ -36,12 +43,11 @@ def _cpu_ok() -> bool:
     return cap in ("AVX2", "AVX512")
 
 
-def build_dir() -> Path:
+def build_dir(name: str, source: Path) -> Path:
     from pellucid.registry import home
 
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
-    d = home() / "kernels" / f"cpu-{tag}"
+    tag = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+    d = home() / "kernels" / f"{name}-{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -59,22 +65,27 @@ def available() -> bool:
     return True
 
 
-def _load() -> None:
-    if hasattr(torch.ops, "pellucid") and hasattr(torch.ops.pellucid, "int8_mm"):
-        return
-    d = build_dir()
-    so = d / "pellucid_cpu_kernels.so"
-    if not so.exists():
-        from rich.console import Console
-        from torch.utils import cpp_extension
+_loaded: set[str] = set()
 
-        with Console(stderr=True).status("building pellucid's CPU kernels (once per machine, ~30 s)"):
-            cpp_extension.load(
-                name="pellucid_cpu_kernels", sources=[str(SOURCE)], build_directory=str(d), is_python_module=False,
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
-            )  # fmt: skip
-    else:
-        torch.ops.load_library(str(so))
+
+def _load() -> None:
+    for name, source in EXTENSIONS.items():
+        if name in _loaded or not source.exists():
+            continue
+        d = build_dir(name, source)
+        so = d / f"{name}.so"
+        if not so.exists():
+            from rich.console import Console
+            from torch.utils import cpp_extension
+
+            with Console(stderr=True).status(f"building pellucid's CPU kernels: {source.name} (once per machine, ~30 s)"):
+                cpp_extension.load(
+                    name=name, sources=[str(source)], build_directory=str(d), is_python_module=False,
+                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
+                )  # fmt: skip
+        else:
+            torch.ops.load_library(str(so))
+        _loaded.add(name)
     _register_fakes()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.requests import Request as HttpRequest
 
+from pellucid import runtime
 from pellucid.engine.async_engine import AsyncEngine, RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
@@ -33,7 +34,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 where the CPU has native bf16, else float32
+    dtype: str = runtime.DEFAULT_DTYPE  # decided by pellucid.runtime for the format and device
+    quant: str | None = runtime.DEFAULT_QUANT
     max_batch: int = 16
     max_len: int | None = None  # context window served (default: the model's, at most 4096)
     max_waiting: int = 256  # waiting requests beyond which new ones get 429
@@ -215,27 +217,11 @@ def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[To
     return choice_logprobs
 
 
-def auto_dtype(device: str = "cpu") -> str:
-    """bfloat16 where the hardware computes it natively, else float32.
-
-    On CPUs without AVX-512 BF16 or AMX (AVX2-only machines), bfloat16 matrix products are
-    emulated: about 2x slower than float32 for one sequence and 5x at a batch of 16.
-    """
-    if device != "cpu":
-        return "bfloat16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return "float32"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
-
-
 def default_loader(config: ServerConfig):
     from pellucid.api import LLM
 
-    dtype = auto_dtype() if config.dtype == "auto" else config.dtype
-    return LLM(config.model, dtype=dtype, max_batch=config.max_batch, max_len=config.max_len, **config.llm_options)
+    return LLM(config.model, dtype=config.dtype, quant=config.quant, max_batch=config.max_batch, max_len=config.max_len,
+               **config.llm_options)  # fmt: skip
 
 
 async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | None = None):

@@ -232,19 +232,22 @@ class GGUFFile:
             return torch.from_numpy(dequantize_blocks(data, t).reshape(t.shape)).to(dtype)
         return torch.from_numpy(arr.reshape(t.shape)).to(dtype)  # our own buffer: no copy needed
 
-    def q4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A Q4_0/Q4_1 matrix as stored: q (rows, cols) uint8 in 0..15, d and m (rows, cols / 32) float32,
-        with value = d * q + m (Q4_0: m = -8 d). None for any other type. No float matrix is built."""
+    def blocks(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """A 2-D block-quantized tensor as integers and scales, exactly as stored; None for other types.
+
+        ("q4", q, d, m): q (rows, cols) uint8 in 0..15, d and m (rows, cols / 32) float32,
+        value = d * q + m (Q4_0, Q4_1, Q4_K). ("q8", q, d, None): q (rows, cols) int8,
+        d (rows, cols / bs) float32 with bs 32 (Q8_0, Q5_0) or 16 (Q6_K), value = d * q.
+        Every value equals the file's dequantized value bit for bit; no float matrix is built.
+        """
         t = self.tensors.get(name)
-        if t is None or t.qtype not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) or len(t.shape) != 2:
+        if t is None or len(t.shape) != 2 or t.qtype not in _BLOCK_READERS:
             return None
-        s = self.raw(name).view(_Q4_1 if t.qtype == GGMLQuantizationType.Q4_1 else _Q4_0)
         rows, cols = t.shape
-        qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (N, 16): element j low nibble, j + 16 high
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).reshape(rows, cols)
-        d = torch.from_numpy(s["d"].astype(np.float32)).reshape(rows, cols // 32)
-        m = torch.from_numpy(s["m"].astype(np.float32)).reshape(rows, cols // 32) if "m" in s.dtype.names else -8.0 * d
-        return q, d, m
+        kind, q, d, m = _BLOCK_READERS[t.qtype](self.raw(name))
+        q = q.reshape(rows, cols)
+        d = d.reshape(rows, -1)
+        return kind, q, d, None if m is None else m.reshape(rows, -1)
 
 
 def dequantize_blocks(data: np.ndarray, t: TensorInfo) -> np.ndarray:
@@ -300,4 +303,82 @@ _TORCH_DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
     GGMLQuantizationType.Q4_1: _dequant_q4_1,
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
+}
+
+
+# Integer readers: block bytes -> (kind, q, d, m) with q flat in element order.
+# Layouts (ggml-common.h): Q5_0 = fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles
+# (value d * (q - 16)); Q4_K = 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+# mins for 8 sub-blocks of 32, 128 bytes of nibbles (each 64 values: 32 low, then 32 high);
+# Q6_K = 256 values: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales (one
+# per 16 values), fp16 d (value d * scale * (q - 32)).
+_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
+_Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])
+_Q6_K = np.dtype([("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")])
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).astype(np.float32))
+
+
+def _int_q4_01(b: np.ndarray, with_min: bool):
+    s = b.view(_Q4_1 if with_min else _Q4_0)
+    qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (n, 16): element j low nibble, j + 16 high
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    d = _f32(s["d"])
+    return "q4", q, d, _f32(s["m"]) if with_min else -8.0 * d
+
+
+def _int_q8_0(b: np.ndarray):
+    s = b.view(_Q8_0)
+    return "q8", torch.from_numpy(np.ascontiguousarray(s["qs"])), _f32(s["d"]), None
+
+
+def _int_q5_0(b: np.ndarray):
+    s = b.view(_Q5_0)
+    qs = torch.from_numpy(np.ascontiguousarray(s["qs"])).to(torch.int16)  # (n, 16)
+    qh = torch.from_numpy(s["qh"].astype(np.int64))[:, None]  # (n, 1)
+    bit = (qh >> torch.arange(32)) & 1  # (n, 32): the fifth bit of element j
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1) | (bit << 4).to(torch.int16)
+    return "q8", (q - 16).to(torch.int8), _f32(s["d"]), None
+
+
+def _int_q4_k(b: np.ndarray):
+    s = b.view(_Q4_K)
+    n = s.shape[0]
+    sc = torch.from_numpy(np.ascontiguousarray(s["scales"])).to(torch.int32)  # (n, 12)
+    scale = torch.empty(n, 8, dtype=torch.int32)
+    mins = torch.empty(n, 8, dtype=torch.int32)
+    scale[:, :4], mins[:, :4] = sc[:, 0:4] & 63, sc[:, 4:8] & 63
+    scale[:, 4:] = (sc[:, 8:12] & 0x0F) | ((sc[:, 0:4] >> 6) << 4)
+    mins[:, 4:] = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
+    qs = torch.from_numpy(np.ascontiguousarray(s["qs"])).view(n, 4, 32)  # 4 chunks of 64 values
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(n, 256)  # chunk c: 32 low nibbles, then 32 high
+    d, dmin = _f32(s["d"])[:, None], _f32(s["dmin"])[:, None]
+    return "q4", q, d * scale.float(), -(dmin * mins.float())
+
+
+def _int_q6_k(b: np.ndarray):
+    s = b.view(_Q6_K)
+    n = s.shape[0]
+    ql = torch.from_numpy(np.ascontiguousarray(s["ql"])).view(n, 2, 2, 32).to(torch.int16)  # half, (l, l + 32)
+    qh = torch.from_numpy(np.ascontiguousarray(s["qh"])).view(n, 2, 32).to(torch.int16)
+    parts = [  # each half of 128 values: [0:32), [32:64), [64:96), [96:128)
+        (ql[:, :, 0] & 0x0F) | ((qh & 3) << 4),
+        (ql[:, :, 1] & 0x0F) | (((qh >> 2) & 3) << 4),
+        (ql[:, :, 0] >> 4) | (((qh >> 4) & 3) << 4),
+        (ql[:, :, 1] >> 4) | (((qh >> 6) & 3) << 4),
+    ]
+    q = torch.stack(parts, dim=2).reshape(n, 256) - 32
+    scales = torch.from_numpy(np.ascontiguousarray(s["scales"])).float()  # (n, 16): one per 16 values
+    return "q8", q.to(torch.int8), _f32(s["d"])[:, None] * scales, None
+
+
+_BLOCK_READERS = {
+    GGMLQuantizationType.Q4_0: lambda b: _int_q4_01(b, False),
+    GGMLQuantizationType.Q4_1: lambda b: _int_q4_01(b, True),
+    GGMLQuantizationType.Q4_K: _int_q4_k,
+    GGMLQuantizationType.Q8_0: _int_q8_0,
+    GGMLQuantizationType.Q5_0: _int_q5_0,
+    GGMLQuantizationType.Q6_K: _int_q6_k,
 }

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pellucid import registry
+from pellucid import registry, runtime
 from pellucid.errors import PellucidError
 from pellucid.models import architecture
+from pellucid.models.decoder import pack_for_cpu_ops
 from pellucid.models.layers import ModelConfig
+from pellucid.quantization import cpu
 from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.tokenizer import Tokenizer
 
@@ -49,9 +51,7 @@ def parse_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        from pellucid.quantization.kernels import native_bf16
-
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        return DTYPES[runtime.resolve_dtype("auto", None, device)]
     if name not in DTYPES:
         raise PellucidError(f"dtype {name!r} is not one of: auto, float32, bfloat16, float16", param="dtype")
     return DTYPES[name]
@@ -66,16 +66,17 @@ def _layer(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = "bfloat16",
+def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = runtime.DEFAULT_DTYPE,
                device: str = "cpu", max_len: int | None = None, quant: str | None = None) -> LoadedModel:  # fmt: skip
     """Load a registry name, a .gguf file or an HF folder into an eval-mode model.
 
     quant ("int8", "int4", "int4-g64", ...) swaps the linear layers for weight-only
     quantized ones (pellucid.quantization), built from each float32 weight as it is read.
+    dtype "auto" is decided by pellucid.runtime for this format and device.
     """
     t0 = time.perf_counter()
     _return_big_blocks()
-    dt = parse_dtype(dtype, device)
+    dt = parse_dtype(runtime.resolve_dtype(dtype, quant, device) if isinstance(dtype, str) else dtype, device)
     if quant is not None:
         from pellucid.quantization.apply import parse_quant, quantize_model
 
@@ -91,6 +92,8 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
         lm = _load_gguf(path, dt, device, max_len, quant)
     lm.quant = quant
+    if device == "cpu" and cpu.available():  # builds pellucid's CPU kernels on a machine's first load
+        pack_for_cpu_ops(lm.model)
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
@@ -132,22 +135,22 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
         last[name] = w
         return w
 
-    def source_q4(name: str):  # Q4_0/Q4_1 blocks as stored -> (q, d, m) in our row order, or None
+    def source_blocks(name: str):  # the file's quantized blocks in our row order, or None
         src = gguf_tensor_name(mod, f, name)
-        blocks = f.q4_blocks(src)
+        blocks = f.blocks(src)
         rows = _row_map(mod, cfg, name, f.tensors[src].shape[0]) if blocks is not None else None
         if rows is None:
             return None
         storage[name], shapes[name] = f.tensors[src].qtype.name, f.tensors[src].shape
         if torch.equal(rows, torch.arange(rows.shape[0])):
             return blocks
-        return tuple(b[rows] for b in blocks)
+        return tuple(b if b is None or isinstance(b, str) else b[rows] for b in blocks)
 
     with torch.no_grad():
         if quant:  # swap the linear layers before any float weight of theirs is touched
             from pellucid.quantization.apply import quantize_model
 
-            quantize_model(model, quant, source=source, source_q4=source_q4)
+            quantize_model(model, quant, source=source, source_blocks=source_blocks)
         for name, p in dict(model.named_parameters()).items():  # tied weights appear once
             w = source(name)
             if tuple(w.shape) != tuple(p.shape):

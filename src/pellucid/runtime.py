@@ -1,0 +1,75 @@
+"""The one place that decides defaults: format, activation dtype, threads, and which kernels run.
+
+The Python API (`LLM`), every CLI command and `pellucid serve` load a model through these
+defaults, so all three serve the same model in the same format unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_QUANT = "int4"  # the file's own 4-bit (and other) blocks: the fastest format, quality in BENCHMARKS.md
+DEFAULT_DTYPE = "auto"
+
+
+def physical_cores() -> int:
+    """CPU cores this process may use, counting each physical core once (SMT siblings share)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            sib = f.read().strip()
+        per_core = sum(len(range(int(a), int(b) + 1)) if "-" in part else 1
+                       for part in sib.split(",") for a, _, b in [part.partition("-")])  # fmt: skip
+    except (OSError, ValueError):
+        per_core = 1
+    return max(1, n // max(1, per_core))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` threads (default: the physical cores) for intra-op parallelism."""
+    n = n or physical_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return set()
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """bfloat16 matrix arithmetic in hardware (AVX-512 BF16 / AMX on CPU; Ampere+ on CUDA)."""
+    if device != "cpu":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_dtype(dtype: str, quant: str | None, device: str = "cpu") -> str:
+    """"auto" -> the activation dtype for this format on this device.
+
+    Quantized on CPU: float32 (pellucid's kernels take float32 activations and quantize
+    them per block themselves). Float formats: bfloat16 where the hardware computes it
+    natively, else float32 (emulated bfloat16 is 2-5x slower than float32).
+    """
+    if dtype != "auto":
+        return dtype
+    if quant not in (None, "", "none") and device == "cpu":
+        return "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def kernels(device: str = "cpu") -> str:
+    """Which kernels a quantized model runs on here, in words (printed by bench and serve)."""
+    if device != "cpu":
+        return f"torch's kernels on {device}"
+    from pellucid.quantization import cpu
+
+    if not cpu.available():
+        return "torch's kernels (pellucid's CPU kernels unavailable)"
+    return f"pellucid CPU kernels ({torch.ops.pellucid.cpu_isa()}, int16 activations per block of 32)"
