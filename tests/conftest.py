@@ -22,7 +22,7 @@ def real_path():
 @pytest.fixture(scope="session")
 def real_lm(real_path):
     """The real default model loaded in float32 (the reference precision)."""
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     return load_model(real_path, dtype="float32")
 

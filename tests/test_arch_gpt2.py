@@ -9,7 +9,7 @@ from tiny_hf import save_hf, tiny_gpt2, write_gpt2_gguf
 
 from pellucid.api import LLM
 from pellucid.errors import PellucidError
-from pellucid.weights.load import load_model
+from pellucid.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tiny_hf import tiny_qwen2, write_qwen2_gguf
 
-from pellucid.weights.load import load_model
+from pellucid.loading import load_model
 
 
 def test_qwen2_gguf_logits_match_transformers(tmp_path):

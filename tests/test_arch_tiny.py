@@ -9,8 +9,8 @@ from tiny_hf import save_hf, tiny_gemma3, tiny_gpt2, tiny_mistral, tiny_qwen2
 
 from pellucid.api import LLM
 from pellucid.engine.kv_cache import KVCache
+from pellucid.loading import load_model
 from pellucid.models.layers import ForwardContext
-from pellucid.weights.load import load_model
 
 BUILDERS = {
     "gpt2": lambda: tiny_gpt2(seed=1),

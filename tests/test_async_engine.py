@@ -20,7 +20,7 @@ PROMPTS = [[5, 60, 61, 62, 70], [9, 8, 7], [100, 120, 140, 160, 180, 200, 220], 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     hf = tiny_hf_llama(seed=11, layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128)
     return load_model(write_llama_gguf(hf, tmp_path_factory.mktemp("async") / "tiny.gguf"), dtype="float32")

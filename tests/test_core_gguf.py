@@ -11,8 +11,8 @@ import torch
 from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid.errors import PellucidError
+from pellucid.loading import load_model
 from pellucid.weights.gguf import GGUFFile, TensorInfo, dequantize_blocks
-from pellucid.weights.load import load_model
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])

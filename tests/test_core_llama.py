@@ -7,8 +7,8 @@ import torch
 from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid.api import LLM
+from pellucid.loading import load_model
 from pellucid.sampling.params import SamplingParams
-from pellucid.weights.load import load_model
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

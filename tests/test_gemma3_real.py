@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pellucid.api import LLM
-from pellucid.weights.load import load_model
+from pellucid.loading import load_model
 
 pytestmark = pytest.mark.real
 

@@ -12,7 +12,7 @@ from tiny import CHATML, tiny_hf_llama
 from tiny_hf import save_hf, tiny_gemma3, tiny_qwen2, write_tokenizer
 
 from pellucid.errors import PellucidError
-from pellucid.weights.load import load_model
+from pellucid.loading import load_model
 from pellucid.weights.safetensors import INDEX, SafetensorsCheckpoint
 
 

@@ -137,7 +137,7 @@ def test_groups_as_the_note_draws_them(report):
 def test_untied_quantized_tiny_model(tmp_path):
     from tiny import tiny_hf_llama, write_llama_gguf
 
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     path = write_llama_gguf(
         tiny_hf_llama(seed=3, tied=False), tmp_path / "untied.gguf", qtype="Q8_0"

@@ -12,7 +12,7 @@ from tiny_hf import save_hf, tiny_gemma3, tiny_gpt2, tiny_mistral, tiny_qwen2
 from pellucid.inspect.attention import attention_patterns
 from pellucid.inspect.logit_lens import lens_report
 from pellucid.inspect.weights_table import weights_report
-from pellucid.weights.load import load_model
+from pellucid.loading import load_model
 
 BUILDERS = {
     "gpt2": lambda: tiny_gpt2(seed=1),

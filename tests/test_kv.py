@@ -12,7 +12,7 @@ from pellucid.engine.kv_cache import KVCache
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     hf = tiny_hf_llama(seed=5, layers=3, d_model=64, heads=4, kv_heads=2, d_ff=128)
     return load_model(write_llama_gguf(hf, tmp_path_factory.mktemp("kv") / "tiny.gguf"), dtype="float32")
@@ -27,8 +27,8 @@ def test_bytes_per_token_is_2_layers_kvheads_headdim_bytes(tiny_lm, dtype, nbyte
 
 
 def test_real_model_kv_bytes_per_token(real_path):
+    from pellucid.loading import gguf_architecture
     from pellucid.weights.gguf import GGUFFile
-    from pellucid.weights.load import gguf_architecture
 
     _, cfg = gguf_architecture(GGUFFile(real_path))
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, bfloat16: 22.5 KiB per token

@@ -161,7 +161,7 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     ref = load_model(tiny_gguf, dtype="float32")
     lm = load_model(tiny_gguf, dtype="float32", quant=quant)
@@ -191,7 +191,7 @@ def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
 
 
 def test_quantize_model_keeps_head_when_asked(tiny_gguf):
-    from pellucid.weights.load import load_model
+    from pellucid.loading import load_model
 
     lm = load_model(tiny_gguf, dtype="float32")
     quantize_model(lm.model, "int8", head=None)

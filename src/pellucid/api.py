@@ -15,9 +15,9 @@ from pellucid import registry, runtime
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
+from pellucid.loading import LoadedModel, load_model
 from pellucid.sampling.constraints import Constraint, is_incomplete, pop_constraint
 from pellucid.sampling.params import SamplingParams
-from pellucid.weights.load import LoadedModel, load_model
 
 
 @dataclass

@@ -53,9 +53,9 @@ def quantize_report(
     import torch
 
     from pellucid import registry
+    from pellucid.loading import load_model
     from pellucid.quantization import report as qr
     from pellucid.quantization.apply import FORMATS
-    from pellucid.weights.load import load_model
 
     torch.set_num_threads(threads)
     text = Path(text or _default_text())

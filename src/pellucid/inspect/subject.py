@@ -27,7 +27,7 @@ class Subject:
 
 def load_subject(source: Any, dtype: str = "float32") -> Subject:
     """An LLM, a LoadedModel, a Subject, or a name/path -> Subject."""
-    from pellucid.weights.load import LoadedModel, load_model
+    from pellucid.loading import LoadedModel, load_model
 
     if isinstance(source, Subject):
         return source

@@ -337,7 +337,7 @@ def weights_report(source: Any, *, dtype: str = "bfloat16") -> WeightsReport:
     For a name or .gguf path nothing is loaded: memory bytes are at `dtype`. For a loaded
     model, memory bytes are those of its parameters as they are.
     """
-    from pellucid.weights.load import LoadedModel, load_model, parse_dtype
+    from pellucid.loading import LoadedModel, load_model, parse_dtype
 
     loaded = getattr(source, "loaded", source)  # an LLM -> its LoadedModel
     if isinstance(loaded, LoadedModel):
@@ -353,12 +353,12 @@ def weights_report(source: Any, *, dtype: str = "bfloat16") -> WeightsReport:
 
 
 def _from_gguf(path: Path, name: str, dt: torch.dtype) -> WeightsReport:
+    from pellucid.loading import gguf_architecture, gguf_tensor_name, no_random_init
     from pellucid.weights.gguf import GGUFFile
-    from pellucid.weights.load import _no_random_init, gguf_architecture, gguf_tensor_name
 
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
-    with torch.device("meta"), _no_random_init(mod.MODEL):  # no init, no reference ops on meta
+    with torch.device("meta"), no_random_init(mod.MODEL):  # no init, no reference ops on meta
         model = mod.MODEL(cfg)
     model.init_buffers()  # ties the output head; the rotary tables are small CPU tensors
     storage, stored = {}, {}

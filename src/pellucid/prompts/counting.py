@@ -99,14 +99,14 @@ class TokenCounter:
 
         path = registry.resolve(str(name_or_path))
         if path.is_dir():
-            from pellucid.weights.load import load_model
+            from pellucid.loading import load_model
 
             return cls.from_loaded(load_model(path, dtype="float32"), name=str(name_or_path))
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         if key not in _GGUF_TEXT:
+            from pellucid.loading import gguf_architecture
             from pellucid.weights.gguf import GGUFFile
-            from pellucid.weights.load import gguf_architecture
 
             f = GGUFFile(path)
             _, cfg = gguf_architecture(f)

@@ -1,70 +1,42 @@
-"""load_model: a file or folder -> architecture -> config -> model with its tensors.
+"""load_model: a file or folder -> architecture -> config -> model -> tokenizer and template -> format.
 
-The readers (gguf.py, safetensors.py) know nothing about architectures; each
-architecture's name table says which stored tensor fills which parameter.
+The one place that assembles a model. The readers (weights/gguf.py, weights/safetensors.py)
+know nothing about architectures; each architecture's name table says which stored tensor
+fills which parameter; quantization swaps the layers as they are read; the fused CPU path
+is packed last. HF folders: loading/hf.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pellucid import registry, runtime
 from pellucid.errors import PellucidError
+from pellucid.loading.common import (
+    DTYPES,
+    LoadedModel,
+    build_empty,
+    keep_float32_buffers,
+    layer_index,
+    no_random_init,
+    parse_dtype,
+    template_key,
+)
+from pellucid.loading.hf import load_hf_folder
 from pellucid.models import architecture
 from pellucid.models.decoder import pack_for_cpu_ops
 from pellucid.models.layers import ModelConfig
 from pellucid.quantization import cpu
+from pellucid.quantization.apply import parse_quant, quantize_model
 from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.tokenizer import Tokenizer
+from pellucid.weights.gguf import GGUFFile
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: Tokenizer
-    chat_template: ChatTemplate
-    config: ModelConfig
-    path: Path
-    format: str  # "gguf" or "hf"
-    storage: dict[str, str] = field(default_factory=dict)  # our parameter name -> stored type (Q4_1, F32, ...)
-    stored_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    load_seconds: float = 0.0
-    metadata: dict = field(default_factory=dict)
-    quant: str | None = None  # weight-only format of the linear layers (None: all in `dtype`)
-
-
-def parse_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
-    """A dtype name; "auto" is bfloat16 where the device computes it natively, else float32."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return DTYPES[runtime.resolve_dtype("auto", None, device)]
-    if name not in DTYPES:
-        raise PellucidError(f"dtype {name!r} is not one of: auto, float32, bfloat16, float16", param="dtype")
-    return DTYPES[name]
-
-
-def _template_key(name: str) -> str:
-    return re.sub(r"\.(\d+)\.", ".{L}.", name, count=1)
-
-
-def _layer(name: str) -> str | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return m.group(1) if m else None
-
+__all__ = ["DTYPES", "LoadedModel", "build_empty", "gguf_architecture", "gguf_tensor_name", "load_model",
+           "no_random_init", "parse_dtype"]  # fmt: skip
 
 def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = runtime.DEFAULT_DTYPE,
                device: str = "cpu", max_len: int | None = None, quant: str | None = None) -> LoadedModel:  # fmt: skip
@@ -78,14 +50,10 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     _return_big_blocks()
     dt = parse_dtype(runtime.resolve_dtype(dtype, quant, device) if isinstance(dtype, str) else dtype, device)
     if quant is not None:
-        from pellucid.quantization.apply import parse_quant, quantize_model
-
         if parse_quant(quant)[0] is None:  # "none"
             quant = None
     path = registry.resolve(name_or_path)
     if path.is_dir():
-        from pellucid.weights.hf import load_hf_folder
-
         lm = load_hf_folder(path, dt, device, max_len)
         if quant:
             quantize_model(lm.model, quant)
@@ -98,20 +66,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     return lm
 
 
-def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Instantiate without spending time on random init, then compute the buffers."""
-    with torch.device("meta"), _no_random_init(mod.MODEL):
-        model = mod.MODEL(cfg, max_len=max_len)
-    if dtype is not None:
-        model = model.to(dtype)  # on meta: no memory, and no float32 copy to convert later
-    model = model.to_empty(device=device)
-    model.init_buffers()
-    return model
-
-
 def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, quant: str | None = None) -> LoadedModel:
-    from pellucid.weights.gguf import GGUFFile
-
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
     arch = cfg.arch
@@ -148,8 +103,6 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
 
     with torch.no_grad():
         if quant:  # swap the linear layers before any float weight of theirs is touched
-            from pellucid.quantization.apply import quantize_model
-
             quantize_model(model, quant, source=source, source_blocks=source_blocks)
         for name, p in dict(model.named_parameters()).items():  # tied weights appear once
             w = source(name)
@@ -161,36 +114,13 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
             else:
                 p.copy_(w)
     model.eval()  # built in `dt` already (quantized layers keep their own types)
-    _keep_float32_buffers(model)
+    keep_float32_buffers(model)
     tok = Tokenizer.from_gguf(f.metadata)
     bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
     tmpl_src = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)  # e.g. Gemma GGUFs carry none
     return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
-
-
-@contextlib.contextmanager
-def _no_random_init(model_cls):
-    """Skip nn.init and the buffers while building on the meta device: computing on meta goes
-    through torch's reference ops, whose first use imports torch._dynamo (over a second and
-    ~70 MB resident), only to fill tensors that the checkpoint and init_buffers() overwrite."""
-    names = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    for n in names:
-        setattr(nn.init, n, lambda t, *a, **k: t)
-    had_own = "init_buffers" in model_cls.__dict__
-    real_init_buffers = model_cls.__dict__.get("init_buffers")
-    model_cls.init_buffers = lambda self: None  # build_empty calls the real one on the real device
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-        if had_own:
-            model_cls.init_buffers = real_init_buffers
-        else:
-            del model_cls.init_buffers
 
 
 _MALLOC_SET = False
@@ -258,21 +188,11 @@ def gguf_architecture(f) -> tuple[object, ModelConfig]:
 
 def gguf_tensor_name(mod, f, name: str) -> str:
     """The GGUF tensor that fills our parameter `name` (checked to exist in file `f`)."""
-    tmpl = mod.GGUF_NAMES.get(_template_key(name))
+    tmpl = mod.GGUF_NAMES.get(template_key(name))
     if tmpl is None:
         raise PellucidError(f"{f.path}: no GGUF name for parameter {name!r} of {f.get('general.architecture')!r}")
-    layer = _layer(name)
+    layer = layer_index(name)
     src = tmpl.replace("{L}", layer) if layer is not None else tmpl
     if src not in f.tensors:
         raise PellucidError(f"{f.path}: tensor {src!r} is missing (needed for {name}).")
     return src
-
-
-def _keep_float32_buffers(model: nn.Module) -> None:
-    """Computed tables (non-persistent buffers: rotary) stay float32; stored tensors (quantized scales) keep theirs."""
-    for mod in model.modules():
-        for name, buf in list(mod._buffers.items()):
-            if name not in mod._non_persistent_buffers_set:
-                continue
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                mod._buffers[name] = buf.float()

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 
 from pellucid.errors import PellucidError
+from pellucid.loading.common import (
+    LoadedModel,
+    build_empty,
+    keep_float32_buffers,
+    layer_index,
+    template_key,
+)
 from pellucid.models import ARCHITECTURES, HF_ARCHITECTURES, architecture
 from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.tokenizer import Tokenizer
@@ -100,14 +107,6 @@ def _eos_ids(*configs: dict) -> set[int]:
 
 def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None):
     """An HF folder -> LoadedModel (safetensors memory-mapped, converted to `dt`)."""
-    from pellucid.weights.load import (
-        LoadedModel,
-        _keep_float32_buffers,
-        _layer,
-        _template_key,
-        build_empty,
-    )
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PellucidError(f"{path}: a Hugging Face model folder needs config.json (and *.safetensors, tokenizer.json).")
@@ -130,12 +129,12 @@ def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None
     storage, shapes = {}, {}
     with torch.no_grad():
         for name, p in dict(model.named_parameters()).items():
-            tmpl = mod.HF_NAMES.get(_template_key(name))
+            tmpl = mod.HF_NAMES.get(template_key(name))
             if tmpl is None:
                 raise PellucidError(f"{path}: no checkpoint name for parameter {name!r} of {key!r}")
-            src = _source_name(ckpt, tmpl, _layer(name))
+            src = _source_name(ckpt, tmpl, layer_index(name))
             if src is None:
-                raise PellucidError(f"{path}: tensor {tmpl.replace('{L}', _layer(name) or '')!r} is missing (needed for {name}).")
+                raise PellucidError(f"{path}: tensor {tmpl.replace('{L}', layer_index(name) or '')!r} is missing (needed for {name}).")
             w = ckpt.load(src, torch.float32)
             if transform is not None:
                 w = transform(name, w, cfg)
@@ -145,7 +144,7 @@ def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None
             storage[name] = ckpt.dtype(src)
             shapes[name] = ckpt.shape(src)
     model = model.to(dt).eval()
-    _keep_float32_buffers(model)
+    keep_float32_buffers(model)
 
     tok = Tokenizer.from_hf_folder(path)
     tok_cfg = read_json(path / "tokenizer_config.json", "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
