@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "load_model":
-        from pellucid.weights.load import load_model
+        from pellucid.loading import load_model
 
         return load_model
     raise AttributeError(name)

@@ -603,7 +603,7 @@ def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int = 4096) -> Drafter:
     if cfg.draft_model is None and cfg.draft_dtype is None and quant is None:
         draft_lm = lm  # the target's own weights (with draft_layers: a truncated view of them)
     else:
-        from pellucid.weights.load import load_model
+        from pellucid.loading import load_model
 
         first = next(lm.model.parameters())
         dtype = cfg.draft_dtype or ("bfloat16" if quant else str(first.dtype).removeprefix("torch."))
