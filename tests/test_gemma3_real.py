@@ -175,3 +175,17 @@ def test_chat_template_and_chat_door(gemma):
     assert ids[:2] == [2, 105] and ids.count(2) == 1  # one BOS, though the template writes it
     out = llm.chat([{"role": "user", "content": "Say hello."}], temperature=0, max_tokens=8)
     assert out.text and out.finish_reason in ("stop", "length")
+
+
+def test_newlines_survive_in_generated_text(gemma):
+    """Gemma's user-defined pieces ("\\n", "\\n\\n", whitespace runs) are text: generate, stream,
+    decode and the tokenizer all give the same string, newlines included; control tokens are not text."""
+    llm = LLM(loaded=gemma, max_batch=1, max_len=256)
+    tok = llm.tokenizer
+    out = llm.generate("The three primary colors are", temperature=0, max_tokens=12)
+    assert 108 in out.token_ids or 107 in out.token_ids, out.token_ids  # a newline token is generated
+    assert "\n" in out.text
+    streamed = "".join(llm.stream("The three primary colors are", temperature=0, max_tokens=12))
+    assert streamed == out.text == tok.decode(out.token_ids)
+    assert tok.decode(tok.encode("a\n\n  b\tc ☀️ 日本", add_bos=False)) == "a\n\n  b\tc ☀️ 日本"
+    assert tok.eos_id in tok.special_ids and tok.encode("\n\n", add_bos=False)[0] not in tok.special_ids

@@ -4,6 +4,8 @@ From GGUF: the vocabulary, merges and token types in the file's metadata, with t
 pre-tokenizer that `tokenizer.ggml.pre` names. From an HF folder: tokenizer.json.
 Special tokens (GGUF token types CONTROL and USER_DEFINED) are matched in text by
 default, as llama.cpp does for chat prompts; `parse_special=False` encodes them as text.
+Only control tokens (BOS, EOS, turn markers) are `special_ids`, the ones output text
+skips: user-defined pieces (Gemma's newline and whitespace runs) are text.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ class Tokenizer:
             eot_id=None if eot is None else int(eot),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
             add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
-            special_ids=set(special),
+            special_ids=control,  # only control tokens are left out of output text; user-defined pieces ("\n\n") are text
             token_bytes=tbytes,
         )
 
