@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: run test setup pull lint bench clean
+.PHONY: run test test-fast setup pull lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: pull
 
 test: pull
 	$(BIN)/python -m pytest -q
+
+# the daily lane: no real-model tests, no slow ones (the full suite is `make test`)
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 -m "not real and not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

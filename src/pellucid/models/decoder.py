@@ -53,6 +53,7 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()  # (B, T, E) what the MLP adds (after a post-norm)
         self.hook_resid_post = HookPoint()  # (B, T, E)
         self.fusable = False  # set by pack_for_cpu_ops
+        self._post_norms = post_attention_norm is not None
         self._hook_points: list[HookPoint] = []
 
     def forward(self, x: torch.Tensor, rope: Rope | None, ctx: ForwardContext) -> torch.Tensor:
@@ -74,19 +75,18 @@ class Block(nn.Module):
         x (B, T, E) float32 is updated in place (nothing else holds it when no hook is attached).
         """
         ops = torch.ops.pellucid
-        a = self.attn.fused(norm_op(self.attention_norm, x), rope, ctx)  # (B, T, E)
-        if "post_attention_norm" in self._modules:
-            a = norm_op(self.post_attention_norm, a)
+        n = self.attention_norm
+        a = self.attn.fused(ops.rms_norm(x, n.weight, n.eps, n.offset), rope, ctx)  # (B, T, E)
+        if self._post_norms:
+            n = self.post_attention_norm
+            a = ops.rms_norm(a, n.weight, n.eps, n.offset)
         n = self.mlp_norm
         h = ops.add_rms_norm(x, a, n.weight, n.eps, n.offset)  # x += a; h = norm(x)
         m = self.mlp.fused(h)
-        if "post_mlp_norm" in self._modules:
-            m = norm_op(self.post_mlp_norm, m)
+        if self._post_norms:
+            n = self.post_mlp_norm
+            m = ops.rms_norm(m, n.weight, n.eps, n.offset)
         return x.add_(m)
-
-
-def norm_op(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.pellucid.rms_norm(x, norm.weight, norm.eps, norm.offset)
 
 
 class Decoder(HookedMixin, nn.Module):

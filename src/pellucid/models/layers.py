@@ -210,14 +210,15 @@ class Attention(nn.Module):
 
     def fused(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         """forward() as one projection, one fused op (norms, rotary, cache write, attention) and o_proj."""
-        B, T, _ = x.shape
+        B, T, E = x.shape
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if "q_norm" in self._modules else (None, None)
         eps, offset = (self.q_norm.eps, self.q_norm.offset) if qn is not None else (0.0, 0.0)
+        qkv = matmul(self.qkv_proj, x.view(B * T, E)).view(B, T, -1)
         z = torch.ops.pellucid.attention(
-            self.qkv_proj(x), ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx], ctx.slots, ctx.input_pos,
+            qkv, ctx.cache.k_layers[self.layer_idx], ctx.cache.v_layers[self.layer_idx], ctx.slots, ctx.input_pos,
             rope.cos, rope.sin, self.n_heads, self.n_kv_heads, self.scale, self.window or 0, qn, kn, eps, offset,
         )  # (B, T, H * D)  # fmt: skip
-        return self.o_proj(z)
+        return matmul(self.o_proj, z.view(B * T, -1)).view(B, T, E)
 
 
 class GatedMLP(nn.Module):
@@ -238,7 +239,15 @@ class GatedMLP(nn.Module):
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """forward() as one gate+up projection, one fused activation-and-product, and down_proj."""
-        return self.down_proj(torch.ops.pellucid.glu(self.gate_up_proj(x), 0 if self.act == "silu" else 1))
+        shape = x.shape
+        gu = matmul(self.gate_up_proj, x.view(-1, shape[-1]))
+        return matmul(self.down_proj, torch.ops.pellucid.glu(gu, 0 if self.act == "silu" else 1)).view(shape)
+
+
+def matmul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W^T (+ bias) -> (M, N): a quantized layer's kernel itself (its `mm`), or F.linear."""
+    mm = getattr(linear, "mm", None)
+    return mm(x) if mm is not None else F.linear(x, linear.weight, linear.bias)
 
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module:

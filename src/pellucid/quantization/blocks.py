@@ -149,6 +149,11 @@ class Q4Linear(_BlockLinear):
         q = unpack_q4(self.qs).float().view(N, K // 32, 32)
         return (q * self.d[..., None] + self.m[..., None]).reshape(N, K).to(dtype)
 
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 on CPU -> (M, N) float32: the kernel and the bias, nothing else (the fused path)."""
+        y = torch.ops.pellucid.q4_mm(x, self.qs, self.d, self.m)
+        return y if self.bias is None else y.add_(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         if _has_ops() and x.device.type == "cpu":
@@ -192,6 +197,11 @@ class Q8Linear(_BlockLinear):
         N, K = self.out_features, self.in_features
         bs = K // self.d.shape[1]
         return (self.qs.float().view(N, -1, bs) * self.d[..., None]).reshape(N, K).to(dtype)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 on CPU -> (M, N) float32: the kernel and the bias, nothing else (the fused path)."""
+        y = torch.ops.pellucid.q8_mm(x, self.qs, self.d)
+        return y if self.bias is None else y.add_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
