@@ -97,6 +97,11 @@ def main() -> None:
     head = f"{'engine':34s} {'load s':>7s} {'load+1st s':>10s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'p50 ms':>7s} {'p99 ms':>7s} {'RSS MiB':>8s}"
     if ref:
         head += f" {'prefill x':>9s} {'decode x':>8s} {'RSS x':>6s}"
+    from pellucid.cli.bench import versions
+
+    v = versions()
+    print(f"host: {v['cpu']}, {v['logical_cpus']} logical CPUs; flags: {v['cpu_flags']}")
+    print(f"pellucid kernels: {v['kernels']}; torch {v['torch']}")
     print(head)
     for r in rows:
         line = (f"{r['engine']:34s} {r['load_seconds']:7.2f} {r['load_seconds'] + r['first_token_seconds']:10.2f} "

@@ -155,7 +155,10 @@ class Decoder(HookedMixin, nn.Module):
             x = block(x, ropes.get(block.rope), ctx)
         if last_only:
             x = x[:, -1]
-        return self.unembed(self.norm(x))
+        n = self.norm
+        if self.blocks[-1].fusable and ctx.cache is not None:  # the same norm as one op
+            return self.unembed(torch.ops.pellucid.rms_norm(x, n.weight, n.eps, n.offset))
+        return self.unembed(n(x))
 
 
 def pack_for_cpu_ops(model: nn.Module) -> int:
