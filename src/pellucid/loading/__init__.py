@@ -62,6 +62,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     lm.quant = quant
     if device == "cpu" and cpu.available():  # builds pellucid's CPU kernels on a machine's first load
         pack_for_cpu_ops(lm.model)
+    _trim_heap()
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
@@ -142,6 +143,16 @@ def _return_big_blocks() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_heap() -> None:
+    """glibc: hand the heap pages that loading's temporaries left free back to the system (~50 MiB)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
