@@ -7,6 +7,8 @@ Memory per token position: 2 x layers x K x D x bytes per element.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from pellucid.models.layers import ModelConfig
@@ -15,8 +17,8 @@ from pellucid.models.layers import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
         shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         self.n_slots, self.max_len = n_slots, max_len
         self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))  # (S, K, max_len, D) each
         self.free = list(range(n_slots))[::-1]
@@ -53,3 +55,20 @@ class KVCache:
             s = slots[0]
             return kc[s, :, :kv_len].unsqueeze(0), vc[s, :, :kv_len].unsqueeze(0)
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
+
+
+FRESH_PAGES = 64 << 20  # glibc serves a block this large from its own new mapping (its threshold is at most 32 MiB)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero tensor that costs memory only where it is written.
+
+    On Linux CPU, a block of FRESH_PAGES or more comes from a new anonymous mapping, whose
+    pages the kernel hands out zeroed on first touch: torch.empty is already all zeros and
+    a cache of 4,096 positions stays out of the resident set until positions are written.
+    Smaller blocks (and other devices) are zeroed explicitly.
+    """
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and nbytes >= FRESH_PAGES and sys.platform == "linux":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
