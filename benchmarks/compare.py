@@ -41,7 +41,7 @@ def _pellucid_configs(spec: str, base):
     out = []
     for item in spec.split(","):
         fmt, _, mode = item.strip().partition(":")
-        q = fmt if fmt.startswith("int") else None
+        q = fmt if fmt.startswith("int") or fmt == "auto" else None
         out.append(BenchConfig(**{**asdict(base), "dtype": "bfloat16" if q and "bf16" in mode else ("float32" if q else fmt),
                                   "quant": q}))  # fmt: skip
     return out

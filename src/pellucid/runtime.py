@@ -10,8 +10,36 @@ import os
 
 import torch
 
-DEFAULT_QUANT = "int4"  # the file's own 4-bit (and other) blocks: the fastest format, quality in BENCHMARKS.md
+DEFAULT_QUANT = "auto"  # per model: the first of FORMAT_ORDER that passes the quality rule (resolve_quant)
 DEFAULT_DTYPE = "auto"
+FORMAT_ORDER = ("int4", "int8")  # fastest first; when none passes, float weights ("none")
+
+# The quality rule: a quantized format is a model's default only if its mean KL from float32
+# is no worse than llama.cpp's on the same file. Measured with `pellucid quantize-report MODEL
+# --tokens 1024 --window 256 --peer-python ...` (BENCHMARKS.md); a model not listed gets int4.
+MEASURED_KL: dict[str, dict[str, float]] = {
+    "smollm2-135m-instruct": {"llama.cpp": 0.00426, "int4": 1.6e-7},
+    "gemma3-270m": {"llama.cpp": 0.0187, "int4": 2.1e-7},
+}
+
+
+def resolve_quant(quant: str | None, model: str) -> tuple[str | None, str]:
+    """"auto" -> (the format for `model` by the quality rule, why it is not int4 or ""); other values unchanged
+    ("none" -> None)."""
+    if quant in (None, "", "none", "None"):
+        return None, ""
+    if quant != "auto":
+        return quant, ""
+    kl = MEASURED_KL.get(str(model))
+    if kl is None:
+        return FORMAT_ORDER[0], ""
+    for fmt in FORMAT_ORDER:
+        if fmt in kl and kl[fmt] <= kl["llama.cpp"]:
+            if fmt == FORMAT_ORDER[0]:
+                return fmt, ""
+            return fmt, (f"{model}: int4 fails the quality rule (mean KL {kl.get('int4')} from float32 > llama.cpp's "
+                         f"{kl['llama.cpp']}); using {fmt}")  # fmt: skip
+    return None, f"{model}: no quantized format passes the quality rule (llama.cpp's KL {kl['llama.cpp']}); using float weights"
 
 
 def physical_cores() -> int:

@@ -16,7 +16,7 @@ from pellucid.registry import DEFAULT_MODEL
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Activations: auto (float32 for quantized weights on CPU; else bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
-Quant = Annotated[str, typer.Option("--quant", help="Weights: int4 (default: the file's own quantized blocks; int4-g64, ...), int8, or none.")]
+Quant = Annotated[str, typer.Option("--quant", help="Weights: auto (the default: int4 unless the model's measured quality says int8 or none), int4 (the file's own quantized blocks; int4-g64, ...), int8, or none.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
 MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.")]

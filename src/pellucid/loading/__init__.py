@@ -8,6 +8,7 @@ is packed last. HF folders: loading/hf.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.tokenizer import Tokenizer
 from pellucid.weights.gguf import GGUFFile
 
+log = logging.getLogger("pellucid")
+
 __all__ = ["DTYPES", "LoadedModel", "build_empty", "gguf_architecture", "gguf_tensor_name", "load_model",
            "no_random_init", "parse_dtype"]  # fmt: skip
 
@@ -43,11 +46,15 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     """Load a registry name, a .gguf file or an HF folder into an eval-mode model.
 
     quant ("int8", "int4", "int4-g64", ...) swaps the linear layers for weight-only
-    quantized ones (pellucid.quantization), built from each float32 weight as it is read.
+    quantized ones (pellucid.quantization), built from each float32 weight as it is read;
+    "auto" picks the format by the model's measured quality (pellucid.runtime.resolve_quant).
     dtype "auto" is decided by pellucid.runtime for this format and device.
     """
     t0 = time.perf_counter()
     _return_big_blocks()
+    quant, why = runtime.resolve_quant(quant, str(name_or_path))
+    if why:
+        log.warning("%s", why)
     dt = parse_dtype(runtime.resolve_dtype(dtype, quant, device) if isinstance(dtype, str) else dtype, device)
     if quant is not None:
         if parse_quant(quant)[0] is None:  # "none"
