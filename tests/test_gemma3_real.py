@@ -189,3 +189,17 @@ def test_newlines_survive_in_generated_text(gemma):
     assert streamed == out.text == tok.decode(out.token_ids)
     assert tok.decode(tok.encode("a\n\n  b\tc ☀️ 日本", add_bos=False)) == "a\n\n  b\tc ☀️ 日本"
     assert tok.eos_id in tok.special_ids and tok.encode("\n\n", add_bos=False)[0] not in tok.special_ids
+
+
+def test_a_newline_stop_string_and_a_bias_by_text_see_gemmas_newline_pieces(gemma):
+    """Stop strings match the text the user sees, so "\\n" stops Gemma at its first newline piece;
+    a logit bias named by that piece's text bans it."""
+    llm = LLM(loaded=gemma, max_batch=1, max_len=256)
+    full = llm.generate("The three primary colors are", temperature=0, max_tokens=12)
+    cut = llm.generate("The three primary colors are", temperature=0, max_tokens=12, stop=["\n"])
+    assert "\n" in full.text and cut.text == full.text.split("\n")[0]
+    assert cut.finish_reason == "stop"
+    nl = llm.tokenizer.encode("\n\n", add_bos=False)
+    assert len(nl) == 1
+    banned = llm.generate("The three primary colors are", temperature=0, max_tokens=12, logit_bias={nl[0]: -100})
+    assert nl[0] not in banned.token_ids
