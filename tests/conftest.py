@@ -48,3 +48,14 @@ def real_cli(real_llm):
     runner = CliRunner()
     yield lambda *args: runner.invoke(app, [*args, "--dtype", "float32", "--quant", "none"])
     common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)
+
+
+REAL_FIXTURES = {"real_path", "real_lm", "real_llm", "real_cli"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the real model is `real`, marked or not: by the fixtures it uses
+    (directly or through another fixture) or by its file's name (*_real.py)."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.stem.endswith("_real"):
+            item.add_marker(pytest.mark.real)
