@@ -45,8 +45,9 @@ def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([p & 0x0F, p >> 4], dim=-1).reshape(N, -1)
 
 
-def quantize_q8(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> q (N, K) int8, d (N, K / block) float32: symmetric absmax per block."""
+def quantize_q8(w, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float, or a row source (w[a:b], w.shape) -> q (N, K) int8, d (N, K / block) float32:
+    symmetric absmax per block, ROW_CHUNK rows at a time."""
     N, K = w.shape
     q = torch.empty(N, K, dtype=torch.int8)
     d = torch.empty(N, K // block, dtype=torch.float32)
@@ -182,15 +183,8 @@ class Q8Linear(_BlockLinear):
     @classmethod
     def from_float(cls, w, bias: torch.Tensor | None = None, *, name: str = "") -> Q8Linear:
         """w: an (N, K) tensor or a row source (w[a:b], w.shape)."""
-        N, K = w.shape
-        _check(name, N, K)
-        if isinstance(w, torch.Tensor):
-            q, d = quantize_q8(w)
-        else:
-            q = torch.empty(N, K, dtype=torch.int8)
-            d = torch.empty(N, K // 32)
-            for r in range(0, N, ROW_CHUNK):
-                q[r : r + ROW_CHUNK], d[r : r + ROW_CHUNK] = quantize_q8(w[r : r + ROW_CHUNK])
+        _check(name, *w.shape)
+        q, d = quantize_q8(w)  # reads w a block of rows at a time
         return cls(q, d, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

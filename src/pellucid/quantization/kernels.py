@@ -59,17 +59,6 @@ def has_kernel(fmt: str, device: str | torch.device) -> bool:
         return False
 
 
-def native_bf16(device: str | torch.device = "cpu") -> bool:
-    """bfloat16 matrix arithmetic in hardware (AVX-512 BF16 / AMX on CPU; Ampere+ on CUDA)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (RuntimeError, AttributeError):
-        return False
-
-
 def kernel_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     """The input type the weight-only kernels run on: bfloat16 (they are 16-30x slower in
     float32), or float16 when the model computes in float16."""
