@@ -80,21 +80,20 @@ def test_group_of_requests_shares_one_queue(tiny_lm):
         ae.shutdown()
 
 
-def test_a_burst_of_short_prompts_prefills_in_one_step(tiny_lm):
-    eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16)
-    reqs = [eng.add_request(eng.make_request(p, GREEDY)) for p in ([1] * 5, [2] * 5, [3] * 5, [4] * 20)]
-    eng.step()  # 5 + 5 + 5 tokens fit in 16; the 20-token prompt's first chunk (16) does not
-    assert [len(r.output_ids) for r in reqs] == [1, 1, 1, 0] and reqs[3].num_computed == 0
-    eng.step()  # its first chunk, alone, while the three decode
-    assert [len(r.output_ids) for r in reqs] == [2, 2, 2, 0] and reqs[3].num_computed == 16
+def test_a_step_fills_its_token_budget_with_prompt_chunks(tiny_lm):
+    eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16, step_tokens=8)
+    prompts = [[1] * 5, [2] * 5, [3] * 5, [4] * 20]
+    reqs = [eng.add_request(eng.make_request(p, GREEDY)) for p in prompts]
+    eng.step()  # nobody generates yet: prompts fill prefill_chunk (16) = 5 + 5 + 5 + the long one's first token
+    assert [len(r.output_ids) for r in reqs] == [1, 1, 1, 0] and reqs[3].num_computed == 1
+    for k, done in enumerate((6, 11, 16), start=2):  # three generate a token each; the long prompt takes 5 of step_tokens
+        eng.step()
+        assert [len(r.output_ids) for r in reqs] == [k, k, k, 0] and reqs[3].num_computed == done
     eng.step()
     assert len(reqs[3].output_ids) == 1 and reqs[3].num_computed == 20
-    # chunking by whole chunks keeps a prompt's tokens the same as when it runs alone
-    rest = [r.output_ids for r in reqs]
     while eng.has_unfinished():
         eng.step()
-    assert [r.output_ids for r in reqs] == _sync_greedy(tiny_lm, [[1] * 5, [2] * 5, [3] * 5, [4] * 20])
-    assert all(a == b[: len(a)] for a, b in zip(rest, [r.output_ids for r in reqs], strict=True))
+    assert [r.output_ids for r in reqs] == _sync_greedy(tiny_lm, prompts)
 
 
 def test_aborts_from_another_thread_while_stepping(tiny_lm):

@@ -237,7 +237,9 @@ def test_messages_same_as_python_api(an, real_llm):
     ref = real_llm.chat(CHAT, max_tokens=12, seed=99, **kw)
     assert m.content[0].type == "text" and m.content[0].text == ref.text
     assert m.role == "assistant" and m.type == "message" and m.id.startswith("msg_")
-    assert m.usage.input_tokens == ref.prompt_tokens and m.usage.output_tokens == ref.completion_tokens
+    # Anthropic counts prompt tokens read from the (prefix) cache apart from those computed
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == ref.prompt_tokens
+    assert m.usage.output_tokens == ref.completion_tokens
     assert m.stop_reason == "max_tokens" and m.stop_sequence is None
 
 
@@ -279,7 +281,9 @@ def test_messages_stream_events(srv, an, real_llm):
     ref = real_llm.chat(msgs, max_tokens=8, temperature=0)
     assert "".join(deltas) == ref.text
     assert data[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
-    assert data[-2]["usage"]["output_tokens"] == 8 and data[0]["message"]["usage"]["input_tokens"] == ref.prompt_tokens
+    usage = data[0]["message"]["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == ref.prompt_tokens
+    assert data[-2]["usage"]["output_tokens"] == 8 and data[-2]["usage"]["input_tokens"] == usage["input_tokens"]
     with an.messages.stream(model=MODEL, max_tokens=8, messages=msgs, extra_body={"temperature": 0}) as st:
         text = "".join(st.text_stream)
         final = st.get_final_message()

@@ -60,12 +60,15 @@ class LLM:
     def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = runtime.DEFAULT_DTYPE, device: str = "cpu",
                  max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
                  loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT, compile: bool = False,
-                 speculative: Any = None):  # fmt: skip
+                 speculative: Any = None, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024):  # fmt: skip
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
         or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
         (not batches, not structured output) decode speculatively (engine/speculative.py).
-        compile: accepted for older callers; the eager fast path needs no compile step."""
+        compile: accepted for older callers; the eager fast path needs no compile step.
+        prefix_cache: reuse the cached keys and values of earlier prompts that start the same
+        way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
+        to prefix_cache_mib MiB of finished requests' caches (engine/engine.py)."""
         if compile:
             warnings.warn("compile=True is no longer needed: pellucid's fused CPU path runs eagerly", stacklevel=2)
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant)
@@ -74,7 +77,8 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         self.chat_template = self.loaded.chat_template
         self.config = self.loaded.config
-        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device)
+        self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
+                             prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib)  # fmt: skip
         self.speculative = None
         if speculative is not None:
             from pellucid.engine.speculative import from_option

@@ -29,7 +29,10 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = 16,
     max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
-    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step.")] = 512,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step while no request is generating.")] = 512,
+    step_tokens: Annotated[int, typer.Option("--step-tokens", help="Tokens per engine step while requests are generating (one each, then prompt chunks): lower keeps streams smoother under a burst of prompts, higher starts them sooner.")] = 128,
+    prefix_cache: Annotated[bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse the cached keys and values of earlier prompts that start the same way (default: on where outputs stay identical, the fused CPU path).", show_default=False)] = None,
+    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", help="Memory for finished requests' caches kept for reuse, MiB (least recently used go first).")] = 1024,
     quant: Quant = DEFAULT_QUANT,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", hidden=True, help="No longer needed: the fused CPU path runs eagerly.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
@@ -47,7 +50,7 @@ def serve(
     from pellucid.server.state import ServerConfig, ServerState
 
     for name, value, lo in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0), ("--prefill-chunk", prefill_chunk, 1),
-                            ("--port", port, 0)):  # fmt: skip
+                            ("--step-tokens", step_tokens, 1), ("--prefix-cache-mib", prefix_cache_mib, 0), ("--port", port, 0)):  # fmt: skip
         if value < lo:
             raise PellucidError(f"{name} = {value} is out of range; allowed: {lo} or more", param=name)
     defaults: dict = {}
@@ -62,7 +65,8 @@ def serve(
         model = model or cfg.model
     model = model or DEFAULT_MODEL
     sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
-                      max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, num_threads=threads,
+                      max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
+                      prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, num_threads=threads,
                       served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt,
                       quant=None if quant in ("", "none") else quant)  # fmt: skip
     if compile:
@@ -104,7 +108,8 @@ def _loader(cfg):
             sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
         err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
-                  f"(max batch {sc.max_batch}, context {llm.engine.max_len}; kernels: {runtime.kernels()})", highlight=False)  # fmt: skip
+                  f"(max batch {sc.max_batch}, context {llm.engine.max_len}, prefix cache "
+                  f"{'on' if llm.engine.prefix_cache else 'off'}; kernels: {runtime.kernels()})", highlight=False)  # fmt: skip
         return llm
 
     return load

@@ -1,12 +1,26 @@
 """The engine: requests in, tokens out, one step at a time.
 
 `step()` is schedule -> execute -> update. There are no prefill and decode modes: each
-request knows how many of its tokens are in the cache. A step prefills the next chunk of
-waiting prompts (whole chunks of at most `prefill_chunk` tokens, as many prompts as fit in
-`prefill_chunk` tokens, always at least one; so a burst of short prompts starts together and
-a long prompt never stalls the others for long) and one decode token for every running
-request. The engine deals in token ids; the detokenizer and stop matcher at the request's
-edge only turn them into text.
+request knows how many of its tokens are in the cache, and a step computes, for every
+running request, its next tokens: one for a request that is generating, the next chunk of
+the prompt for one that is not. Generating requests always get their token; prompts share
+what is left of the step's token budget (`step_tokens` while anyone is generating, so a
+burst of new prompts never stalls the streams for long; `prefill_chunk` when nobody is).
+
+On a model that runs pellucid's fused CPU ops the whole step is one forward: every
+request's tokens as rows of one batch, each row with its own cache slot and position, so
+each weight is read once per step and attention covers each sequence's own length. Other
+models (hooks attached, GPT-2, bfloat16) run the decode rows as one batch and each prompt
+chunk on its own.
+
+Prefix cache: a finished request's slot keeps its keys and values; a new prompt that
+starts with the same tokens takes that slot (or copies the prefix from a running request
+that has it: a shared system prompt, n choices) and computes only the rest. The reused
+positions hold exactly the values a fresh prefill would write (pellucid's kernels give a
+row the same bits whatever the batch), so outputs do not change.
+
+The engine deals in token ids; the detokenizer and stop matcher at the request's edge
+only turn them into text.
 """
 
 from __future__ import annotations
@@ -39,10 +53,41 @@ class EngineStats:
     steps: int = 0
     ttft: list[float] = field(default_factory=list)  # seconds, per request
     token_latency: list[float] = field(default_factory=list)  # seconds per decode step
+    prefix_query_tokens: int = 0  # prompt tokens of admitted requests
+    prefix_hit_tokens: int = 0  # of those, taken from the prefix cache
+
+
+@dataclass
+class Work:
+    """One request's part of a step: `ids` computed at positions start.., the last one sampled if `sample`."""
+
+    req: Request
+    start: int
+    ids: list[int]
+    sample: bool
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists (slice compares run in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+MIN_PREFIX = 16  # shorter shared prefixes are computed again (a match must pay for the lookup and copy)
 
 
 class Engine:
     def __init__(self, lm, *, max_batch: int = 4, max_len: int | None = None, prefill_chunk: int = 512,
+                 step_tokens: int = 128, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024,
                  use_cache: bool = True, device: str | None = None):  # fmt: skip
         self.lm = lm
         self.model = lm.model
@@ -51,11 +96,19 @@ class Engine:
         self.device = device or next(self.model.parameters()).device
         self.max_len = min(max_len or min(self.cfg.context_length, 4096), self.model.max_len)
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step while no request is generating
+        self.step_tokens = step_tokens  # tokens per step (generated + prompt) while some are
         self.use_cache = use_cache
         dtype = next(self.model.parameters()).dtype
         kv_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-        self.cache = KVCache(self.cfg, max_batch, self.max_len, kv_dtype, self.device) if use_cache else None
+        # Reuse is exact only where a row's values do not depend on the batch: pellucid's fused ops.
+        self.prefix_cache = use_cache and (self.fused() if prefix_cache is None else prefix_cache)
+        self.prefix_cache_mib = prefix_cache_mib
+        self.cache = None
+        if use_cache:
+            slot_bytes = self.max_len * KVCache.token_bytes(self.cfg, kv_dtype)
+            spare = prefix_cache_mib * 2**20 // slot_bytes if self.prefix_cache else 0
+            self.cache = KVCache(self.cfg, max_batch + spare, self.max_len, kv_dtype, self.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -65,7 +118,13 @@ class Engine:
     def resized(self, max_len: int) -> Engine:
         """A new idle engine like this one with a context window of `max_len` positions."""
         return Engine(self.lm, max_batch=self.max_batch, max_len=max_len, prefill_chunk=self.prefill_chunk,
-                      use_cache=self.use_cache, device=str(self.device))  # fmt: skip
+                      step_tokens=self.step_tokens, prefix_cache=self.prefix_cache,
+                      prefix_cache_mib=self.prefix_cache_mib, use_cache=self.use_cache, device=str(self.device))  # fmt: skip
+
+    def fused(self) -> bool:
+        """Whether a step runs as one forward through pellucid's fused ops (see the module docstring)."""
+        runs_fused = getattr(self.model, "runs_fused", None)
+        return bool(runs_fused and runs_fused())
 
     # -- requests -----------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -115,15 +174,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         with self.lock:
             self._admit()
-            prefills = self._prefill_plan()
-            decoding = [r for r in self.running if r.prefill_done]
+            work = self._schedule()
         outputs: list[RequestOutput] = []
-        for req in prefills:
-            outputs += self._run_prefill(req)
-        if decoding:
+        if work:
             t = time.perf_counter()
-            outputs += self._run_decode(decoding)
-            self.stats.token_latency.append(time.perf_counter() - t)
+            outputs = self._execute(work)
+            if any(w.start >= len(w.req.prompt_ids) for w in work):  # a step that generated for running streams
+                self.stats.token_latency.append(time.perf_counter() - t)
         self.stats.steps += 1
         with self.lock:
             self.running = [r for r in self.running if not r.finished]
@@ -135,71 +192,137 @@ class Engine:
             if req.finished:  # aborted while waiting
                 continue
             if self.cache is not None:
-                req.slot = self.cache.allocate()
+                self._place(req)
             req.status = Status.RUNNING
             self.running.append(req)
 
-    def _prefill_plan(self) -> list[Request]:
-        """Prompts to prefill this step: each its next whole chunk, within prefill_chunk tokens in all."""
-        plan, budget = [], self.prefill_chunk
+    def _place(self, req: Request) -> None:
+        """Give `req` a cache slot, with as much of its prompt already in it as the prefix cache has."""
+        cache = self.cache
+        if not self.prefix_cache:
+            req.slot = cache.allocate()
+            return
+        ids = req.prompt_ids
+        limit = len(ids) - 1  # the last prompt token is always computed: its logits start the output
+        self.stats.prefix_query_tokens += len(ids)
+        free_slot, n_free = None, 0
+        for slot, held in cache.held.items():
+            n = common_prefix(ids, held)
+            if n > n_free:
+                free_slot, n_free = slot, n
+        source, n_run = None, 0
+        for r in self.running:  # a running request's tokens: copied once they are computed
+            n = common_prefix(ids, r.all_ids)
+            if n > n_run:
+                source, n_run = r, n
+        n_free, n_run = min(n_free, limit), min(n_run, limit)
+        if n_free >= MIN_PREFIX and n_free >= n_run:
+            req.slot = cache.take(free_slot)
+            req.num_computed = req.cached_tokens = n_free
+            self.stats.prefix_hit_tokens += n_free
+            return
+        req.slot = cache.allocate()
+        if n_run >= MIN_PREFIX:
+            req.share = (source, n_run)
+
+    def _resolve_share(self, req: Request) -> bool:
+        """A request waiting to copy a prefix from a running one: copy it once it is computed. False: wait."""
+        source, n = req.share
+        if not source.finished and source.slot is not None and source.num_computed < n:
+            return False
+        req.share = None
+        if not source.finished and source.slot is not None:
+            self.cache.copy_prefix(source.slot, req.slot, n)
+            req.num_computed = req.cached_tokens = n
+            self.stats.prefix_hit_tokens += n
+        return True
+
+    def _schedule(self) -> list[Work]:
+        """This step's work: one token for each generating request, then prompt chunks within the budget."""
+        work = [Work(r, r.num_computed, [r.output_ids[-1]], True) for r in self.running if r.prefill_done]
+        limit = self.step_tokens if work else self.prefill_chunk
+        budget = max(limit - len(work), limit // 4)  # prompts always move, even behind many streams
         for r in self.running:
-            if r.prefill_done:
+            if r.prefill_done or budget <= 0:
                 continue
-            n = min(len(r.prompt_ids) - r.num_computed, self.prefill_chunk)
-            if plan and n > budget:
-                break
-            plan.append(r)
+            if r.share is not None and not self._resolve_share(r):
+                continue
+            n = min(len(r.prompt_ids) - r.num_computed, budget)
+            if self.cache is None:  # no cache: the whole prompt in one forward, when its turn comes
+                n = len(r.prompt_ids) - r.num_computed
+            start = r.num_computed
+            work.append(Work(r, start, r.prompt_ids[start : start + n], start + n == len(r.prompt_ids)))
             budget -= n
-        return plan
+        return work
 
-    def _run_prefill(self, req: Request) -> list[RequestOutput]:
-        with self.lock:  # abort() from another thread releases the slot: skip, or read it once
-            if req.finished:
-                return []
-            slot = req.slot
-        start = req.num_computed
-        chunk = req.prompt_ids[start : start + self.prefill_chunk]
-        end = start + len(chunk)
-        last = end == len(req.prompt_ids)
-        if self.cache is None:
-            if not last:
-                req.num_computed = end
-                return []
-            logits = self.model(torch.tensor([req.prompt_ids], device=self.device), last_only=True)
-        else:
-            tokens = torch.tensor([chunk], device=self.device)  # (1, T)
-            ctx = ForwardContext(
-                input_pos=torch.arange(start, end, device=self.device)[None],
-                cache=self.cache, slots=torch.tensor([slot], device=self.device), kv_len=end,
-            )  # fmt: skip
-            logits = self.model(tokens, ctx, last_only=True)  # (1, V)
-        req.num_computed = end
-        self.stats.prompt_tokens += len(chunk)
-        if not last:
-            return []
-        return self._sample_and_update([req], logits)
-
-    def _run_decode(self, reqs: list[Request]) -> list[RequestOutput]:
+    def _execute(self, work: list[Work]) -> list[RequestOutput]:
         with self.lock:  # requests aborted since the schedule have no slot any more
-            reqs = [r for r in reqs if not r.finished]
-            slots = [r.slot for r in reqs]
-        if not reqs:
+            work = [w for w in work if not w.req.finished]
+            slots = [w.req.slot for w in work]
+        if not work:
             return []
         if self.cache is None:
-            logits = torch.cat([self.model(torch.tensor([r.all_ids], device=self.device), last_only=True) for r in reqs])
-            for r in reqs:
-                r.num_computed += 1
-            return self._sample_and_update(reqs, logits)
-        tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)  # (B, 1)
-        pos = [r.num_computed for r in reqs]
+            logits = self._forward_uncached(work)
+        elif self.fused():
+            logits = self._forward_rows(work, slots)
+        else:
+            logits = self._forward_parts(work, slots)
+        sampled = []
+        for w in work:
+            w.req.num_computed = w.start + len(w.ids)
+            if w.start < len(w.req.prompt_ids):
+                self.stats.prompt_tokens += len(w.ids)
+            if w.sample:
+                sampled.append(w.req)
+        return self._sample_and_update(sampled, logits) if sampled else []
+
+    def _forward_rows(self, work: list[Work], slots: list[int]) -> torch.Tensor:
+        """Every token of the step as one row of one forward: (N, 1) with per-row slot and position."""
+        ids, pos, row_slots, rows = [], [], [], []
+        for w, slot in zip(work, slots, strict=True):
+            ids += w.ids
+            pos += range(w.start, w.start + len(w.ids))
+            row_slots += [slot] * len(w.ids)
+            if w.sample:
+                rows.append(len(ids) - 1)
+        dev = self.device
         ctx = ForwardContext(
-            input_pos=torch.tensor(pos, device=self.device)[:, None],
-            cache=self.cache, slots=torch.tensor(slots, device=self.device), kv_len=max(pos) + 1,
+            input_pos=torch.tensor(pos, device=dev)[:, None], cache=self.cache,
+            slots=torch.tensor(row_slots, device=dev), kv_len=max(pos) + 1,
         )  # fmt: skip
-        logits = self.model(tokens, ctx, last_only=True)  # (B, V)
-        for r in reqs:
-            r.num_computed += 1
-        return self._sample_and_update(reqs, logits)
+        return self.model(torch.tensor(ids, device=dev)[:, None], ctx, rows=torch.tensor(rows, dtype=torch.long, device=dev))
+
+    def _forward_parts(self, work: list[Work], slots: list[int]) -> torch.Tensor:
+        """The generating requests as one (B, 1) batch, each prompt chunk as its own (1, T) forward."""
+        dev = self.device
+        decode = [(w, s) for w, s in zip(work, slots, strict=True) if w.start >= len(w.req.prompt_ids)]
+        logits = {}
+        if decode:
+            pos = [w.start for w, _ in decode]
+            ctx = ForwardContext(
+                input_pos=torch.tensor(pos, device=dev)[:, None], cache=self.cache,
+                slots=torch.tensor([s for _, s in decode], device=dev), kv_len=max(pos) + 1,
+            )  # fmt: skip
+            out = self.model(torch.tensor([w.ids for w, _ in decode], device=dev), ctx, last_only=True)  # (B, V)
+            logits.update({id(w): out[i] for i, (w, _) in enumerate(decode)})
+        for w, slot in zip(work, slots, strict=True):
+            if id(w) in logits:
+                continue
+            end = w.start + len(w.ids)
+            ctx = ForwardContext(
+                input_pos=torch.arange(w.start, end, device=dev)[None], cache=self.cache,
+                slots=torch.tensor([slot], device=dev), kv_len=end,
+            )  # fmt: skip
+            logits[id(w)] = self.model(torch.tensor([w.ids], device=dev), ctx, last_only=True)[0]
+        sampled = [logits[id(w)] for w in work if w.sample]
+        return torch.stack(sampled) if sampled else None
+
+    def _forward_uncached(self, work: list[Work]) -> torch.Tensor | None:
+        """No cache: each sampled request's whole sequence again."""
+        rows = [w.req.all_ids for w in work if w.sample]
+        if not rows:
+            return None
+        return torch.cat([self.model(torch.tensor([ids], device=self.device), last_only=True) for ids in rows])
 
     def _sample_and_update(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         out = sampling.sample(logits, [r.sampler for r in reqs])
@@ -235,14 +358,15 @@ class Engine:
         req.text += text
         return RequestOutput(
             req.request_id, [tok], text, req.finished, req.finish_reason, req.stop_reason, logprobs,
-            len(req.prompt_ids), len(req.output_ids),
+            len(req.prompt_ids), len(req.output_ids), req.cached_tokens,
         )  # fmt: skip
 
     def _finish(self, req: Request, reason: str) -> None:
         req.status = Status.FINISHED
         req.finish_reason = reason
         if req.slot is not None and self.cache is not None:
-            self.cache.release(req.slot)
+            held = req.all_ids[: req.num_computed] if self.prefix_cache else None
+            self.cache.release(req.slot, held)
             req.slot = None
         if req in self.running and reason == "abort":
             self.running.remove(req)

@@ -1,8 +1,13 @@
-"""Preallocated key/value cache, written by index.
+"""Preallocated key/value cache, written by index, that remembers what its free slots hold.
 
 One tensor each for keys and values, (layers, S slots, K heads, max_len, D). A request
 owns one slot for its lifetime; its token at position p lives at [:, slot, :, p].
 Memory per token position: 2 x layers x K x D x bytes per element.
+
+A released slot keeps its keys and values, and `held[slot]` records the token ids they
+belong to, so a later request whose prompt starts with those tokens can take the slot
+and skip computing them (the prefix cache; the engine does the matching). Free slots are
+handed out least recently used first, slots that hold nothing before any.
 """
 
 from __future__ import annotations
@@ -16,30 +21,52 @@ from pellucid.models.layers import ModelConfig
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        self.cfg = cfg
         shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = _zeros(shape, dtype, device)
         self.v = _zeros(shape, dtype, device)
         self.n_slots, self.max_len = n_slots, max_len
         self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))  # (S, K, max_len, D) each
-        self.free = list(range(n_slots))[::-1]
+        self.free = list(range(n_slots))  # least recently released first
+        self.held: dict[int, list[int]] = {}  # free slot -> the token ids its positions 0.. still hold
 
     @property
     def bytes_per_token(self) -> int:
-        L, _, K, _, D = self.k.shape
-        return 2 * L * K * D * self.k.element_size()
+        return self.token_bytes(self.cfg, self.k.dtype)
+
+    @staticmethod
+    def token_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Keys and values of one position, every layer."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
     def allocate(self) -> int:
+        """A free slot, one that holds nothing if there is one, else the least recently released."""
         if not self.free:
             raise RuntimeError("no free KV-cache slot")
-        return self.free.pop()
+        empty = next((s for s in self.free if s not in self.held), None)
+        return self.take(self.free[0] if empty is None else empty)
 
-    def release(self, slot: int) -> None:
+    def take(self, slot: int) -> int:
+        """Allocate this free slot (its positions still hold `held[slot]` until overwritten)."""
+        self.free.remove(slot)
+        self.held.pop(slot, None)
+        return slot
+
+    def release(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Free `slot`; `tokens`: the ids whose keys and values its positions 0.. hold, kept for reuse."""
         assert slot not in self.free, f"slot {slot} released twice"
         self.free.append(slot)
+        if tokens:
+            self.held[slot] = tokens
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions 0..n-1 of slot `src` into slot `dst`, every layer."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
     @property
     def used_slots(self) -> int:

@@ -41,6 +41,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 class Request:
@@ -55,6 +56,8 @@ class Request:
         self.constraint = constraint
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.cached_tokens = 0  # of the prompt, found in the prefix cache
+        self.share: tuple[Request, int] | None = None  # (running request, n): copy its first n positions when computed
         self.slot: int | None = None
         self.status = Status.WAITING
         self.finish_reason: str | None = None

@@ -145,15 +145,22 @@ class Decoder(HookedMixin, nn.Module):
             self.register_buffer(f"{name}_cos", cos.to(device), persistent=False)  # (max_len, D)
             self.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, V) with `last_only`."""
+    def runs_fused(self) -> bool:
+        """Every block runs pellucid's fused ops (packed, and no hook attached in it)."""
+        return all(b.fusable and not any(h.fns for h in b._hook_points) for b in self.blocks)
+
+    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """tokens (B, T) -> logits (B, T, V); (B, V) with `last_only`; (R, V) for `rows` of the flattened (B*T) tokens."""
         ctx = ctx or ForwardContext.full(tokens)
         x = self.embed_positions(self.embed_tokens(tokens), ctx)
         ropes = {name: Rope(getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin"), ctx.input_pos)
                  for name in self.rotary()}  # fmt: skip
         for block in self.blocks:
             x = block(x, ropes.get(block.rope), ctx)
-        if last_only:
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])[rows]  # (R, E)
+        elif last_only:
             x = x[:, -1]
         n = self.norm
         if self.blocks[-1].fusable and ctx.cache is not None:  # the same norm as one op

@@ -129,22 +129,31 @@ async def messages(http: HttpRequest):
         "id": mid, "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": c.text}],
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": len(ids), "output_tokens": c.completion_tokens},
+        "usage": _usage(len(ids), c.cached_tokens, c.completion_tokens),
     }  # fmt: skip
+
+
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic's split: input_tokens are the prompt tokens computed, cache reads counted apart."""
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+            "output_tokens": output_tokens}  # fmt: skip
 
 
 async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str, input_tokens: int,
                   t0: float) -> AsyncIterator[str]:  # fmt: skip
     try:
+        first = await group.get()  # it tells how much of the prompt the prefix cache had
+        cached = first.num_cached_tokens
         yield _event("message_start", {"type": "message_start", "message": {
             "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0},
+            "stop_reason": None, "stop_sequence": None, "usage": _usage(input_tokens, cached, 0),
         }})  # fmt: skip
         yield _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
         yield _event("ping", {"type": "ping"})
         last = None
-        while not group.done:
-            outs = [await group.get()]
+        while first is not None or not group.done:
+            outs = [first if first is not None else await group.get()]
+            first = None
             while not group.done and (o := group.get_nowait()) is not None:
                 outs.append(o)
             last = outs[-1]
@@ -155,7 +164,7 @@ async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str,
         yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
         stop_reason, stop_sequence = _stop(last.finish_reason, last.stop_reason)
         yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                       "usage": {"input_tokens": input_tokens, "output_tokens": last.num_output_tokens}})  # fmt: skip
+                                       "usage": _usage(input_tokens, cached, last.num_output_tokens)})  # fmt: skip
         yield _event("message_stop", {"type": "message_stop"})
         state.metrics.observe_latency(time.perf_counter() - t0)
     except PellucidError as e:

@@ -24,6 +24,7 @@ from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest
 from pellucid.server.state import (
     Choice,
     ServerState,
+    cached_tokens,
     collect,
     new_id,
     parse_body,
@@ -101,9 +102,11 @@ def _stop_reason(stop_reason) -> str | int | None:
     return stop_reason
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, choices: list[Choice], n: int) -> dict[str, Any]:
+    completion_tokens = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens(choices, n)}}  # fmt: skip
 
 
 def _sse(obj: dict) -> str:
@@ -192,7 +195,7 @@ async def chat_completions(http: HttpRequest):
                     "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
-        "choices": out, "usage": _usage(len(prompt_ids), sum(c.completion_tokens for c in choices)),
+        "choices": out, "usage": _usage(len(prompt_ids), choices, n),
     }  # fmt: skip
 
 
@@ -230,7 +233,7 @@ async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, create
                     yield chunk(i, {}, None, _finish_reason(last.finish_reason), _stop_reason(last.stop_reason))
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
         yield "data: [DONE]\n\n"
     except PellucidError as e:
         yield _stream_error(e)
@@ -285,7 +288,7 @@ async def completions(http: HttpRequest):
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _completion_stream(state, group, cid, created, model, include_usage, want_lp, tok, prompt_tokens, t0)
+        gen = _completion_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, prompt_tokens, t0)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     choices = await collect(group, http)
     if choices is None:
@@ -298,11 +301,11 @@ async def completions(http: HttpRequest):
                     "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
     return {
         "id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
-        "choices": out, "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+        "choices": out, "usage": _usage(prompt_tokens, choices, n),
     }  # fmt: skip
 
 
-async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str,
+async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str, n: int,
                              include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float) -> AsyncIterator[str]:  # fmt: skip
     head = {"id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT}
     if include_usage:
@@ -332,7 +335,7 @@ async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, 
                     yield _sse({**head, "choices": [choice]})
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
         yield "data: [DONE]\n\n"
     except PellucidError as e:
         yield _stream_error(e)

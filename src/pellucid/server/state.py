@@ -39,7 +39,10 @@ class ServerConfig:
     max_batch: int = 16
     max_len: int | None = None  # context window served (default: the model's, at most 4096)
     max_waiting: int = 256  # waiting requests beyond which new ones get 429
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # prompt tokens per step while nothing is generating
+    step_tokens: int = 128  # tokens per step (generated + prompt) while requests are generating
+    prefix_cache: bool | None = None  # reuse earlier prompts' keys and values (default: where exact)
+    prefix_cache_mib: int = 1024  # memory for finished requests' caches kept for reuse
     num_threads: int | None = None  # torch threads of the engine (default: torch's)
     served_model_name: str | None = None  # the name clients use (default: --model as given)
     llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
@@ -77,6 +80,7 @@ class ServerState:
             llm = self.loader(self.config)
             engine = llm.engine
             engine.prefill_chunk = self.config.prefill_chunk
+            engine.step_tokens = self.config.step_tokens
             self.engine = AsyncEngine(engine, max_waiting=self.config.max_waiting, num_threads=self.config.num_threads,
                                       on_step=self.metrics.observe_step).start()  # fmt: skip
             self.llm = llm
@@ -167,6 +171,7 @@ class Choice:
     stop_reason: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
@@ -174,6 +179,7 @@ class Choice:
         self.logprobs += out.logprobs
         self.prompt_tokens = out.num_prompt_tokens
         self.completion_tokens = out.num_output_tokens
+        self.cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
@@ -210,6 +216,11 @@ async def _wait_disconnect(http: HttpRequest) -> None:
             return
 
 
+def cached_tokens(choices: list[Choice], n: int) -> int:
+    """Prompt tokens served from the prefix cache, counting each prompt once (its first choice)."""
+    return sum(c.cached_tokens for c in choices[::n])
+
+
 def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[TokenLogprob]:
     """A request that ended on a stop token (EOS, stop_token_ids) shows no entry for it."""
     if isinstance(stop_reason, int) and choice_logprobs and choice_logprobs[-1].token == stop_reason:
@@ -221,7 +232,7 @@ def default_loader(config: ServerConfig):
     from pellucid.api import LLM
 
     return LLM(config.model, dtype=config.dtype, quant=config.quant, max_batch=config.max_batch, max_len=config.max_len,
-               **config.llm_options)  # fmt: skip
+               prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, **config.llm_options)  # fmt: skip
 
 
 async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | None = None):
