@@ -17,7 +17,8 @@ Prefix cache: a finished request's slot keeps its keys and values; a new prompt 
 starts with the same tokens takes that slot (or copies the prefix from a running request
 that has it: a shared system prompt, n choices) and computes only the rest. The reused
 positions hold exactly the values a fresh prefill would write (pellucid's kernels give a
-row the same bits whatever the batch), so outputs do not change.
+row the same bits whatever the batch), so outputs do not change; the cache is on by default
+where that holds (the quantized default format) and may be asked for elsewhere.
 
 The engine deals in token ids; the detokenizer and stop matcher at the request's edge
 only turn them into text.
@@ -101,8 +102,10 @@ class Engine:
         self.use_cache = use_cache
         dtype = next(self.model.parameters()).dtype
         kv_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-        # Reuse is exact only where a row's values do not depend on the batch: pellucid's fused ops.
-        self.prefix_cache = use_cache and (self.fused() if prefix_cache is None else prefix_cache)
+        # Reuse is exact only where a row's values do not depend on its batch (pellucid's integer kernels)
+        if prefix_cache is None:
+            prefix_cache = bool(getattr(self.model, "batch_invariant", lambda: False)())
+        self.prefix_cache = use_cache and prefix_cache
         self.prefix_cache_mib = prefix_cache_mib
         self.cache = None
         if use_cache:

@@ -149,6 +149,14 @@ class Decoder(HookedMixin, nn.Module):
         """Every block runs pellucid's fused ops (packed, and no hook attached in it)."""
         return all(b.fusable and not any(h.fns for h in b._hook_points) for b in self.blocks)
 
+    def batch_invariant(self) -> bool:
+        """A token's results do not depend on the other rows of its batch: fused blocks whose projections
+        and head are all pellucid's integer kernels (torch's float matmuls block differently by batch size)."""
+        if not self.runs_fused():
+            return False
+        parts = [m for b in self.blocks for m in (b.attn.qkv_proj, b.attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)]
+        return all(hasattr(m, "mm") for m in [*parts, self.lm_head])
+
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """tokens (B, T) -> logits (B, T, V); (B, V) with `last_only`; (R, V) for `rows` of the flattened (B*T) tokens."""

@@ -22,7 +22,7 @@ from pellucid.engine.async_engine import RequestGroup
 from pellucid.errors import PellucidError
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from pellucid.server.state import ServerState, collect, new_id, parse_body
+from pellucid.server.state import ServerState, collect, new_id, off_loop, parse_body
 
 router = APIRouter()
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -92,7 +92,7 @@ async def count_tokens(http: HttpRequest):
     state = _state(http)
     body: AnthropicCountTokensRequest = await parse_body(http, AnthropicCountTokensRequest)
     state.check_model(body.model)
-    ids, _ = render_prompt(state, body)
+    ids, _ = await off_loop(render_prompt, state, body)
     return {"input_tokens": len(ids)}
 
 
@@ -112,9 +112,9 @@ async def messages(http: HttpRequest):
     }  # fmt: skip
     rename = {"stop": "stop_sequences"}
     params = state.params(values, rename=rename)
-    ids, _ = render_prompt(state, body)
+    ids, _ = await off_loop(render_prompt, state, body)
     mid = new_id("msg_")
-    group = state.submit([ids], params, n=1, prefix=mid, rename=rename)
+    group = await state.submit([ids], params, n=1, prefix=mid, rename=rename)
     model = state.config.model_name
     if body.stream:
         return StreamingResponse(_stream(state, group, mid, model, len(ids), t0), media_type="text/event-stream",

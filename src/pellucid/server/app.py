@@ -28,7 +28,7 @@ from pellucid.errors import PellucidError
 from pellucid.server import anthropic, openai
 from pellucid.server.errors import ApiError, error_response
 from pellucid.server.protocol import DetokenizeRequest, TokenizeRequest
-from pellucid.server.state import ServerConfig, ServerState, parse_body
+from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_body
 
 METRIC_PATHS = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
@@ -132,12 +132,13 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
         llm = state.llm
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
-        try:
+        def encode() -> list[int]:
             if body.messages is not None:
-                text = llm.render_chat(body.messages, add_generation_prompt=body.add_generation_prompt)
-                ids = llm.tokenizer.encode(text)
-            else:
-                ids = llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+                return llm.tokenizer.encode(llm.render_chat(body.messages, add_generation_prompt=body.add_generation_prompt))
+            return llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+
+        try:
+            ids = await off_loop(encode)
         except PellucidError as e:
             raise ApiError.from_pellucid(e) from None
         return _token_answer(llm, ids, state.max_len)
@@ -152,7 +153,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
             llm.tokenizer.check_ids(body.tokens, "tokens")
         except PellucidError as e:
             raise ApiError(400, e.message, param="tokens") from None
-        return {"text": llm.tokenizer.decode(body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
+        return {"text": await off_loop(llm.tokenizer.decode, body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
 
     auth = [Depends(require_key)]
     app.include_router(openai.router, dependencies=auth)

@@ -137,6 +137,12 @@ class Metrics:
                     gauge("kv_cache_capacity_tokens", "KV-cache token positions in all (slots x context).", cap)
                     gauge("kv_cache_slots_used", "KV-cache slots held by requests.", cache.used_slots)
                     gauge("kv_cache_bytes", "Bytes of the preallocated KV cache.", cache.nbytes)
+                    gauge("prefix_cache_enabled", "1 when prompts reuse the cached keys and values of earlier ones.", int(engine.prefix_cache))
+                    gauge("prefix_cache_queries_tokens_total", "Prompt tokens looked up in the prefix cache.", st.prefix_query_tokens, "counter")
+                    gauge("prefix_cache_hits_tokens_total", "Prompt tokens found in the prefix cache (not computed again).", st.prefix_hit_tokens, "counter")
+                    rate = st.prefix_hit_tokens / st.prefix_query_tokens if st.prefix_query_tokens else 0.0
+                    gauge("prefix_cache_hit_ratio", "Prefix-cache hits / queries, in prompt tokens, since the start.", f"{rate:.6f}")
+                    gauge("prefix_cache_held_slots", "Free KV-cache slots holding an earlier request's tokens for reuse.", len(cache.held))
             out.append(f"# HELP {p}requests_received_total Generation requests accepted by the HTTP layer.")
             out.append(f"# TYPE {p}requests_received_total counter")
             out.append(f"{p}requests_received_total {self.requests_received}")

@@ -27,6 +27,7 @@ from pellucid.server.state import (
     cached_tokens,
     collect,
     new_id,
+    off_loop,
     parse_body,
     trim_stop_token,
 )
@@ -168,13 +169,13 @@ async def chat_completions(http: HttpRequest):
     messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
     messages = state.with_system(messages)
     try:
-        prompt_ids = llm.encode_prompt(llm.render_chat(messages))
+        prompt_ids = await off_loop(lambda: llm.encode_prompt(llm.render_chat(messages)))
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
-    constraint = _constraint_factory(state, body.response_format)
+    constraint = await off_loop(_constraint_factory, state, body.response_format)
     cid = new_id("chatcmpl-")
     n = params.n
-    group = state.submit([prompt_ids], params, n=n, prefix=cid, constraint=constraint, rename=rename)
+    group = await state.submit([prompt_ids], params, n=n, prefix=cid, constraint=constraint, rename=rename)
     created = int(time.time())
     model = state.config.model_name
     want_lp = bool(params.logprobs)
@@ -274,13 +275,13 @@ async def completions(http: HttpRequest):
     # max_tokens 16 is the legacy API's default
     params = state.params(values, api_defaults={"max_tokens": 16}, rename={"top_logprobs": "logprobs"})
     try:
-        prompts = _prompts(llm, body.prompt)
+        prompts = await off_loop(_prompts, llm, body.prompt)
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
-    constraint = _constraint_factory(state, body.response_format)
+    constraint = await off_loop(_constraint_factory, state, body.response_format)
     cid = new_id("cmpl-")
     n = params.n
-    group = state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt", "prompt token": "prompt"})
+    group = await state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt", "prompt token": "prompt"})
     created = int(time.time())
     model = state.config.model_name
     want_lp = body.logprobs is not None

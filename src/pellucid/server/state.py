@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 
 from pellucid import runtime
@@ -137,19 +138,27 @@ class ServerState:
             return [{"role": "system", "content": sp}, *messages]
         return messages
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int, prefix: str,
-               constraint: Callable[[], Any] | None = None, rename: dict[str, str] | None = None) -> RequestGroup:  # fmt: skip
-        """n engine requests per prompt (seeds seed, seed+1, ... when seeded), queued as one group."""
+    async def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int, prefix: str,
+                     constraint: Callable[[], Any] | None = None, rename: dict[str, str] | None = None) -> RequestGroup:  # fmt: skip
+        """n engine requests per prompt (seeds seed, seed+1, ... when seeded), queued as one group.
+
+        The requests (prompt checks, penalty counts, grammar matchers) are built off the event
+        loop; only queueing them runs on it.
+        """
         eng = self.llm.engine
-        reqs = []
-        try:
+
+        def build() -> list:
+            reqs = []
             for p, ids in enumerate(prompts):
                 for i in range(n):
                     seed = None if params.seed is None else params.seed + i
                     rp = replace(params, seed=seed, n=1) if (n > 1 or params.n != 1) else params
                     c = constraint() if constraint is not None else None
                     reqs.append(eng.make_request(ids, rp, f"{prefix}-{p * n + i}", c))
-            group = self.engine.add_many(reqs)
+            return reqs
+
+        try:
+            group = self.engine.add_many(await run_in_threadpool(build))
         except PellucidError as e:
             raise ApiError.from_pellucid(e, rename=rename) from None
         self.metrics.requests_received += 1
@@ -235,13 +244,21 @@ def default_loader(config: ServerConfig):
                prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, **config.llm_options)  # fmt: skip
 
 
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a worker thread: tokenizing, rendering and grammar work must not hold up the event loop."""
+    return await run_in_threadpool(fn, *args)
+
+
 async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | None = None):
-    """The JSON body checked against a pydantic model; a 400 naming the field otherwise."""
+    """The JSON body checked against a pydantic model (off the event loop); a 400 naming the field otherwise."""
+    return await off_loop(decode_body, await http.body(), model_cls, rename)
+
+
+def decode_body(raw: bytes, model_cls, rename: dict[str, str] | None = None):
     from pydantic import ValidationError
 
     from pellucid.server.errors import from_validation
 
-    raw = await http.body()
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

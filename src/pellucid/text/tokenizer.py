@@ -93,7 +93,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise PellucidError(f"text to encode must be a string, got {type(text).__name__}")
         self._tok.encode_special_tokens = not parse_special
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode does not): a server thread tokenizing a
+        # huge prompt must not stop the event loop
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         # a text that already starts with BOS (a chat template wrote it) does not get a second one
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
