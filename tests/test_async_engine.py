@@ -144,3 +144,31 @@ def test_full_waiting_queue_is_429(tiny_lm):
     finally:
         ae.shutdown()
     assert eng.cache.used_slots == 0
+
+
+def test_an_error_in_one_requests_grammar_fails_that_request_alone(tiny_lm):
+    """A fault inside one request's constraint (injected: its accept raises on the first token) ends that
+    request with finish_reason "error" naming it; the requests batched with it run on, unchanged."""
+    from pellucid.sampling.constraints import from_response_format
+
+    eng = Engine(tiny_lm, max_batch=4, max_len=64)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ref = _sync_greedy(tiny_lm, prompts)
+    reqs = [eng.add_request(eng.make_request(p, GREEDY)) for p in prompts]
+    c = from_response_format(tiny_lm.tokenizer, {"type": "json_object"})
+    bad = eng.add_request(eng.make_request([14, 15], SamplingParams(max_tokens=8, temperature=0), constraint=c))
+    real_accept = c.accept
+
+    def faulty(token):
+        if c.num_accepted == 0:
+            raise RuntimeError("injected fault")
+        real_accept(token)
+
+    c.accept = faulty
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert bad.finish_reason == "error" and "injected fault" in bad.error and bad.request_id in bad.error
+    assert [o.finish_reason for o in outs if o.request_id == bad.request_id][-1] == "error"
+    assert [r.output_ids for r in reqs] == ref and all(r.finish_reason == "length" for r in reqs)
+    assert eng.stats.requests_failed == 1 and eng.cache.used_slots == 0

@@ -56,6 +56,8 @@ class RequestGroup:
         return self._take(item)
 
     def _take(self, item) -> RequestOutput:
+        if isinstance(item, RequestOutput) and item.finish_reason == "error":
+            item = EngineDead(item.error, status=500, code="engine_error")  # this request alone failed
         if isinstance(item, BaseException):
             self._left = 0
             raise item

@@ -49,6 +49,7 @@ class EngineStats:
 
     requests_finished: int = 0
     requests_aborted: int = 0
+    requests_failed: int = 0  # ended by an error in their own sampling, grammar or text handling
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
@@ -328,7 +329,12 @@ class Engine:
         return torch.cat([self.model(torch.tensor([ids], device=self.device), last_only=True) for ids in rows])
 
     def _sample_and_update(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
-        out = sampling.sample(logits, [r.sampler for r in reqs])
+        try:
+            out = sampling.sample(logits, [r.sampler for r in reqs])
+        except Exception as e:  # one request's sampler or grammar failed: find it, the others go on
+            if len(reqs) == 1:
+                return [self._fail(reqs[0], e)]
+            return [o for i, r in enumerate(reqs) for o in self._sample_and_update([r], logits[i : i + 1])]
         tokens = out.tokens.tolist()  # the step's one host sync
         lp = out.logprobs.tolist() if out.logprobs is not None else None
         top = (out.top_ids.tolist(), out.top_logprobs.tolist()) if out.top_ids is not None else None
@@ -341,16 +347,26 @@ class Engine:
                 if req.first_token_time is None:
                     req.first_token_time = now
                     self.stats.ttft.append(now - req.arrival)
-                req.output_ids.append(tok)
-                req.sampler.accept(tok)
-                self.stats.generated_tokens += 1
-                logprobs = []
-                if lp is not None and req.params.logprobs:
-                    k = req.params.top_logprobs
-                    pairs = list(zip(top[0][i][:k], top[1][i][:k], strict=True)) if top else []
-                    logprobs = [TokenLogprob(tok, lp[i], pairs)]
-                results.append(self._update(req, tok, logprobs))
+                try:
+                    req.output_ids.append(tok)
+                    req.sampler.accept(tok)
+                    self.stats.generated_tokens += 1
+                    logprobs = []
+                    if lp is not None and req.params.logprobs:
+                        k = req.params.top_logprobs
+                        pairs = list(zip(top[0][i][:k], top[1][i][:k], strict=True)) if top else []
+                        logprobs = [TokenLogprob(tok, lp[i], pairs)]
+                    results.append(self._update(req, tok, logprobs))
+                except Exception as e:  # its grammar, stop matcher or detokenizer: this request alone fails
+                    results.append(self._fail(req, e))
         return results
+
+    def _fail(self, req: Request, e: Exception) -> RequestOutput:
+        """End one request on an error inside its own processing; the step and the others continue."""
+        req.error = f"request {req.request_id} failed inside the engine: {type(e).__name__}: {e}"
+        self._finish(req, "error")
+        return RequestOutput(req.request_id, [], "", True, "error", None, [], len(req.prompt_ids), len(req.output_ids),
+                             req.cached_tokens, error=req.error)  # fmt: skip
 
     def _update(self, req: Request, tok: int, logprobs: list[TokenLogprob]) -> RequestOutput:
         """Append one token's text and decide, in this one place, whether the request ends."""
@@ -374,7 +390,9 @@ class Engine:
         if req in self.running and reason == "abort":
             self.running.remove(req)
         self.requests.pop(req.request_id, None)
-        if reason != "abort":
+        if reason == "error":
+            self.stats.requests_failed += 1
+        elif reason != "abort":
             self.stats.requests_finished += 1
 
     # -- convenience --------------------------------------------------------------------
@@ -385,6 +403,8 @@ class Engine:
             while not req.finished:
                 for o in self.step():
                     if o.request_id == req.request_id:
+                        if o.error is not None:
+                            raise PellucidError(o.error, status=500, code="engine_error")
                         yield o
         finally:
             if not req.finished:

@@ -36,12 +36,13 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 class Request:
@@ -61,6 +62,7 @@ class Request:
         self.slot: int | None = None
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None  # set when the request failed inside the engine
         self.stop_reason: str | int | None = None
         self.text = ""  # emitted text so far
         self.arrival = time.perf_counter()

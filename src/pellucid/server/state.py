@@ -45,14 +45,20 @@ class ServerConfig:
     prefix_cache: bool | None = None  # reuse earlier prompts' keys and values (default: where exact)
     prefix_cache_mib: int = 1024  # memory for finished requests' caches kept for reuse
     num_threads: int | None = None  # torch threads of the engine (default: torch's)
-    served_model_name: str | None = None  # the name clients use (default: --model as given)
+    served_model_name: str | None = None  # the names clients use, comma-separated (default: --model as given)
     llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
     defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields for requests that omit them
     system_prompt: str | None = None  # added to chat requests that have no system message
 
     @property
+    def served_names(self) -> list[str]:
+        """The names clients may send as `model`: the first is the one the server reports."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        return names or [self.model]
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        return self.served_names[0]
 
 
 class ServerState:
@@ -67,7 +73,7 @@ class ServerState:
         self.status = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.created = int(time.time())
-        self.names = {config.model_name, config.model}
+        self.names = {*config.served_names, config.model}
         self._thread: threading.Thread | None = None
         self.on_failure: Callable[[str], None] | None = None  # e.g. stop the CLI's server
 
@@ -117,8 +123,10 @@ class ServerState:
         if name is None and optional:
             return
         if name not in self.names:
-            raise ApiError(404, f"The model {name!r} does not exist on this server; it serves {self.config.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            shown = repr(name) if len(str(name)) <= 200 else f"{str(name)[:100]!r}... ({len(str(name)):,} characters)"
+            raise ApiError(404, f"The model {shown} does not exist on this server; it serves "
+                                f"{', '.join(repr(n) for n in self.config.served_names)}", param="model",
+                           code="model_not_found")  # fmt: skip
 
     @property
     def max_len(self) -> int:
@@ -249,9 +257,37 @@ async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await run_in_threadpool(fn, *args)
 
 
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused unread (413)
+MAX_DEPTH = 64  # JSON nested deeper than this is refused (no real request comes close)
+_JSON_TYPES = ("application/json", "text/json")
+
+
 async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | None = None):
-    """The JSON body checked against a pydantic model (off the event loop); a 400 naming the field otherwise."""
-    return await off_loop(decode_body, await http.body(), model_cls, rename)
+    """The JSON body checked against a pydantic model (off the event loop); a 4xx naming the problem otherwise.
+
+    One parser for both APIs, with limits a hostile client cannot get past: the body's size
+    (refused before it is read when Content-Length says so), its media type, JSON nesting
+    depth, and text that is not valid Unicode (unpaired UTF-16 surrogate escapes).
+    """
+    kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in _JSON_TYPES and not kind.endswith("+json"):
+        raise ApiError(415, f"Content-Type {kind[:80]!r} is not JSON: send the body as application/json "
+                            "(curl: -H 'Content-Type: application/json')")  # fmt: skip
+    return await off_loop(decode_body, await read_body(http), model_cls, rename)
+
+
+async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, at most `limit` bytes (413 past it, without reading the rest)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit:,} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def decode_body(raw: bytes, model_cls, rename: dict[str, str] | None = None):
@@ -261,14 +297,44 @@ def decode_body(raw: bytes, model_cls, rename: dict[str, str] | None = None):
 
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"the request body nests JSON deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    check_json_values(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         raise from_validation(e, rename=rename) from None
+
+
+def check_json_values(data: Any) -> None:
+    """Depth at most MAX_DEPTH and every string valid Unicode; a 400 naming the first field that is not."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"{path or 'the body'} nests JSON deeper than {MAX_DEPTH} levels", param=path or None)
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{k}" if path else str(k)
+                _check_text(k, sub)
+                stack.append((v, sub[:200], depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(s: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = s[e.start]
+        raise ApiError(400, f"{path or 'the body'} holds an unpaired UTF-16 surrogate ({ascii(bad)[1:-1]}) at "
+                            f"character {e.start}: text must be valid Unicode", param=path or None) from None  # fmt: skip
 
 
 def make_params(values: dict[str, Any], vocab_size: int, *, defaults: dict[str, Any] | None = None,
