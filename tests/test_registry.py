@@ -92,3 +92,36 @@ def test_wrong_size_is_refused(fake_entry, monkeypatch):
     with pytest.raises(PellucidError, match="expected"):
         registry.pull(entry.name, progress=False)
     assert not registry.is_pulled(entry.name)
+
+
+def test_a_file_corrupted_after_the_pull_is_detected_at_load_and_pulled_again(fake_entry):
+    """One flipped byte, same size and modification time: the next load hashes it (the stamp
+    no longer matches once anything changes; here the stamp is removed as a disk error would
+    not update it), names the file, and a load that may pull fetches a good copy."""
+    import os
+    import warnings
+
+    entry, payload = fake_entry
+    path = registry.pull(entry.name, progress=False)
+    assert registry.resolve(entry.name, pull_missing=False) == path  # the stamp: no hashing needed
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    registry._stamp(path).unlink()
+    with pytest.raises(PellucidError, match=r"corrupted.*pellucid pull fake-model"):
+        registry.resolve(entry.name, pull_missing=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert registry.resolve(entry.name) == path
+    assert any("corrupted" in str(w.message) for w in seen)
+    assert path.read_bytes() == payload
+
+
+def test_a_changed_file_is_hashed_again(fake_entry):
+    entry, _ = fake_entry
+    path = registry.pull(entry.name, progress=False)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")  # same size, new mtime, wrong content
+    with pytest.raises(PellucidError, match="corrupted"):
+        registry.resolve(entry.name, pull_missing=False)

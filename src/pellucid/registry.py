@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,39 @@ def _looks_complete(path: Path, entry: ModelEntry) -> bool:
     return path.is_file() and path.stat().st_size == entry.size
 
 
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp_key(path: Path, entry: ModelEntry) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {entry.sha256}\n"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _intact(path: Path, entry: ModelEntry) -> bool:
+    """The cached file is the one pulled: unchanged since its sha256 was last checked, or checked again now.
+
+    A stamp beside the file records its size and modification time at the last check, so a
+    load costs a stat, and a file changed since (or never checked) is hashed once (~0.2 s per 100 MB).
+    """
+    stamp = _stamp(path)
+    key = _stamp_key(path, entry)
+    if stamp.is_file() and stamp.read_text() == key:
+        return True
+    if _sha256(path) != entry.sha256:
+        return False
+    stamp.write_text(key)
+    return True
+
+
 def unknown_model_error(name: str) -> PellucidError:
     known = ", ".join(REGISTRY)
     return PellucidError(
@@ -104,6 +138,13 @@ def resolve(name_or_path: str | os.PathLike, *, pull_missing: bool = True) -> Pa
     if s in REGISTRY:
         entry = REGISTRY[s]
         path = cached_path(entry)
+        if _looks_complete(path, entry) and not _intact(path, entry):
+            message = (f"The cached file of {s!r} ({path}) is corrupted: its sha256 is not the expected "
+                       f"{entry.sha256[:16]}...")  # fmt: skip
+            if not pull_missing:
+                raise PellucidError(f"{message}; run `pellucid pull {s}` to fetch it again.")
+            warnings.warn(f"{message}; pulling it again", stacklevel=2)
+            path.unlink()
         if not _looks_complete(path, entry):
             if not pull_missing:
                 raise PellucidError(f"Model {s!r} is not pulled yet; run `pellucid pull {s}`.")
@@ -166,7 +207,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
         raise unknown_model_error(name)
     entry = REGISTRY[name]
     final = cached_path(entry)
-    if _looks_complete(final, entry):
+    if _looks_complete(final, entry) and _intact(final, entry):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".partial")
@@ -205,6 +246,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
                     f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
                 )
             os.replace(partial, final)
+            _stamp(final).write_text(_stamp_key(final, entry))
         finally:
             if partial.exists():
                 partial.unlink()
