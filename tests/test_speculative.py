@@ -20,11 +20,11 @@ from pellucid.engine.speculative import (
     NgramDrafter,
     SpeculativeConfig,
     SpeculativeDecoder,
-    _forks,
     accept_reject,
     apply_chain,
     truncated,
 )
+from pellucid.engine.speculative.rule import forks
 from pellucid.errors import PellucidError
 from pellucid.models.llama import Llama, LlamaConfig
 from pellucid.sampling.params import SamplingParams
@@ -293,7 +293,7 @@ def test_greedy_with_penalties_and_bias_matches_the_chain_step_by_step():
 def test_forks_leave_the_request_sampler_alone():
     req = request([1, 2], 8, temperature=1.0, frequency_penalty=1.0, repetition_penalty=1.2, seed=3)
     state = req.sampler.generator.get_state()
-    rows = _forks(req.sampler, [3, 3, 5])
+    rows = forks(req.sampler, [3, 3, 5])
     assert [r.output_ids for r in rows] == [[], [3], [3, 3], [3, 3, 5]]
     assert req.sampler.output_ids == []
     logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
