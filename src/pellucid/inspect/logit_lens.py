@@ -37,6 +37,7 @@ class LensResult:
     resid_norm: torch.Tensor  # (n, T) L2 norm of the stream
     attn_norm: torch.Tensor  # (N, T) L2 norm of each layer's attention output
     mlp_norm: torch.Tensor  # (N, T) L2 norm of each layer's MLP output
+    start: int = 0  # the top_* fields cover positions start..T-1 (`last` in lens_report)
 
     @property
     def n_layers(self) -> int:
@@ -55,6 +56,7 @@ class LensResult:
             "tokens": self.tokens,
             "str_tokens": self.str_tokens,
             "labels": self.labels,
+            "start": self.start,
             "target": {
                 "id": self.target_id,
                 "token": self.target_token,
@@ -95,21 +97,26 @@ def target_id(subject: Any, target: str | int) -> int:
 
 @torch.no_grad()
 def lens_report(source: Any, prompt: str | list[int], *, target: str | int | None = None, k: int = 5,
-               chat: bool = False) -> LensResult:  # fmt: skip
+               chat: bool = False, last: int | None = None) -> LensResult:  # fmt: skip
     """Logit lens at every stage and position, P(target) by layer, and residual norms.
 
-    `target` defaults to the model's own top-1 prediction at the last position.
+    `target` defaults to the model's own top-1 prediction at the last position. `last`
+    reads the top tokens at the last `last` positions only (the unembedding of every
+    stage at every position is most of the cost on a long prompt).
     """
     if k < 1:
         raise PellucidError(f"k must be >= 1, got {k}", param="k")
+    if last is not None and last < 1:
+        raise PellucidError(f"last must be >= 1, got {last}", param="last")
     subject = load_subject(source)
     ids = encode(subject, prompt, chat=chat)
     cache = subject.model.run_with_cache(ids, lambda n: n.endswith(RESID_NAMES))
     resid, labels = cache.accumulated_resid()  # (n, 1, T, E)
+    start = 0 if last is None else max(0, len(ids) - last)
     tops, top_p, tgt_p, tgt_rank = [], [], [], []
     tid = int(cache.logits[0, -1].argmax()) if target is None else target_id(subject, target)
     for r in resid:  # one stage at a time: n x T x V floats at once would be large
-        probs = torch.softmax(cache.unembed_resid(r)[0], dim=-1)  # (T, V)
+        probs = torch.softmax(cache.unembed_resid(r[:, start:])[0], dim=-1)  # (T - start, V)
         p, i = probs.topk(k, dim=-1)
         tops.append(i)
         top_p.append(p)
@@ -134,4 +141,5 @@ def lens_report(source: Any, prompt: str | list[int], *, target: str | int | Non
         resid_norm=resid[:, 0].float().norm(dim=-1),
         attn_norm=torch.stack([cache["attn_out", i][0].float().norm(dim=-1) for i in range(n)]),
         mlp_norm=torch.stack([cache["mlp_out", i][0].float().norm(dim=-1) for i in range(n)]),
+        start=start,
     )

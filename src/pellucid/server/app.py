@@ -25,7 +25,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from pellucid.errors import PellucidError
-from pellucid.server import anthropic, openai
+from pellucid.server import anthropic, inspector, openai
 from pellucid.server.errors import ApiError, error_response
 from pellucid.server.protocol import DetokenizeRequest, TokenizeRequest
 from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_body
@@ -159,6 +159,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
     app.include_router(openai.router, dependencies=auth)
     app.include_router(anthropic.router, dependencies=auth)
     app.include_router(tokens, dependencies=auth)
+    inspector.install(app, auth)  # the web inspector at / and /v1/inspect/...
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
 
