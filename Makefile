@@ -5,14 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: run test test-fast setup pull lint bench clean
+.PHONY: run test test-fast setup pull browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel that lies on these machines; never a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# the ray extra too, for tests/test_ray_serve.py (they skip without it)
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +24,11 @@ pull: setup
 run: pull
 	$(BIN)/pellucid chat --model $(MODEL) --max-tokens 96 --once "In one short paragraph, explain what a KV cache is in a language model."
 
-test: pull
+# Chromium for the web inspector's browser tests (Debian's package; skipped loudly without it)
+browser:
+	sh tests/setup_browser.sh
+
+test: pull browser
 	$(BIN)/python -m pytest -q
 
 # the daily lane: no real-model tests, no slow ones (the full suite is `make test`)

@@ -17,6 +17,10 @@
       # response_format: {type: json_object}   # or json_schema / regex / choice / grammar
     system_prompt: |
       You are a helpful assistant.
+    deploy:                         # pellucid serve on Ray Serve (docs/scale-out.md)
+      replicas: 2                   # engine processes, each with its own KV cache
+      threads: 1                    # torch threads per replica
+      # min_replicas / max_replicas: autoscaling bounds; max_ongoing_requests: per replica
 
 `pellucid generate/chat --config FILE` reads it; command-line flags that the user gives
 override it. An unknown key or a bad value is an error naming the key and the line (and,
@@ -49,8 +53,9 @@ SCHEMA: dict[str, dict[str, str | None]] = {
         "stop_sequences": "stop", "logit_bias": "logit_bias", "stop_token_ids": "stop_token_ids",
         "min_tokens": "min_tokens", "response_format": None,
     },
+    "deploy": {"replicas": None, "threads": None, "min_replicas": None, "max_replicas": None, "max_ongoing_requests": None},
 }  # fmt: skip
-TOP_LEVEL = [*SCHEMA, "system_prompt"]
+TOP_LEVEL = ["model", "sampling", "control", "system_prompt", "deploy"]
 
 
 @dataclass
@@ -65,6 +70,11 @@ class Config:
     @property
     def model(self) -> str | None:
         return self.values.get("model.name")
+
+    @property
+    def deploy(self) -> dict[str, int]:
+        """The `deploy:` section (pellucid serve on Ray Serve): key -> value, only those given."""
+        return {k.split(".", 1)[1]: v for k, v in self.values.items() if k.startswith("deploy.") and v is not None}
 
     @property
     def response_format(self) -> dict | None:
@@ -175,6 +185,10 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
         if not isinstance(value, str) or not value.strip():
             raise _err(cfg, node, dotted, f"must be a model name or path, got {value!r}")
         return check_model_name(value.strip(), cfg.where(dotted), base_dir)
+    if dotted.startswith("deploy."):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _err(cfg, node, dotted, f"must be a whole number, 1 or more, got {value!r}")
+        return value
     if dotted == "control.stop_sequences":
         if value is None:
             return []

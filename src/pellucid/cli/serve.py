@@ -36,8 +36,10 @@ def serve(
     quant: Quant = DEFAULT_QUANT,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", hidden=True, help="No longer needed: the fused CPU path runs eagerly.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
-    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model name clients send (default: --model as given).")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model names clients may send, comma-separated; the first is reported (default: --model as given).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    replicas: Annotated[int | None, typer.Option("--replicas", help="Serve with N engine replicas on Ray Serve, each its own process with --threads threads and its own KV cache (needs pellucid[ray]; docs/scale-out.md).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --replicas: join this Ray cluster ('auto', 'ray://HOST:10001') instead of starting a local one.")] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
     # Idle OpenMP workers sleep instead of spinning: the HTTP thread needs the core too, and on a
@@ -71,6 +73,23 @@ def serve(
                       quant=None if quant in ("", "none") else quant)  # fmt: skip
     if compile:
         err.print("[yellow]note:[/] --compile is no longer needed (pellucid's fused CPU path runs eagerly); ignored")
+    deploy = dict(cfg.deploy) if cfg is not None else {}
+    if replicas is not None or ray_address is not None or deploy:  # Ray Serve: imported only here
+        if replicas is not None:
+            deploy["replicas"] = replicas
+        if threads is not None:
+            deploy["threads"] = threads
+        deploy.setdefault("replicas", deploy.get("min_replicas", 1))
+        deploy.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, deploy["replicas"])))
+        if host not in LOOPBACK and not api_key:
+            err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")
+        try:
+            from pellucid.server import ray_serve
+        except ImportError as e:
+            raise PellucidError(f"--replicas needs Ray Serve: pip install 'pellucid[ray]' ({e})", param="--replicas") from None
+        ray_serve.serve_forever(sc, ray_serve.DeployConfig(**deploy, ray_address=ray_address), ray_serve.ServeLoader(_loader, cfg),
+                                log=lambda m: err.print(m, highlight=False))  # fmt: skip
+        return
     state = ServerState(sc, loader=_loader(cfg))
     server = uvicorn.Server(uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=3))  # fmt: skip
