@@ -177,7 +177,7 @@ def test_incomplete(tok):
 )  # fmt: skip
 def test_bad_schema_names_keyword_and_path(tok, schema, keyword, path):
     with pytest.raises(PellucidError) as e:
-        C.make_constraint(tok, json_schema=schema)
+        C.make_constraint(tok, json_schema=schema, strict=True)
     assert f"keyword '{keyword}' at {path}" in e.value.message, e.value.message
     assert e.value.param == "json_schema"
 

@@ -16,8 +16,16 @@ from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.loading import LoadedModel, load_model
-from pellucid.sampling.constraints import Constraint, is_incomplete, pop_constraint
+from pellucid.sampling.constraints import (
+    Constraint,
+    check_output,
+    instruction,
+    is_incomplete,
+    pop_constraint,
+)
 from pellucid.sampling.params import SamplingParams
+from pellucid.text.tools import Tool, add_to_system, parse_answer, parse_tool_choice, parse_tools
+from pellucid.text.tools import constraint as tool_constraint
 
 
 @dataclass
@@ -31,6 +39,8 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt: str | None = None
     incomplete: bool = False  # structured output cut before the grammar was complete: not valid
+    tool_calls: list = field(default_factory=list)  # pellucid.text.tools.ToolCall, when tools were given
+    schema_error: str | None = None  # a finished output that does not validate (oneOf generated as anyOf, strict=False)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -64,7 +74,7 @@ class LLM:
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
         or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
-        (not batches, not structured output) decode speculatively (engine/speculative.py).
+        (not batches, not structured output) decode speculatively (engine/speculative/).
         compile: accepted for older callers; the eager fast path needs no compile step.
         prefix_cache: reuse the cached keys and values of earlier prompts that start the same
         way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
@@ -87,14 +97,29 @@ class LLM:
 
     # -- prompts ----------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                    system: Any = None, style: Any = None) -> str:  # fmt: skip
+                    system: Any = None, style: Any = None, tools: list | None = None,
+                    constraint: Constraint | None = None) -> str:  # fmt: skip
         """The prompt text for `messages`; `system` (text, SystemPrompt, PromptFile or a NAME@VERSION
-        reference) and `style` (pellucid.prompts.Style) go first, few-shot examples as prior turns."""
+        reference) and `style` (pellucid.prompts.Style) go first, few-shot examples as prior turns.
+        tools (pellucid.text.tools.Tool list) are shown as the template renders them or in the
+        default tools section; a constraint is stated in the system message ("answer in JSON ...")."""
         if system is not None or style is not None:
             from pellucid.prompts.compose import with_system
 
             messages = with_system(messages, system, style)
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        if constraint is not None and not tools:
+            messages = add_to_system(messages, instruction(constraint))
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def tool_constraint(self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
+                        **names: str) -> tuple[list[Tool], list[Tool] | None, Constraint | None]:  # fmt: skip
+        """(all tools, the tools to show the model, the constraint) for tools in OpenAI's or
+        Anthropic's shape and a tool_choice (pellucid.text.tools); `names` rename the fields
+        in errors (tools=, tool_choice=)."""
+        all_tools = parse_tools(tools, param=names.get("tools", "tools"))
+        choice = parse_tool_choice(tool_choice, all_tools, parallel=parallel_tool_calls, param=names.get("tool_choice", "tool_choice"))
+        c = tool_constraint(self.tokenizer, all_tools, choice, vocab_size=self.config.vocab_size)
+        return all_tools, (all_tools if choice.mode != "none" else None), c
 
     def count_tokens(self, text_or_messages: str | list[dict[str, Any]], *, system: Any = None, style: Any = None) -> int:
         """Tokens the engine feeds the model: for a text, as a raw prompt; for messages, through
@@ -159,12 +184,29 @@ class LLM:
         return self._run_batch([req], prompts=[prompt if isinstance(prompt, str) else None])[0]
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, system: Any = None,
-             style: Any = None, **kw: Any) -> Completion:  # fmt: skip
-        """Chat completion; `system` and `style` as in `render_chat`."""
-        text = self.render_chat(messages, system=system, style=style)
+             style: Any = None, tools: list | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, **kw: Any) -> Completion:  # fmt: skip
+        """Chat completion; `system` and `style` as in `render_chat`.
+
+        tools: OpenAI's or Anthropic's tool list; tool_choice "auto" (default), "none",
+        "required" or a named tool; the answer's calls are in `Completion.tool_calls`
+        (finish_reason "tool_calls"), any text in `text` (pellucid.text.tools)."""
         c = self.structured(kw)
+        shown = all_tools = None
+        if tools is not None:
+            if c is not None:
+                raise PellucidError("give tools or a structured-output constraint, not both", param="tools")
+            all_tools, shown, c = self.tool_constraint(tools, tool_choice, parallel_tool_calls)
+        text = self.render_chat(messages, system=system, style=style, tools=shown, constraint=c)
         req = self.request(text, make_params(params, kw), constraint=c.copy() if c else None)
-        return self._run_batch([req], prompts=[text])[0]
+        out = self._run_batch([req], prompts=[text])[0]
+        if all_tools is not None:
+            out.text, out.tool_calls, complete = parse_answer(out.text, all_tools)
+            if out.tool_calls and complete and out.finish_reason == "stop":
+                out.finish_reason = "tool_calls"
+        elif out.finish_reason == "stop" and not out.incomplete:
+            out.schema_error = check_output(c, out.text)
+        return out
 
     def _run_batch(self, reqs: list[Request], prompts: list) -> list[Completion]:
         logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
@@ -183,6 +225,9 @@ class LLM:
             for r in reqs:
                 if not r.finished:
                     self.engine.abort(r.request_id)
+        failed = next((r for r in reqs if r.error), None)
+        if failed is not None:
+            raise PellucidError(failed.error, status=500, code="engine_error")
         return [
             Completion(r.text, list(r.output_ids), r.finish_reason, r.stop_reason, len(r.prompt_ids),
                        len(r.output_ids), logprobs[r.request_id], prompt,

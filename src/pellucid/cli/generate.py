@@ -52,6 +52,7 @@ from pellucid.cli.prompts import (
     make_store,
     make_style,
 )
+from pellucid.errors import PellucidError
 
 err = Console(stderr=True)
 
@@ -60,7 +61,11 @@ JsonSchema = typer.Option(None, "--json-schema", help="Structured output: JSON t
 Regex = typer.Option(None, "--regex", help="Structured output: text that matches the regular expression.")
 Choice = typer.Option(None, "--choice", help="Structured output: exactly one of these strings (repeatable).")
 Grammar = typer.Option(None, "--grammar", help="Structured output: text of the Lark (or GBNF) grammar in FILE.", metavar="FILE")
-Strict = typer.Option(True, "--strict/--no-strict", help="--no-strict: ignore schema keywords that cannot be enforced.")
+Strict = typer.Option(None, "--strict/--no-strict", help="--strict: refuse a schema any of whose keywords (oneOf included) "
+                      "cannot be enforced exactly; --no-strict: ignore such keywords. Default: refuse, except oneOf, "
+                      "generated as anyOf and the output checked afterwards.")  # fmt: skip
+Tools = typer.Option(None, "--tools", help="Tool calling: the tools in FILE (JSON: a list in OpenAI's or Anthropic's shape).", metavar="FILE")
+ToolChoiceOpt = typer.Option("auto", "--tool-choice", help="auto, none, required, or a tool's name.")
 
 
 @app.command()
@@ -89,7 +94,7 @@ def generate(
     regex: str | None = Regex,
     choice: list[str] | None = Choice,
     grammar: str | None = Grammar,
-    strict: bool = Strict,
+    strict: bool | None = Strict,
 ) -> None:
     """Continue PROMPT; prints only the continuation, streamed.
 
@@ -152,6 +157,14 @@ def chat(
     stop: Stop = None,
     stop_token_id: StopTokenId = None,
     ignore_eos: IgnoreEos = False,
+    json_mode: bool = JsonMode,
+    json_schema: str | None = JsonSchema,
+    regex: str | None = Regex,
+    choice: list[str] | None = Choice,
+    grammar: str | None = Grammar,
+    strict: bool | None = Strict,
+    tools: str | None = Tools,
+    tool_choice: str = ToolChoiceOpt,
 ) -> None:
     """Talk to the model, multi-turn, streaming tokens as they come. Ctrl-D or /exit ends.
 
@@ -159,13 +172,116 @@ def chat(
     and the flags you give override the config. The conversation stays inside the context
     window (--ctx-size, default the model's): the oldest turns are dropped first, with a
     note on stderr; the system prompt and the new message never are.
+
+    --json, --json-schema, --regex, --choice, --grammar (or the config's
+    control.response_format): every reply is constrained, and the system message says so
+    ("answer in JSON ..."). --tools FILE: the model may call them (--tool-choice), one
+    call a reply, printed as a JSON line; the next line you type is that call's result.
     """
+    from pellucid.sampling.constraints import from_cli
+
     flags = sampling_flags(locals())
     defaults = {"max_tokens": 512, "temperature": 0.0}
     cfg = read_config(config)
     build_params(defaults, cfg, flags, None, without_bias=True)
     style = make_style(length, formality, structure, persona, depth, max_words, format_skeleton)
     chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
+    structured = dict(json=json_mode, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, strict=strict)
+    from_cli(None, **structured)
+    tool_list = _read_tools(tools) if tools else None
     llm = load_llm(model_name(model, cfg), dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
-    chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once)
+    constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
+    if constraint is None and tool_list is None and cfg is not None and cfg.response_format:
+        from pellucid.sampling.constraints import from_response_format
+
+        constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)
+    if constraint is None and tool_list is None:
+        chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once)
+        return
+    if constraint is not None and tool_list is not None:
+        raise PellucidError("give --tools or a structured-output flag (--json, ...), not both", param="--tools")
+    choice_value = tool_choice if tool_choice in ("auto", "none", "required") else {"type": "function", "function": {"name": tool_choice}}
+    structured_chat(llm, params, system=chosen, style=style, once=once, constraint=constraint, tools=tool_list,
+                    tool_choice=choice_value, show_prompt=show_prompt)  # fmt: skip
+
+
+def _read_tools(path: str) -> list:
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PellucidError(f"--tools {path!r}: no such file", param="--tools")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PellucidError(f"--tools {path}: not valid JSON: {e}", param="--tools") from None
+    data = data.get("tools") if isinstance(data, dict) else data
+    from pellucid.text.tools import parse_tools
+
+    parse_tools(data, param="--tools")  # errors before the load
+    return data
+
+
+def structured_chat(llm, params, *, system=None, style=None, once: str | None = None, constraint=None, tools=None,
+                    tool_choice=None, show_prompt: bool = False, lines=None) -> None:  # fmt: skip
+    """The chat loop for constrained replies and tool calls: each reply whole, then checked.
+    After tool calls, the next line read is each call's result (role tool)."""
+    import json
+
+    stdin = lines if lines is not None else sys.stdin
+    messages: list[dict] = []
+    pending: list = []  # calls waiting for their results
+
+    def read(prompt: str) -> str | None:
+        if stdin is sys.stdin and sys.stdin.isatty():
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        line = stdin.readline()
+        return None if not line else line.rstrip("\n")
+
+    while True:
+        if pending:
+            call = pending.pop(0)
+            result = read(f"result of {call.name}> ")
+            if result is None:
+                break
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+            if pending:
+                continue
+        else:
+            user = once if once is not None and not messages else read("> ")
+            if user is None or user.strip() in ("/exit", "/quit"):
+                break
+            if not user.strip():
+                continue
+            messages.append({"role": "user", "content": user})
+        kw = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": False} if tools is not None else {"constraint": constraint}
+        if show_prompt:
+            shown = llm.tool_constraint(tools, tool_choice, False)[1] if tools is not None else None
+            sys.stderr.write(llm.render_chat(messages, system=system, style=style, tools=shown, constraint=constraint) + "\n")
+        out = llm.chat(messages, params, system=system, style=style, **kw)
+        if out.text:
+            sys.stdout.write(out.text + "\n")
+        done = out.finish_reason == "tool_calls"
+        for call in out.tool_calls:
+            args = call.args if done else call.arguments  # (a call cut short is not JSON yet)
+            sys.stdout.write(json.dumps({"id": call.id, "name": call.name, "arguments": args}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        reply = {"role": "assistant", "content": out.text}
+        messages.append({**reply, "tool_calls": [c.openai() for c in out.tool_calls]} if done else reply)
+        if out.incomplete or (out.tool_calls and not done):
+            err.print(f"[yellow]incomplete: the reply ended ({out.finish_reason}) before its "
+                      f"{'answer to the tools' if tools is not None else constraint.kind} was complete; it is not valid. Raise --max-tokens.[/]")  # fmt: skip
+            if once is not None:
+                raise typer.Exit(1)
+        if out.schema_error:
+            err.print(f"[yellow]the reply does not match the schema: {out.schema_error}[/]")
+            if once is not None:
+                raise typer.Exit(1)
+        pending = list(out.tool_calls) if done and once is None else []
+        if once is not None:
+            break

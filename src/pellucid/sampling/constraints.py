@@ -16,8 +16,17 @@ Semantics of `strict` for JSON schemas (OpenAI's `strict: true` made concrete):
   its path. An object schema that lists `properties` and says nothing about
   `additionalProperties` is closed (no keys beyond those listed), as OpenAI's strict
   mode requires; this only narrows the outputs, which still validate against the schema.
+- strict=None (the default): as strict=True, except that `oneOf` (which the grammar
+  enforces only when its branches cannot overlap, and most real ones can) is generated as
+  `anyOf`; the finished output is then validated against the real schema
+  (`check_output`) and a non-match is reported, never silently passed.
 - strict=False: keywords that cannot be enforced are ignored (listed in `warnings`) and
   objects stay as open as the schema says; the output is JSON following the rest.
+
+Whatever the mode, strings and arrays the schema leaves unbounded get a default bound
+(`DEFAULT_MAX_STRING` characters, `DEFAULT_MAX_ITEMS` items): a greedy small model caught
+in a loop inside a string ends there instead of at the token limit. Outputs within the
+bound still validate; a schema's own maxLength / maxItems always wins.
 """
 
 from __future__ import annotations
@@ -179,7 +188,7 @@ def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torc
 
 # -- building constraints --------------------------------------------------------------------
 def make_constraint(tokenizer, *, json: bool = False, json_schema: Any = None, regex: str | None = None,
-                    choice: list[str] | None = None, grammar: str | None = None, strict: bool = True,
+                    choice: list[str] | None = None, grammar: str | None = None, strict: bool | None = None,
                     compact: bool = True, vocab_size: int | None = None) -> Constraint:  # fmt: skip
     """A constraint of exactly one kind (tokenizer None: only check the arguments, as the
     CLI does before it loads a model, and return None).
@@ -233,9 +242,10 @@ def make_constraint(tokenizer, *, json: bool = False, json_schema: Any = None, r
 def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> Constraint | None:
     """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", ...}.
 
-    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; strict defaults
-    to True here (OpenAI's default is False, which there means "no guarantee"; a grammar
-    always guarantees, so False only loosens what cannot be enforced). pellucid adds
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; strict left out
+    is pellucid's default (None: oneOf as anyOf, checked afterwards); OpenAI's False, which
+    there means "no guarantee", only loosens what cannot be enforced, since a grammar
+    always guarantees the rest. pellucid adds
     {"type": "regex", "regex": R}, {"type": "choice", "choice": [...]} and
     {"type": "grammar", "grammar": LARK} (used by the config file's control.response_format)."""
     if response_format is None:
@@ -258,7 +268,7 @@ def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> 
             raise PellucidError(f"response_format.json_schema.name {name!r} must be 1-64 of a-z, A-Z, 0-9, _ and -", param="response_format.json_schema.name")
         strict = js.get("strict")
         try:
-            return make_constraint(tokenizer, json_schema=js["schema"], strict=True if strict is None else bool(strict), **kw)
+            return make_constraint(tokenizer, json_schema=js["schema"], strict=None if strict is None else bool(strict), **kw)
         except PellucidError as e:
             msg = e.message.replace("pass strict=False", "set json_schema.strict to false")
             raise PellucidError(msg, param="response_format.json_schema.schema") from None
@@ -280,7 +290,7 @@ def pop_constraint(tokenizer, kw: dict[str, Any], *, vocab_size: int | None = No
     Constraint), response_format (OpenAI's), json, json_schema, regex, choice, grammar, strict."""
     got = {k: kw.pop(k) for k in STRUCTURED_KEYS if k in kw}
     ready = got.pop("constraint", None)
-    strict = got.pop("strict", True)
+    strict = got.pop("strict", None)
     rf = got.pop("response_format", None)
     kinds = {k: v for k, v in got.items() if v is not None and v is not False}
     asked = [n for n, v in (("constraint", ready), ("response_format", rf)) if v is not None] + list(kinds)
@@ -298,7 +308,7 @@ def pop_constraint(tokenizer, kw: dict[str, Any], *, vocab_size: int | None = No
 
 
 def from_cli(tokenizer, *, json: bool = False, json_schema: str | None = None, regex: str | None = None,
-             choice: list[str] | None = None, grammar: str | None = None, strict: bool = True,
+             choice: list[str] | None = None, grammar: str | None = None, strict: bool | None = None,
              vocab_size: int | None = None) -> Constraint | None:  # fmt: skip
     """The CLI's flags: --json, --json-schema FILE, --regex R, --choice A --choice B,
     --grammar FILE (Lark or GBNF), --no-strict. Files are read here; errors name the flag."""
@@ -350,19 +360,95 @@ def _schema_dict(spec: Any) -> dict | bool:
     return spec
 
 
-def _compile_schema(schema: dict, *, strict: bool, compact: bool, param: str, warnings: list[str]) -> str:
-    options: dict[str, Any] = {"whitespace_flexible": False, "lenient": not strict}
-    if not compact:
-        options.update(item_separator=", ", key_separator=": ")
-    if strict:
-        schema = narrow(close_objects(schema))
-    user_opts = schema.get("x-guidance") if isinstance(schema, dict) else None
-    if user_opts is not None:
-        warnings.append("the schema's own 'x-guidance' options are overridden by pellucid's (compact JSON, strictness)")
+def _compile_schema(schema: dict, *, strict: bool | None, compact: bool, param: str, warnings: list[str]) -> str:
     try:
-        return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
+        return llg.LLMatcher.grammar_from_json_schema(prepare_schema(schema, strict=strict, compact=compact, warnings=warnings))
     except ValueError as e:
         raise PellucidError(f"{param}: {e}", param=param) from None
+
+
+def prepare_schema(schema: dict, *, strict: bool | None = None, compact: bool = True, warnings: list[str] | None = None) -> dict:
+    """The schema the grammar is built from (see the module docstring for `strict`), with
+    llguidance's options in its "x-guidance" key: compact JSON, strictness. It accepts a
+    subset of what `schema` accepts, so whatever it generates validates against `schema`,
+    except where oneOf became anyOf (strict=None) or keywords were ignored (strict=False)."""
+    warnings = [] if warnings is None else warnings
+    options: dict[str, Any] = {"whitespace_flexible": False, "lenient": strict is False}
+    if not compact:
+        options.update(item_separator=", ", key_separator=": ")
+    if strict is not False:
+        schema = close_objects(schema)
+    if strict is None:
+        schema, paths = one_of_as_any_of(schema)
+        warnings += [f"oneOf at {p} is generated as anyOf; the output is checked against the schema afterwards" for p in paths]
+    schema = narrow(schema)
+    if isinstance(schema, dict) and schema.get("x-guidance") is not None:
+        warnings.append("the schema's own 'x-guidance' options are overridden by pellucid's (compact JSON, strictness)")
+    return {**schema, "x-guidance": options} if isinstance(schema, dict) else schema
+
+
+def one_of_as_any_of(schema: dict) -> tuple[dict, list[str]]:
+    """A copy of `schema` with every oneOf renamed anyOf (not under not/if/then/else, where
+    that would change the meaning the other way), and the paths it renamed."""
+    import copy
+
+    out = copy.deepcopy(schema)
+    paths = []
+    skip = set()
+    for path, s in subschemas(out):
+        if any(path.startswith(p) for p in skip):
+            continue
+        for k in ("not", "if", "then", "else"):
+            if k in s:
+                skip.add(f"{path}/{k}")
+        if isinstance(s.get("oneOf"), list) and "anyOf" not in s:
+            s["anyOf"] = s.pop("oneOf")
+            paths.append(f"{path}/oneOf")
+    return out, paths
+
+
+def instruction(constraint: Constraint | None) -> str | None:
+    """What a chat prompt tells the model about the constraint, as hosted APIs do, so a small
+    model answers inside the grammar instead of wandering against it (None: nothing to say)."""
+    if constraint is None:
+        return None
+    if constraint.kind == "json":
+        return "Answer in JSON."
+    if constraint.kind == "json_schema":
+        schema = _json.dumps(constraint.spec, ensure_ascii=False, separators=(",", ":"))
+        return f"Answer in JSON that follows this JSON schema:\n{schema}"
+    if constraint.kind == "choice":
+        return "Answer with exactly one of: " + ", ".join(_json.dumps(c, ensure_ascii=False) for c in constraint.spec) + "."
+    if constraint.kind == "regex":
+        return f"Answer with text that matches the regular expression {constraint.spec}"
+    return None
+
+
+def check_output(constraint: Constraint | None, text: str) -> str | None:
+    """For a finished JSON-schema output: None if `text` validates against the schema the
+    user gave, else why not (possible only where the grammar was looser than the schema:
+    oneOf generated as anyOf, keywords ignored with strict=False)."""
+    if constraint is None or constraint.kind != "json_schema":
+        return None
+    return schema_error(constraint.spec, text)
+
+
+def schema_error(schema: dict, text: str) -> str | None:
+    """None if `text` is JSON that validates against `schema`, else a one-line reason."""
+    import jsonschema
+
+    try:
+        value = _json.loads(text)
+    except ValueError as e:
+        return f"not valid JSON: {e}"
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(map(str, e.absolute_path))
+        return f"does not match the schema at #/{where}: {e.message}"
+    except jsonschema.SchemaError as e:
+        return f"the schema itself is not valid: {e.message}"
+    return None
 
 
 # Keywords whose value is a subschema, a list of subschemas, or a map of name -> subschema.
@@ -486,10 +572,19 @@ def close_objects(schema: dict) -> dict:
     open_targets: set[str] = set()  # $ref targets used where they are intersected
     closable: list[dict] = []
 
+    def only_requires(s: dict, k: str) -> bool:
+        """s[k] is a list of branches that only require some of s's own properties (a common
+        "give these fields or those" pattern): closing s cannot make a branch unsatisfiable."""
+        props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+        return all(isinstance(b, dict) and set(b) <= {"required", "description", "title", "$comment"}
+                   and isinstance(b.get("required", []), list) and all(r in props for r in b.get("required", []))
+                   for b in s[k])  # fmt: skip
+
     def intersected(s: dict) -> bool:
         has_obj = any(k in s for k in _OBJECT_WORDS)
+        mixed = [k for k in ("anyOf", "oneOf") if isinstance(s.get(k), list) and not only_requires(s, k)]
         return "allOf" in s or ("$ref" in s and len(set(s) - {"$ref", "description", "title", "$comment"}) > 0) or (
-            has_obj and ("anyOf" in s or "oneOf" in s))
+            has_obj and bool(mixed))
 
     def walk(s: Any, free: bool) -> None:
         if not isinstance(s, dict):
@@ -532,34 +627,66 @@ SAFE_INTEGER = 2**53 - 1  # I-JSON (RFC 7493): integers every JSON parser reads 
 # llguidance's date formats accept Feb 29 of any year and the year 0000, its time formats
 # a leap second (:60) at any time of day; RFC 3339 (and Python's date parser, which the
 # jsonschema package uses) do not. These patterns, intersected with the format, narrow
-# them: Feb 29 only in leap years, no year 0000, no leap seconds.
+# them: Feb 29 only in leap years, no year 0000, no leap seconds, at most 6 digits of a
+# second's fraction (a model caught in a loop cannot write 12:00:00.0000000...).
 _YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
 _LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
 _DATE = rf"({_YEAR}-(0[13-9]|1[0-2])-[0-9]{{2}}|{_YEAR}-02-(0[1-9]|1[0-9]|2[0-8])|{_LEAP_YEAR}-02-29)"
-_TIME = r"[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+_TIME = r"[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 FORMAT_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
+
+
+DEFAULT_MAX_STRING = 128  # characters of a string the schema leaves unbounded
+DEFAULT_MAX_ITEMS = 8  # items of an array the schema leaves unbounded
+NUMBER_STEP = 0.000001  # numbers without a multipleOf get at most 6 decimals (no 10.56666666... loop)
+# (None or 0 turns a bound off: benchmarks/schemas.py measures without them)
 
 
 def narrow(schema: dict) -> dict:
     """A copy of `schema` that only narrows what it accepts, so outputs still validate:
-    integers without a bound get I-JSON's safe range (a model caught in a loop cannot write
-    a 100-digit number), and date/time formats keep only real dates and times. Not under not/if/then/else,
-    where narrowing would change the meaning."""
+    integers and numbers without a bound get I-JSON's safe range (a model caught in a loop
+    cannot write a 100-digit number), numbers at most 6 decimals (NUMBER_STEP), strings,
+    arrays and open objects without a bound DEFAULT_MAX_STRING characters and
+    DEFAULT_MAX_ITEMS items (keys), and
+    date/time formats keep only real dates and times. Not under
+    not/if/then/else, where narrowing would change the meaning."""
     import copy
 
     out = copy.deepcopy(schema)
 
-    def walk(s: Any) -> None:
+    def typed(s: dict, name: str) -> bool:
+        t = s.get("type")
+        return (t == name or (isinstance(t, list) and name in t)) and "enum" not in s and "const" not in s
+
+    def walk(s: Any, branch: bool = False) -> None:
         if not isinstance(s, dict):
             return
+        if "type" not in s and "properties" in s and not any(k in s for k in ("anyOf", "oneOf", "allOf", "$ref", "not", "enum", "const")):
+            s["type"] = "object"  # (it lists properties: an object is what it describes; a bare string would loop)
         fmt = s.get("format")
         if fmt in FORMAT_PATTERNS:
             if "pattern" not in s:
                 s["pattern"] = FORMAT_PATTERNS[fmt]
             elif isinstance(s.get("allOf", []), list):
                 s["allOf"] = [*s.get("allOf", []), {"pattern": FORMAT_PATTERNS[fmt]}]
-        t = s.get("type")
-        if (t == "integer" or (isinstance(t, list) and "integer" in t)) and "enum" not in s and "const" not in s:
+        if DEFAULT_MAX_STRING and typed(s, "string") and "maxLength" not in s and "pattern" not in s and fmt not in FORMAT_PATTERNS:
+            if not isinstance(s.get("minLength"), int) or s["minLength"] <= DEFAULT_MAX_STRING:
+                s["maxLength"] = DEFAULT_MAX_STRING
+        if DEFAULT_MAX_ITEMS and typed(s, "array") and "maxItems" not in s and not isinstance(s.get("items"), list) and "prefixItems" not in s:
+            if not isinstance(s.get("minItems"), int) or s["minItems"] <= DEFAULT_MAX_ITEMS:
+                s["maxItems"] = DEFAULT_MAX_ITEMS
+        props, required = s.get("properties") or {}, s.get("required") or []
+        if (DEFAULT_MAX_ITEMS and not branch and typed(s, "object") and "maxProperties" not in s and s.get("additionalProperties") is not False
+                and isinstance(props, dict) and isinstance(required, list) and set(props) <= set(required)
+                and not any(k in s for k in ("anyOf", "oneOf", "allOf", "$ref", "if", "patternProperties"))):
+            # (llguidance bounds an object's size only where every listed key is required,
+            # schemas combined with it included: so never a branch of anyOf/oneOf/allOf)
+            bound = max(DEFAULT_MAX_ITEMS, len(props))
+            if not isinstance(s.get("minProperties"), int) or s["minProperties"] <= bound:
+                s["maxProperties"] = bound
+        if NUMBER_STEP and typed(s, "number") and "multipleOf" not in s:
+            s["multipleOf"] = NUMBER_STEP
+        if (typed(s, "integer") or typed(s, "number")) and "enum" not in s and "const" not in s:
             if "maximum" not in s and "exclusiveMaximum" not in s:
                 s["maximum"] = SAFE_INTEGER
             if "minimum" not in s and "exclusiveMinimum" not in s:
@@ -569,7 +696,7 @@ def narrow(schema: dict) -> dict:
                 walk(s.get(k))
         for k in _LIST:
             for x in s.get(k) if isinstance(s.get(k), list) else ():
-                walk(x)
+                walk(x, branch=k in ("anyOf", "oneOf", "allOf"))
         for k in _MAP:
             for x in s.get(k).values() if isinstance(s.get(k), dict) else ():
                 walk(x)

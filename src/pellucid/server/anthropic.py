@@ -23,6 +23,7 @@ from pellucid.errors import PellucidError
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from pellucid.server.state import ServerState, collect, new_id, off_loop, parse_body
+from pellucid.text.tools import ToolCallParser, parse_answer
 
 router = APIRouter()
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -49,7 +50,41 @@ def _text(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def render_prompt(state: ServerState, body) -> tuple[list[int], str]:
+def _blocks(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """One Anthropic message -> chat messages: tool_use blocks become the assistant's
+    tool_calls, tool_result blocks `tool` messages (before the user's text, as they answer
+    the calls of the turn before)."""
+    role, content = m["role"], m["content"]
+    where = f"messages[{i}].content"
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of content blocks", param=where)
+    allowed = {"text", "tool_use"} if role == "assistant" else {"text", "tool_result"}
+    text, calls, results = [], [], []
+    for j, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+        if kind not in allowed:
+            raise ApiError(400, f"{where}[{j}] is a {kind!r} block; allowed in a {role} message: {', '.join(sorted(allowed))}",
+                           param=f"{where}[{j}]")  # fmt: skip
+        if kind == "text":
+            text.append(_text([b], f"{where}[{j}]"))
+        elif kind == "tool_use":
+            if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
+                raise ApiError(400, f"{where}[{j}] must have a 'name' and an 'input' object", param=f"{where}[{j}]")
+            calls.append({"id": b.get("id"), "type": "function", "function": {"name": b["name"], "arguments": b.get("input", {})}})
+        else:
+            r = _text(b.get("content", ""), f"{where}[{j}].content")
+            results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": f"error: {r}" if b.get("is_error") else r})
+    out = results
+    if calls:
+        out.append({"role": role, "content": "".join(text), "tool_calls": calls})
+    elif text or not results:
+        out.append({"role": role, "content": "".join(text)})
+    return out
+
+
+def render_prompt(state: ServerState, body, tools=None, constraint=None) -> tuple[list[int], str]:
     """Prompt token ids from system + messages; a last assistant turn is a prefill. -> (ids, prefill)."""
     messages = []
     system = _text(body.system, "system") if body.system is not None else state.config.system_prompt
@@ -61,26 +96,46 @@ def render_prompt(state: ServerState, body) -> tuple[list[int], str]:
             raise ApiError(400, f"messages[{i}].role is {role!r}; allowed: user, assistant", param=f"messages[{i}].role")
         if "content" not in m:
             raise ApiError(400, f"messages[{i}].content is required", param=f"messages[{i}].content")
-        messages.append({"role": role, "content": _text(m["content"], f"messages[{i}].content")})
+        messages += _blocks(m, i)
     prefill = ""
-    if messages[-1]["role"] == "assistant":
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        if constraint is not None:
+            raise ApiError(400, "a last assistant message (a prefill) cannot be continued under tools; end with a user message",
+                           param=f"messages[{len(body.messages) - 1}]")  # fmt: skip
         prefill = messages.pop()["content"]
         if not any(m["role"] == "user" for m in messages):
             raise ApiError(400, "messages must hold at least one user message", param="messages")
     llm = state.llm
     try:
-        text = llm.render_chat(messages) + prefill
+        text = llm.render_chat(messages, tools=tools, constraint=constraint) + prefill
         return llm.encode_prompt(text), prefill
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
 
 
-def _stop(finish_reason: str | None, stop_reason) -> tuple[str, str | None]:
+def _prepare(state: ServerState, body) -> tuple[list[int], list | None, Any]:
+    """(prompt ids, the request's tools or None, the tool grammar or None)."""
+    if not body.tools:
+        if body.tool_choice is not None and body.tool_choice.get("type") != "none":
+            raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
+        return render_prompt(state, body)[0], None, None
+    try:
+        tools, shown, c = state.llm.tool_constraint(body.tools, body.tool_choice or {"type": "auto"})
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    return render_prompt(state, body, shown, c)[0], tools, c
+
+
+def _stop(finish_reason: str | None, stop_reason, calls: bool = False) -> tuple[str, str | None]:
     if finish_reason == "length":
         return "max_tokens", None
     if isinstance(stop_reason, str):
         return "stop_sequence", stop_reason
-    return "end_turn", None
+    return ("tool_use" if calls else "end_turn"), None
+
+
+def _tool_use(call) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.args}
 
 
 def _event(name: str, data: dict) -> str:
@@ -92,7 +147,7 @@ async def count_tokens(http: HttpRequest):
     state = _state(http)
     body: AnthropicCountTokensRequest = await parse_body(http, AnthropicCountTokensRequest)
     state.check_model(body.model)
-    ids, _ = await off_loop(render_prompt, state, body)
+    ids, _, _ = await off_loop(_prepare, state, body)
     return {"input_tokens": len(ids)}
 
 
@@ -112,22 +167,30 @@ async def messages(http: HttpRequest):
     }  # fmt: skip
     rename = {"stop": "stop_sequences"}
     params = state.params(values, rename=rename)
-    ids, _ = await off_loop(render_prompt, state, body)
+    ids, tools, grammar = await off_loop(_prepare, state, body)
     mid = new_id("msg_")
-    group = await state.submit([ids], params, n=1, prefix=mid, rename=rename)
+    factory = (lambda: grammar.copy()) if grammar is not None else None
+    group = await state.submit([ids], params, n=1, prefix=mid, constraint=factory, rename=rename)
     model = state.config.model_name
     if body.stream:
-        return StreamingResponse(_stream(state, group, mid, model, len(ids), t0), media_type="text/event-stream",
+        return StreamingResponse(_stream(state, group, mid, model, len(ids), t0, tools), media_type="text/event-stream",
                                  headers=SSE_HEADERS)  # fmt: skip
     choices = await collect(group, http)
     if choices is None:
         return JSONResponse({}, status_code=499)
     state.metrics.observe_latency(time.perf_counter() - t0)
     c = choices[0]
-    stop_reason, stop_sequence = _stop(c.finish_reason, c.stop_reason)
+    content: list[dict[str, Any]] = [{"type": "text", "text": c.text}]
+    calls = False
+    if tools is not None:
+        text, tool_calls, complete = parse_answer(c.text, tools, id_prefix="toolu_")
+        calls = bool(tool_calls) and complete
+        if calls:  # (a call cut by max_tokens stays the text it is: its input is not JSON yet)
+            content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(t) for t in tool_calls]
+    stop_reason, stop_sequence = _stop(c.finish_reason, c.stop_reason, calls)
     return {
         "id": mid, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": c.text}],
+        "content": content,
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": _usage(len(ids), c.cached_tokens, c.completion_tokens),
     }  # fmt: skip
@@ -140,7 +203,21 @@ def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int
 
 
 async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str, input_tokens: int,
-                  t0: float) -> AsyncIterator[str]:  # fmt: skip
+                  t0: float, tools=None) -> AsyncIterator[str]:  # fmt: skip
+    parser = ToolCallParser(tools, "toolu_") if tools is not None else None
+    block = -1  # index of the open content block (-1: none yet)
+
+    def start(content_block: dict) -> str:
+        nonlocal block
+        block += 1
+        return _event("content_block_start", {"type": "content_block_start", "index": block, "content_block": content_block})
+
+    def delta(d: dict) -> str:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": block, "delta": d})
+
+    def stop() -> str:
+        return _event("content_block_stop", {"type": "content_block_stop", "index": block})
+
     try:
         first = await group.get()  # it tells how much of the prompt the prefix cache had
         cached = first.num_cached_tokens
@@ -148,9 +225,11 @@ async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str,
             "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": _usage(input_tokens, cached, 0),
         }})  # fmt: skip
-        yield _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        if parser is None:
+            yield start({"type": "text", "text": ""})
         yield _event("ping", {"type": "ping"})
         last = None
+        kind = "text" if parser is None else None  # the open block's kind
         while first is not None or not group.done:
             outs = [first if first is not None else await group.get()]
             first = None
@@ -158,11 +237,28 @@ async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str,
                 outs.append(o)
             last = outs[-1]
             text = "".join(o.new_text for o in outs)
-            if text:
-                yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                     "delta": {"type": "text_delta", "text": text}})  # fmt: skip
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        stop_reason, stop_sequence = _stop(last.finish_reason, last.stop_reason)
+            if parser is None:
+                if text:
+                    yield delta({"type": "text_delta", "text": text})
+                continue
+            for event in parser.feed(text) + (parser.finish() if last.finished else []):
+                if event[0] == "text":
+                    if kind != "text":
+                        yield start({"type": "text", "text": ""})
+                        kind = "text"
+                    yield delta({"type": "text_delta", "text": event[1]})
+                elif event[0] == "call":
+                    if kind is not None:
+                        yield stop()
+                    call = event[2]
+                    yield start({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                    kind = "tool_use"
+                elif event[0] == "args":
+                    yield delta({"type": "input_json_delta", "partial_json": event[2]})
+        if kind is None:  # nothing came: an empty text block, as for any answer
+            yield start({"type": "text", "text": ""})
+        yield stop()
+        stop_reason, stop_sequence = _stop(last.finish_reason, last.stop_reason, parser is not None and parser.complete)
         yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                        "usage": _usage(input_tokens, cached, last.num_output_tokens)})  # fmt: skip
         yield _event("message_stop", {"type": "message_stop"})

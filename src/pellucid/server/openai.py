@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from pellucid.engine.async_engine import RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
+from pellucid.sampling.constraints import check_output
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest
 from pellucid.server.state import (
@@ -31,6 +32,7 @@ from pellucid.server.state import (
     parse_body,
     trim_stop_token,
 )
+from pellucid.text.tools import ToolCallParser, parse_answer
 
 router = APIRouter()
 FINGERPRINT = "pellucid"
@@ -95,8 +97,44 @@ def _constraint_factory(state: ServerState, response_format: dict | None):
     return lambda: constraints.from_response_format(tok, response_format)
 
 
-def _finish_reason(reason: str | None) -> str | None:
+def _finish_reason(reason: str | None, calls: bool = False) -> str | None:
+    """stop | length | tool_calls (the answer is complete calls)."""
+    if calls and reason == "stop":
+        return "tool_calls"
     return reason if reason in ("stop", "length") else ("stop" if reason else None)
+
+
+def _prepare_chat(state: ServerState, body: ChatCompletionRequest, messages: list[dict[str, Any]]):
+    """(prompt ids, constraint factory, the request's tools, the constraint): the tools or the
+    response_format decide the grammar, and the prompt states it (tools section, "answer in JSON")."""
+    llm = state.llm
+    tools = shown = None
+    rf = body.response_format
+    if body.tools:
+        if rf is not None and rf.get("type") != "text":
+            raise ApiError(400, "give tools or response_format, not both", param="response_format")
+        tools, shown, c = llm.tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls)
+        factory = (lambda: c.copy()) if c is not None else None
+    else:
+        if body.tool_choice not in (None, "none"):
+            raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
+        factory = _constraint_factory(state, rf)
+        c = factory() if factory is not None else None
+    return llm.encode_prompt(llm.render_chat(messages, tools=shown, constraint=c)), factory, tools, c
+
+
+def _message(c: Choice, tools, constraint) -> tuple[dict[str, Any], bool]:
+    """A choice's assistant message (content and tool_calls), and whether it is complete calls."""
+    if tools is None:
+        msg = {"role": "assistant", "content": c.text, "refusal": None}
+        if c.finish_reason == "stop" and (err := check_output(constraint, c.text)) is not None:
+            msg["schema_error"] = err  # the finished output does not match the real schema (oneOf as anyOf)
+        return msg, False
+    text, calls, complete = parse_answer(c.text, tools)
+    msg = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
+    if calls:
+        msg["tool_calls"] = [t.openai() for t in calls]
+    return msg, bool(calls) and complete
 
 
 def _stop_reason(stop_reason) -> str | int | None:
@@ -169,10 +207,9 @@ async def chat_completions(http: HttpRequest):
     messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
     messages = state.with_system(messages)
     try:
-        prompt_ids = await off_loop(lambda: llm.encode_prompt(llm.render_chat(messages)))
+        prompt_ids, constraint, tools, base = await off_loop(_prepare_chat, state, body, messages)
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
-    constraint = await off_loop(_constraint_factory, state, body.response_format)
     cid = new_id("chatcmpl-")
     n = params.n
     group = await state.submit([prompt_ids], params, n=n, prefix=cid, constraint=constraint, rename=rename)
@@ -182,7 +219,7 @@ async def chat_completions(http: HttpRequest):
     tok = llm.tokenizer
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _chat_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, len(prompt_ids), t0)
+        gen = _chat_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, len(prompt_ids), t0, tools)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
     choices = await collect(group, http)
     if choices is None:
@@ -191,8 +228,8 @@ async def chat_completions(http: HttpRequest):
     out = []
     for i, c in enumerate(choices):
         lps = _chat_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason)) if want_lp else None
-        out.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason),
+        msg, calls = _message(c, tools, base)
+        out.append({"index": i, "message": msg, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason, calls),
                     "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
@@ -201,7 +238,8 @@ async def chat_completions(http: HttpRequest):
 
 
 async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str, n: int,
-                       include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float) -> AsyncIterator[str]:  # fmt: skip
+                       include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float,
+                       tools=None) -> AsyncIterator[str]:  # fmt: skip
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}  # fmt: skip
     if include_usage:
@@ -214,6 +252,7 @@ async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, create
         return _sse({**head, "choices": [choice]})
 
     choices = [Choice() for _ in range(n)]
+    parsers = [ToolCallParser(tools) if tools is not None else None for _ in range(n)]
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -228,10 +267,19 @@ async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, create
                 last = outs[-1]
                 if last.finished:
                     lps = trim_stop_token(lps, last.stop_reason)
-                if text or (want_lp and lps):
+                p = parsers[i]
+                if p is not None:  # text and calls, as their deltas
+                    events = p.feed(text) + (p.finish() if last.finished else [])
+                    deltas = [d for e in events if (d := _tool_delta(e)) is not None]
+                    if want_lp and lps and not deltas:
+                        deltas = [{"content": ""}]
+                    for k, d in enumerate(deltas):
+                        yield chunk(i, d, _chat_logprobs(tok, lps) if want_lp and k == 0 else None)
+                elif text or (want_lp and lps):
                     yield chunk(i, {"content": text}, _chat_logprobs(tok, lps) if want_lp else None)
                 if last.finished:
-                    yield chunk(i, {}, None, _finish_reason(last.finish_reason), _stop_reason(last.stop_reason))
+                    calls = p is not None and p.complete
+                    yield chunk(i, {}, None, _finish_reason(last.finish_reason, calls), _stop_reason(last.stop_reason))
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
@@ -241,6 +289,20 @@ async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, create
     finally:
         for rid in group.abort():
             state.metrics.forget(rid)
+
+
+def _tool_delta(event: tuple) -> dict[str, Any] | None:
+    """A ToolCallParser event as an OpenAI chunk's delta."""
+    kind, *rest = event
+    if kind == "text":
+        return {"content": rest[0]}
+    if kind == "call":
+        i, call = rest
+        return {"tool_calls": [{"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}
+    if kind == "args":
+        i, frag = rest
+        return {"tool_calls": [{"index": i, "function": {"arguments": frag}}]}
+    return None
 
 
 # -- completions --------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # tool calling: checked by pellucid.text.tools, whose errors name the field
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_OpenAISampling):
@@ -82,6 +86,8 @@ class AnthropicMessagesRequest(_Extras):
     top_p: float | None = None
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
     # pellucid's extras beyond Anthropic's own (OpenAI-style penalties, seed)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -92,6 +98,8 @@ class AnthropicCountTokensRequest(_Body):
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Body):

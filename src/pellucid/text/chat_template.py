@@ -48,6 +48,10 @@ class ChatTemplate:
             raise PellucidError(f"the model's chat template does not parse: {e}") from None
         # Whether the template has a place for a system message of its own.
         self.supports_system = self._probe_system()
+        # Whether it renders tools itself (it reads a `tools` variable); else pellucid.text.tools does.
+        from jinja2 import meta
+
+        self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
 
     def _probe_system(self) -> bool:
         marker = "\x00pellucid-system\x00"
@@ -57,7 +61,17 @@ class ChatTemplate:
             return False
         return marker in out
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: list | None = None,
+               **extra: Any) -> str:  # fmt: skip
+        """The prompt text. tools: pellucid.text.tools.Tool list, rendered by the template where
+        it takes `tools`, else as the default system section; the history may hold assistant
+        `tool_calls` and `tool` results either way."""
+        if tools or any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages or []):
+            from pellucid.text.tools import history
+
+            messages = history(messages, tools, native=self.supports_tools)
+            if tools and self.supports_tools:
+                extra["tools"] = [t.openai() for t in tools]
         msgs = validate_messages(messages)
         if msgs and msgs[0]["role"] == "system" and not self.supports_system:
             # Fold the system text into the first user turn, as such templates expect.
