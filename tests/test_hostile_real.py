@@ -50,6 +50,11 @@ for field, (wrong, out) in SAMPLING_FIELDS.items():
 for field, value in (("temperature", 1.5), ("top_p", -0.1), ("top_k", -3), ("max_tokens", -2), ("stop_sequences", "halt"),
                      ("max_tokens", "lots"), ("temperature", "warm")):  # fmt: skip
     CASES.append(case("/v1/messages", {**OK_MESSAGES, field: value}, field))
+# -- OpenAI's contract: its ranges and no silent coercion ----------------------------------------
+for field, value in (("temperature", 3), ("temperature", 2.5), ("max_tokens", "4"), ("stream", "yes"), ("n", "2"),
+                     ("stop", [f"s{i}" for i in range(100)]), ("seed", 1.5), ("logprobs", 1), ("top_p", "0.9")):  # fmt: skip
+    CASES.append(case("/v1/chat/completions", {**OK_CHAT, field: value}, field))
+CASES.append(case("/v1/completions", {**OK_COMPLETION, "temperature": 2.1}, "temperature"))
 # -- messages -----------------------------------------------------------------------------------
 for messages, names in (
     (None, "messages"), ("hello", "messages"), ([], "messages"), ([{"role": "wizard", "content": "hi"}], "role"),
@@ -86,6 +91,10 @@ for fmt in (
     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}},
 ):  # fmt: skip
     CASES.append(case("/v1/chat/completions", {**OK_CHAT, "response_format": fmt}, "response_format"))
+for schema in ({"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+               {"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "properties": {"x": {"$ref": "#/$defs/a"}}, "type": "object"}):  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "cyclic", "schema": schema}}
+    CASES.append(case("/v1/chat/completions", {**OK_CHAT, "response_format": fmt}, "comes back to itself"))
 # -- deep nesting, at the top and inside fields -------------------------------------------------------
 for depth in (100, 1000, 100_000):
     CASES.append(case("/v1/chat/completions", '{"model": "m", "metadata": ' + nested(depth) + "}", "nest", raw=True))

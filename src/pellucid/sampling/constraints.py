@@ -361,6 +361,7 @@ def _schema_dict(spec: Any) -> dict | bool:
 
 
 def _compile_schema(schema: dict, *, strict: bool | None, compact: bool, param: str, warnings: list[str]) -> str:
+    check_ref_cycles(schema, param)
     try:
         return llg.LLMatcher.grammar_from_json_schema(prepare_schema(schema, strict=strict, compact=compact, warnings=warnings))
     except ValueError as e:
@@ -476,6 +477,51 @@ def subschemas(schema: Any, path: str = "#"):
         if isinstance(schema.get(k), dict):
             for name, s in schema[k].items():
                 yield from subschemas(s, f"{path}/{k}/{_pointer(name)}")
+
+
+def check_ref_cycles(schema: Any, param: str = "json_schema") -> None:
+    """Refuse a schema whose $ref chain comes back to where it started without describing a value
+    (`{"$ref": "#"}`, a -> b -> a, or through allOf): it allows nothing, and would generate nothing."""
+    if not isinstance(schema, dict):
+        return
+    for path, node in subschemas(schema):
+        chain, seen = [path], {id(node)}
+        while isinstance(node, dict):
+            nxt = None
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                nxt, where = _resolve(schema, ref), ref
+            elif isinstance(node.get("allOf"), list) and len(node["allOf"]) == 1 and isinstance(node["allOf"][0], dict):
+                nxt, where = node["allOf"][0], chain[-1] + "/allOf/0"
+            if nxt is None or not _only_refers(node):
+                break
+            if id(nxt) in seen:
+                cycle = " -> ".join([*chain, where])
+                raise PellucidError(f"{param}: the $ref chain {cycle} comes back to itself without describing any "
+                                    "value, so no JSON can match it; give the schema a type or properties",
+                                    param=param)  # fmt: skip
+            seen.add(id(nxt))
+            chain.append(where)
+            node = nxt
+
+
+def _only_refers(node: dict) -> bool:
+    """A schema node that says nothing of its own beyond what it refers to."""
+    return not (set(node) - {"$ref", "allOf", "$defs", "definitions", "$schema", "$id", "title", "description", "$comment"})
+
+
+def _resolve(root: dict, ref: str) -> Any:
+    """The subschema a local JSON pointer ("#", "#/$defs/a") names, or None."""
+    node: Any = root
+    for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _pointer(name: str) -> str:

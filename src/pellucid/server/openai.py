@@ -67,7 +67,16 @@ async def get_model(model: str, http: HttpRequest):
 
 
 # -- shared -----------------------------------------------------------------------------------
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; pellucid more, documented in docs/server.md)
+
+
 def _sampling_values(body, max_tokens: int | None) -> dict[str, Any]:
+    """The sampling fields, with OpenAI's own limits where pellucid's engine would allow more."""
+    t = body.temperature
+    if t is not None and not 0.0 <= t <= 2.0:
+        raise ApiError(400, f"temperature = {t} is out of range; allowed on OpenAI's API: [0.0, 2.0]", param="temperature")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP:
+        raise ApiError(400, f"stop has {len(body.stop)} strings; allowed: at most {MAX_STOP}", param="stop")
     return {
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
         "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,

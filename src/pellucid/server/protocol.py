@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "4" is not the integer 4 and "yes" is not true (a client sending them has a bug to hear about);
+    # an integer is still a valid float
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Extras(_Body):
