@@ -87,3 +87,51 @@ def test_serve_with_config_and_key(tmp_path: Path, real_llm, real_path):
             p.kill()
             raise
     assert p.returncode == 0, out
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_running_streams_cleanly_and_exits_soon(real_path, sig):
+    """SIGTERM (or Ctrl-C) while a stream runs: the stream gets a last error event saying the server
+    is shutting down and a proper end (no cut connection), and the process exits within seconds."""
+    import json
+    import threading
+
+    p, url = _start(["--model", str(real_path), "--port", "0", "--max-len", "1024"])
+    try:
+        t = time.monotonic()
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert p.poll() is None and time.monotonic() - t < 120
+            time.sleep(0.2)
+        body = {"model": "x", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 900,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        seen: dict = {"lines": []}
+        started = threading.Event()
+
+        def read():
+            try:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "model": str(real_path)}, timeout=60) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            seen["lines"].append(line[6:])
+                            started.set()
+                seen["end"] = "complete"
+            except httpx.HTTPError as e:
+                seen["end"] = f"{type(e).__name__}: {e}"
+            started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(60)
+        t = time.monotonic()
+        p.send_signal(sig)
+        p.communicate(timeout=30)
+        took = time.monotonic() - t
+        reader.join(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert took < 10, took
+    assert seen["end"] == "complete", seen["end"]
+    errors = [json.loads(x)["error"] for x in seen["lines"] if x != "[DONE]" and "error" in json.loads(x)]
+    assert errors and "shutting down" in errors[-1]["message"], seen["lines"][-3:]

@@ -137,8 +137,17 @@ class LLM:
 
         return ChatSession(self, system=system, style=style, **kw)
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], *, limit: int | None = None) -> list[int]:
+        """Token ids of a prompt. With `limit` (the server's context window), a text too long to fit
+        however it tokenizes is refused before tokenizing (a hostile 5 MB body costs no tokenizer time)."""
         if isinstance(prompt, str):
+            if limit is not None:
+                at_least = len(prompt.encode("utf-8", errors="replace")) // self.tokenizer.max_token_bytes
+                if at_least > limit:
+                    raise PellucidError(
+                        f"This model's context window is {limit} tokens; the prompt has at least {at_least} tokens "
+                        f"({len(prompt):,} characters). Shorten the prompt.", param="messages", code="context_length_exceeded",
+                    )  # fmt: skip
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
             return list(prompt)

@@ -91,7 +91,7 @@ def serve(
                                 log=lambda m: err.print(m, highlight=False))  # fmt: skip
         return
     state = ServerState(sc, loader=_loader(cfg))
-    server = uvicorn.Server(uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
+    server = _Server(state, uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=3))  # fmt: skip
 
     def failed(message: str) -> None:
@@ -108,6 +108,21 @@ def serve(
         pass
     if state.status == "failed":
         raise PellucidError(f"the model did not load: {state.error}")
+
+
+def _Server(state, config):
+    """uvicorn's server that, on SIGTERM or Ctrl-C, first ends the running requests: every open
+    stream gets a last error event ("the server is shutting down", 503) and its end, instead of a
+    connection cut when the graceful-shutdown time runs out."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if state.engine is not None and not self.should_exit:
+                state.engine.end_all("the server is shutting down; send the request again to another server or later")
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _loader(cfg):

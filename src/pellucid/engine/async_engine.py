@@ -211,8 +211,14 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed (shutting down)
                 pass
 
+    def end_all(self, message: str) -> None:
+        """End every request with a 503 saying `message` (shutting down): each stream ends with it, cleanly."""
+        self._fail_with(PellucidError(message, status=503, code="server_shutting_down"))
+
     def _fail_all(self, e: Exception) -> None:
-        err = EngineDead(f"generation failed inside the engine: {type(e).__name__}: {e}", status=500, code="engine_error")
+        self._fail_with(EngineDead(f"generation failed inside the engine: {type(e).__name__}: {e}", status=500, code="engine_error"))
+
+    def _fail_with(self, err: PellucidError) -> None:
         with self._lock:
             streams = dict(self._streams)
             self._streams.clear()

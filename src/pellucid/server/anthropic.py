@@ -108,7 +108,7 @@ def render_prompt(state: ServerState, body, tools=None, constraint=None) -> tupl
     llm = state.llm
     try:
         text = llm.render_chat(messages, tools=tools, constraint=constraint) + prefill
-        return llm.encode_prompt(text), prefill
+        return llm.encode_prompt(text, limit=state.max_len), prefill
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
 

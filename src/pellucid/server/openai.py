@@ -129,7 +129,7 @@ def _prepare_chat(state: ServerState, body: ChatCompletionRequest, messages: lis
             raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
         factory = _constraint_factory(state, rf)
         c = factory() if factory is not None else None
-    return llm.encode_prompt(llm.render_chat(messages, tools=shown, constraint=c)), factory, tools, c
+    return llm.encode_prompt(llm.render_chat(messages, tools=shown, constraint=c), limit=state.max_len), factory, tools, c
 
 
 def _message(c: Choice, tools, constraint) -> tuple[dict[str, Any], bool]:
@@ -315,15 +315,15 @@ def _tool_delta(event: tuple) -> dict[str, Any] | None:
 
 
 # -- completions --------------------------------------------------------------------------------
-def _prompts(llm, prompt) -> list[list[int]]:
+def _prompts(llm, prompt, limit: int) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [llm.encode_prompt(prompt)]
+        return [llm.encode_prompt(prompt, limit=limit)]
     if not prompt:
         raise ApiError(400, "prompt is empty", param="prompt")
     if all(isinstance(x, int) for x in prompt):
         return [list(prompt)]
     if all(isinstance(x, str) for x in prompt):
-        return [llm.encode_prompt(x) for x in prompt]
+        return [llm.encode_prompt(x, limit=limit) for x in prompt]
     return [list(x) for x in prompt]
 
 
@@ -346,7 +346,7 @@ async def completions(http: HttpRequest):
     # max_tokens 16 is the legacy API's default
     params = state.params(values, api_defaults={"max_tokens": 16}, rename={"top_logprobs": "logprobs"})
     try:
-        prompts = await off_loop(_prompts, llm, body.prompt)
+        prompts = await off_loop(_prompts, llm, body.prompt, state.max_len)
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
     constraint = await off_loop(_constraint_factory, state, body.response_format)

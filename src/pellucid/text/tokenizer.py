@@ -11,7 +11,7 @@ skips: user-defined pieces (Gemma's newline and whitespace runs) are text.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -114,6 +114,11 @@ class Tokenizer:
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.vocab_size:
                 raise PellucidError(f"{what} {i!r} is not a valid token id (0..{self.vocab_size - 1})", param=what)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token, in bytes: a text of n bytes is at least n / this many tokens."""
+        return max(1, max(len(b) for b in self._bytes))
 
     def token_bytes(self, i: int) -> bytes:
         """The exact bytes token `i` stands for (a special token: its text)."""
