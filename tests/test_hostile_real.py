@@ -67,6 +67,8 @@ for messages, names in (([{"role": "system", "content": "hi"}], "role"), ([{"rol
                         ([], "messages"), ([{"role": "user", "content": [{"type": "image", "source": {}}]}], "content")):  # fmt: skip
     CASES.append(case("/v1/messages", {**OK_MESSAGES, "messages": messages}, names))
 CASES.append(case("/v1/messages", {**OK_MESSAGES, "system": "\ud800"}, "system"))
+CASES.append(case("/v1/chat/completions", {**OK_CHAT, "metadata": {"\ud800key": 1}}, "surrogate"))  # echoed in the path
+CASES.append(case("/v1/messages", {**OK_MESSAGES, "\udfffx": 1}, "surrogate"))
 CASES.append(case("/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "\udc00"}]}, "content"))
 CASES.append(case("/tokenize", {"prompt": "\ud800"}, "prompt"))
 # -- prompts and token ids ------------------------------------------------------------------------

@@ -52,9 +52,15 @@ def is_anthropic(path: str) -> bool:
 
 def error_body(e: ApiError, anthropic: bool) -> dict[str, Any]:
     oa_type, an_type = _TYPES.get(e.status, ("server_error" if e.status >= 500 else "invalid_request_error", "api_error"))
+    message, param = _printable(e.message), _printable(e.param)
     if anthropic:
-        return {"type": "error", "error": {"type": an_type, "message": e.message}}
-    return {"error": {"message": e.message, "type": oa_type, "param": e.param, "code": e.code}}
+        return {"type": "error", "error": {"type": an_type, "message": message}}
+    return {"error": {"message": message, "type": oa_type, "param": param, "code": e.code}}
+
+
+def _printable(s: str | None) -> str | None:
+    """Text that can be sent as UTF-8: a client's unpaired surrogates (echoed in a field path) as escapes."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(s, str) else s
 
 
 def error_response(e: ApiError, path: str) -> JSONResponse:
