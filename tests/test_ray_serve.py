@@ -148,7 +148,10 @@ def _replicas(url: str) -> dict[str, float]:
     """replica name -> its generated tokens, from the ingress's merged /metrics."""
     from pellucid.server.metrics import parse_metrics
 
-    m = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    if r.status_code != 200:  # Ray's proxy answers 404 until the application's routes are up
+        return {}
+    m = parse_metrics(r.text)
     return {k.split('"')[1]: v for k, v in m.items() if k.startswith("pellucid_generation_tokens_total{")}
 
 
