@@ -129,9 +129,6 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return sum(1 for r in list(self.engine.waiting) if not r.finished)
 
-    def num_running(self) -> int:
-        return len(self.engine.running)
-
     def add(self, req: Request) -> RequestGroup:
         """Queue `req`; its outputs arrive on the returned group. 429 if the queue is full."""
         return self.add_many([req])

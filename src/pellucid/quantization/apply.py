@@ -201,9 +201,3 @@ def model_nbytes(model: nn.Module) -> int:
             total += t.numel() * t.element_size()
     return total
 
-
-def format_label(dtype: str | torch.dtype, quant: str | None) -> str:
-    """One name for a format: 'int4' (bf16 activations), 'bfloat16', ..."""
-    if quant:
-        return quant
-    return str(dtype).replace("torch.", "")

@@ -7,7 +7,7 @@ determinism) are in the sampler's docstring and DESIGN.md "Semantics".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from pellucid.errors import PellucidError
 
@@ -90,10 +90,6 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise PellucidError(f"stop_token_ids entry {t} is not in the vocabulary (0..{vocab_size - 1})", param="stop_token_ids")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def _bias_key(k) -> int:
