@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pellucid.engine.kv_cache import KVCache
+from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.request import Request, RequestOutput, Status, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
@@ -101,8 +101,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # prompt tokens per step while no request is generating
         self.step_tokens = step_tokens  # tokens per step (generated + prompt) while some are
         self.use_cache = use_cache
-        dtype = next(self.model.parameters()).dtype
-        kv_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+        kv_dtype = cache_dtype(self.model)
         # Reuse is exact only where a row's values do not depend on its batch (pellucid's integer kernels)
         if prefix_cache is None:
             prefix_cache = bool(getattr(self.model, "batch_invariant", lambda: False)())
@@ -203,7 +202,7 @@ class Engine:
     def _place(self, req: Request) -> None:
         """Give `req` a cache slot, with as much of its prompt already in it as the prefix cache has."""
         cache = self.cache
-        if not self.prefix_cache:
+        if not self.prefix_cache or not self.fused():  # hooks attached: rows take the readable path, not bit-equal
             req.slot = cache.allocate()
             return
         ids = req.prompt_ids
@@ -384,7 +383,7 @@ class Engine:
         req.status = Status.FINISHED
         req.finish_reason = reason
         if req.slot is not None and self.cache is not None:
-            held = req.all_ids[: req.num_computed] if self.prefix_cache else None
+            held = req.all_ids[: req.num_computed] if self.prefix_cache and self.fused() else None
             self.cache.release(req.slot, held)
             req.slot = None
         if req in self.running and reason == "abort":

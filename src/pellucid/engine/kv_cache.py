@@ -84,6 +84,12 @@ class KVCache:
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
 
 
+def cache_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's keys and values are cached in: its parameters' float type, else bfloat16."""
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 FRESH_PAGES = 64 << 20  # glibc serves a block this large from its own new mapping (its threshold is at most 32 MiB)
 
 

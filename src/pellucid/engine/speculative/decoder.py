@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pellucid.engine.kv_cache import KVCache
+from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.request import Request, RequestOutput, Status, TokenLogprob
 from pellucid.engine.speculative.drafters import Drafter
 from pellucid.engine.speculative.rule import (
@@ -116,8 +116,7 @@ class SpeculativeDecoder:
         if self.cache is not None and self.cache.max_len >= need:
             return
         size = min(self.max_len, -(-need // 256) * 256)
-        dtype = next(self.model.parameters()).dtype
-        kv = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+        kv = cache_dtype(self.model)
         self.cache = KVCache(self.cfg, 1, size, kv, self.device)
 
     def _forward(self, ids: list[int], start: int, *, last_only: bool = False) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pellucid.engine.kv_cache import KVCache
+from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.speculative.rule import Draft, DraftChain
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
@@ -134,8 +134,7 @@ class ModelDrafter:
         if self.cache is not None and self.cache.max_len >= need:
             return
         size = min(self.max_len, -(-need // 256) * 256)
-        dtype = next(self.model.parameters()).dtype
-        kv = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+        kv = cache_dtype(self.model)
         self.cache = KVCache(self.cfg, 1, size, kv, self._device())
         self._computed = []
 
