@@ -91,6 +91,17 @@ def wait_update(page, panel: str, before: int) -> None:
     page.wait_for_function(f"(window.inspector.updates[{panel!r}] || 0) > {before}", timeout=WAIT_MS)
 
 
+def click_token(page, nth: int) -> None:
+    """Click the nth token of the output and wait until the next-token panel shows that
+    position (an update still under way for another position does not count)."""
+    tok = page.locator("#output .tok").nth(nth)
+    index = tok.get_attribute("data-index")
+    tok.click()
+    page.wait_for_function(
+        f"(() => {{ const b = document.getElementById('panel-next'); return b.dataset.state === 'ready' && b.dataset.position === {index!r}; }})()",
+        timeout=WAIT_MS)  # fmt: skip
+
+
 def set_control(page, control: str, value) -> None:
     page.evaluate("([id, v]) => { const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event('input')); }",
                   [control, str(value)])  # fmt: skip
@@ -168,9 +179,7 @@ def test_panels_follow_prompt_and_controls(page, srv):
     assert n_gen > 0, page.text_content("#error")
     page.wait_for_function(f"document.querySelectorAll('#output .tok').length === {n_gen}")
     pick = min(2, n_gen - 1)
-    before = updates(page, "next")
-    page.locator("#output .tok").nth(pick).click()
-    wait_update(page, "next", before)
+    click_token(page, pick)
     # temperature 0: the greedy token the inspector shows is the one the server generated there
     actual = [c for c in final_stage(page) if c["bar"]]
     assert len(actual) == 1 and "◀" in actual[0]["text"], final_stage(page)
@@ -250,9 +259,7 @@ def test_raw_completion_and_bias_by_token_text(page):
     page.click("#generate")
     page.wait_for_function("document.getElementById('gen-info').textContent.includes('tokens in')", timeout=WAIT_MS)
     assert page.locator("#output .tok").count() > 0, page.text_content("#error")
-    before = updates(page, "next")
-    page.locator("#output .tok").first.click()
-    wait_update(page, "next", before)
+    click_token(page, 0)
     greedy = [c for c in final_stage(page) if c["bar"]]
     assert len(greedy) == 1 and "◀" in greedy[0]["text"]  # the served token is the inspector's greedy one
 

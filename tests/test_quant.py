@@ -218,3 +218,24 @@ def test_quantize_report_cli_on_a_tiny_model(tiny_gguf, tmp_path):
     assert rows["float32"]["kl_mean"] == 0 and rows["float32"]["top1_agreement"] == 1
     assert rows["int8"]["bytes_per_param"] < rows["bfloat16"]["bytes_per_param"] < rows["float32"]["bytes_per_param"]
     assert (tmp_path / "quantize_report.png").is_file()
+
+
+def test_quantize_report_default_text_comes_with_pellucid(tiny_gguf, tmp_path, monkeypatch):
+    """Without --text the report scores the WikiText-2 excerpt shipped in the package (not a
+    file beside a checkout), from any working directory."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pellucid.cli import _register, app
+    from pellucid.quantization.report import DEFAULT_TEXT
+
+    assert DEFAULT_TEXT.is_file() and DEFAULT_TEXT.stat().st_size > 90_000
+    monkeypatch.delenv("PELLUCID_EVAL_TEXT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _register()
+    r = CliRunner().invoke(app, ["quantize-report", str(tiny_gguf), "--tokens", "64", "--window", "32",
+                                 "--formats", "int8", "--out", str(tmp_path), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    assert rep["text"] == str(DEFAULT_TEXT) and rep["n_tokens"] == 64

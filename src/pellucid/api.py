@@ -23,7 +23,7 @@ from pellucid.sampling.constraints import (
     is_incomplete,
     pop_constraint,
 )
-from pellucid.sampling.params import SamplingParams
+from pellucid.sampling.params import SamplingParams, build_params
 from pellucid.text.tools import Tool, add_to_system, parse_answer, parse_tool_choice, parse_tools
 from pellucid.text.tools import constraint as tool_constraint
 
@@ -52,16 +52,8 @@ class Completion:
 
 
 def make_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
-    if params is None:
-        try:
-            return SamplingParams(**overrides)
-        except TypeError as e:
-            raise PellucidError(f"unknown sampling parameter: {e}") from None
-    if overrides:
-        from dataclasses import replace
-
-        return replace(params, **overrides)
-    return params
+    """The call's SamplingParams: `params` (or the defaults), with the keyword overrides."""
+    return params if not overrides and params is not None else build_params(params, overrides)
 
 
 class LLM:

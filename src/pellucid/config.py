@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from pellucid.errors import PellucidError
-from pellucid.sampling.params import SamplingParams, check_bias_value
+from pellucid.sampling.params import SamplingParams, build_params, check_bias_value
 
 # section -> key -> the SamplingParams field it sets (None: not a sampling parameter)
 SCHEMA: dict[str, dict[str, str | None]] = {
@@ -237,9 +237,8 @@ def _check_sampling(cfg: Config) -> None:
                 check_bias_value(text, v)
             except PellucidError as e:
                 raise _located_error(cfg, "control.logit_bias", e, line=cfg.bias_lines.get(text), key=text) from None
-    values.setdefault("max_tokens", None)
     try:
-        SamplingParams(**values)
+        build_params({"max_tokens": None}, values)
     except PellucidError as e:
         raise _located_error(cfg, _dotted_of(e.param), e) from None
 
@@ -377,10 +376,7 @@ def merge_params(defaults: dict[str, Any], config: Config | None, flags: dict[st
     if bias:
         values["logit_bias"] = bias
     try:
-        params = SamplingParams(**values)
-        if tokenizer is not None:
-            params.check_vocab(tokenizer.vocab_size)
-        return params
+        return build_params(values, vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
     except PellucidError as e:
         if e.param in given or (e.param == "logit_bias" and flag_bias):
             name = flag_names.get(e.param, "--" + (e.param or "").replace("_", "-"))

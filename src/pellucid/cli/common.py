@@ -6,68 +6,115 @@ override the YAML config (`--config`), which overrides the command's defaults.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pellucid.registry import DEFAULT_MODEL
+from pellucid.config import load_config, merge_params
+from pellucid.prompts.counting import TokenCounter
+from pellucid.registry import DEFAULT_MODEL, resolve
+from pellucid.sampling.bias import parse_bias_entry
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Activations: auto (float32 for quantized weights on CPU; else bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
 Quant = Annotated[str, typer.Option("--quant", help="Weights: auto (the default: int4 unless the model's measured quality says int8 or none), int4 (the file's own quantized blocks; int4-g64, ...), int8, or none.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.")]
-Temperature = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling; same seed, same output.")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Keep the smallest set with this much probability (1 = off).")]
-MinP = Annotated[float | None, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).")]
-FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="logit -= count * this, for generated tokens; -2..2.")]
-PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="logit -= this, for tokens generated at least once; -2..2.")]
-RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.")]
-LogitBias = Annotated[list[str] | None, typer.Option("--logit-bias", help='TOKEN=BIAS, TOKEN a token id or the text of one token: 9=5, " Paris=-100" (repeatable; -100 bans).')]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text, which is not included (repeatable).")]
-StopTokenId = Annotated[list[int] | None, typer.Option("--stop-token-id", help="Stop at this token id (repeatable).")]
-IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.")]
+S = "Sampling"  # the help panel of the shared sampling flags
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.", rich_help_panel=S)]
+MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.", rich_help_panel=S)]
+Temperature = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.", rich_help_panel=S)]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling; same seed, same output.", rich_help_panel=S)]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).", rich_help_panel=S)]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Keep the smallest set with this much probability (1 = off).", rich_help_panel=S)]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).", rich_help_panel=S)]
+FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="logit -= count * this, for generated tokens; -2..2.", rich_help_panel=S)]
+PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="logit -= this, for tokens generated at least once; -2..2.", rich_help_panel=S)]
+RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.", rich_help_panel=S)]
+LogitBias = Annotated[list[str] | None, typer.Option("--logit-bias", help='TOKEN=BIAS, TOKEN a token id or the text of one token: 9=5, " Paris=-100" (repeatable; -100 bans).', rich_help_panel=S)]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text, which is not included (repeatable).", rich_help_panel=S)]
+StopTokenIds = Annotated[list[int] | None, typer.Option("--stop-token-ids", "--stop-token-id", help="Stop at this token id (repeatable).", rich_help_panel=S)]
+IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.", rich_help_panel=S)]
 
 from pellucid.runtime import DEFAULT_DTYPE, DEFAULT_QUANT  # noqa: E402  (one set of defaults: API, CLI, server)
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 
+# The shared sampling flags: parameter (= SamplingParams field) -> (annotation, default).
+# Flags are the API's names in kebab case; each flag's default None means "not given".
+SAMPLING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "max_tokens": (MaxTokens, None), "min_tokens": (MinTokens, None), "temperature": (Temperature, None),
+    "seed": (Seed, None), "top_k": (TopK, None), "top_p": (TopP, None), "min_p": (MinP, None),
+    "frequency_penalty": (FrequencyPenalty, None), "presence_penalty": (PresencePenalty, None),
+    "repetition_penalty": (RepetitionPenalty, None), "logit_bias": (LogitBias, None), "stop": (Stop, None),
+    "stop_token_ids": (StopTokenIds, None), "ignore_eos": (IgnoreEos, False),
+}  # fmt: skip
+
 # flag name of each SamplingParams field, for error messages
-FLAG_NAMES = {
-    "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-    "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
-    "repetition_penalty": "--repetition-penalty", "logit_bias": "--logit-bias", "stop": "--stop",
-    "stop_token_ids": "--stop-token-id", "max_tokens": "--max-tokens", "min_tokens": "--min-tokens",
-    "seed": "--seed", "ignore_eos": "--ignore-eos",
+FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in SAMPLING_OPTIONS}
+
+Q = "Structured output"
+STRUCTURED_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "json": (Annotated[bool, typer.Option("--json", help="Structured output: any JSON object.", rich_help_panel=Q)], False),
+    "json_schema": (Annotated[str | None, typer.Option("--json-schema", help="Structured output: JSON that validates against the schema in FILE.", metavar="FILE", rich_help_panel=Q)], None),
+    "regex": (Annotated[str | None, typer.Option("--regex", help="Structured output: text that matches the regular expression.", rich_help_panel=Q)], None),
+    "choice": (Annotated[list[str] | None, typer.Option("--choice", help="Structured output: exactly one of these strings (repeatable).", rich_help_panel=Q)], None),
+    "grammar": (Annotated[str | None, typer.Option("--grammar", help="Structured output: text of the Lark (or GBNF) grammar in FILE.", metavar="FILE", rich_help_panel=Q)], None),
+    "strict": (Annotated[bool | None, typer.Option("--strict/--no-strict", rich_help_panel=Q, help=(
+        "--strict: refuse a schema any of whose keywords (oneOf included) cannot be enforced exactly; --no-strict: "
+        "ignore such keywords. Default: refuse, except oneOf, generated as anyOf and the output checked afterwards."))], None),
 }  # fmt: skip
 
 
-SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "frequency_penalty", "presence_penalty",
-                  "repetition_penalty", "logit_bias", "stop", "stop_token_id", "max_tokens", "min_tokens",
-                  "seed", "ignore_eos")  # fmt: skip
+def options(group: dict[str, tuple[Any, Any]], into: str, convert: Callable[[dict[str, Any]], Any] = dict, *,
+            without: tuple[str, ...] = ()) -> Callable:  # fmt: skip
+    """Add a shared group of flags to a Typer command: the command declares one parameter,
+    `into`, and receives the group's values there, through `convert`; the flags themselves
+    are declared once, here, for every command that takes them (`without` leaves some out)."""
+
+    def add(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # (the module's annotations are strings)
+        names = [n for n in group if n not in without]
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values() if p.name != into]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=group[n][1], annotation=group[n][0]) for n in names]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            picked = {n: kwargs.pop(n) for n in names}
+            return fn(*args, **kwargs, **{into: convert(picked)})
+
+        command.__signature__ = sig.replace(parameters=own + added)  # what Typer reads
+        command.__annotations__ = {**{k: v for k, v in hints.items() if k != into}, **{n: group[n][0] for n in names}}
+        return command
+
+    return add
 
 
 def sampling_flags(given: dict[str, Any]) -> dict[str, Any]:
-    """The sampling flags among a command's arguments (pass `locals()`) as SamplingParams
-    fields; None = not given on the command line."""
-    from pellucid.sampling.bias import parse_bias_entry
-
-    f = {name: given.get(name) for name in SAMPLING_FLAGS}
+    """The shared sampling flags' values as SamplingParams fields; None = not given."""
+    f = {name: given.get(name) for name in SAMPLING_OPTIONS}
     f["logit_bias"] = dict(parse_bias_entry(e) for e in f["logit_bias"]) if f["logit_bias"] else None
     f["stop"] = list(f["stop"]) if f["stop"] else None
-    f["stop_token_ids"] = list(f.pop("stop_token_id") or []) or None
+    f["stop_token_ids"] = list(f["stop_token_ids"]) if f["stop_token_ids"] else None
     f["ignore_eos"] = True if f["ignore_eos"] else None
     return f
 
 
-def read_config(path: Path | None):
-    from pellucid.config import load_config
+def sampling_options(*, without: tuple[str, ...] = ()) -> Callable:
+    """The command takes the shared sampling flags as `flags` (see sampling_flags)."""
+    return options(SAMPLING_OPTIONS, "flags", sampling_flags, without=without)
 
+
+structured_options = options(STRUCTURED_OPTIONS, "structured")  # the command takes them as `structured`
+
+
+def read_config(path: Path | None):
     return load_config(path) if path is not None else None
 
 
@@ -105,9 +152,19 @@ def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int
 
 def build_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokenizer, *, without_bias: bool = False):
     """defaults < config < flags given, with errors naming the flag or the config line."""
-    from pellucid.config import merge_params
-
     return merge_params(defaults, config, flags, tokenizer=tokenizer, flag_names=FLAG_NAMES, without_bias=without_bias)
+
+
+def check_params(defaults: dict[str, Any], config, flags: dict[str, Any], model: str) -> None:
+    """Every sampling value checked before the model loads, so a bad flag costs no load;
+    a logit_bias given by a token's text is looked up in the tokenizer read from the GGUF
+    file's metadata (no weights are read)."""
+    build_params(defaults, config, flags, None, without_bias=True)
+    if not (flags.get("logit_bias") or (config is not None and config.sampling_values().get("logit_bias"))):
+        return
+    path = resolve(model)
+    if path.is_file():
+        build_params(defaults, config, flags, TokenCounter.for_model(path).tokenizer)
 
 
 def fit_context(llm, prompt_len: int, max_tokens: int | None) -> None:

@@ -13,28 +13,16 @@ from pellucid.cli.common import (
     DEFAULT_QUANT,
     ConfigFile,
     Dtype,
-    FrequencyPenalty,
-    IgnoreEos,
-    LogitBias,
-    MaxTokens,
-    MinP,
-    MinTokens,
     Model,
-    PresencePenalty,
     Quant,
-    RepetitionPenalty,
-    Seed,
-    Stop,
-    StopTokenId,
-    Temperature,
-    TopK,
-    TopP,
     build_params,
+    check_params,
     fit_context,
     load_llm,
     model_name,
     read_config,
-    sampling_flags,
+    sampling_options,
+    structured_options,
 )
 from pellucid.cli.prompts import (
     CtxSize,
@@ -56,45 +44,21 @@ from pellucid.errors import PellucidError
 
 err = Console(stderr=True)
 
-JsonMode = typer.Option(False, "--json", help="Structured output: any JSON object.")
-JsonSchema = typer.Option(None, "--json-schema", help="Structured output: JSON that validates against the schema in FILE.", metavar="FILE")
-Regex = typer.Option(None, "--regex", help="Structured output: text that matches the regular expression.")
-Choice = typer.Option(None, "--choice", help="Structured output: exactly one of these strings (repeatable).")
-Grammar = typer.Option(None, "--grammar", help="Structured output: text of the Lark (or GBNF) grammar in FILE.", metavar="FILE")
-Strict = typer.Option(None, "--strict/--no-strict", help="--strict: refuse a schema any of whose keywords (oneOf included) "
-                      "cannot be enforced exactly; --no-strict: ignore such keywords. Default: refuse, except oneOf, "
-                      "generated as anyOf and the output checked afterwards.")  # fmt: skip
 Tools = typer.Option(None, "--tools", help="Tool calling: the tools in FILE (JSON: a list in OpenAI's or Anthropic's shape).", metavar="FILE")
 ToolChoiceOpt = typer.Option("auto", "--tool-choice", help="auto, none, required, or a tool's name.")
 
 
 @app.command()
+@sampling_options()
+@structured_options
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue (raw completion, no chat template)."),
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
-    max_tokens: MaxTokens = None,
-    min_tokens: MinTokens = None,
-    temperature: Temperature = None,
-    seed: Seed = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    min_p: MinP = None,
-    frequency_penalty: FrequencyPenalty = None,
-    presence_penalty: PresencePenalty = None,
-    repetition_penalty: RepetitionPenalty = None,
-    logit_bias: LogitBias = None,
-    stop: Stop = None,
-    stop_token_id: StopTokenId = None,
-    ignore_eos: IgnoreEos = False,
-    json_mode: bool = JsonMode,
-    json_schema: str | None = JsonSchema,
-    regex: str | None = Regex,
-    choice: list[str] | None = Choice,
-    grammar: str | None = Grammar,
-    strict: bool | None = Strict,
+    flags: dict = None,
+    structured: dict = None,
 ) -> None:
     """Continue PROMPT; prints only the continuation, streamed.
 
@@ -105,15 +69,14 @@ def generate(
     """
     from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
 
-    flags = sampling_flags(locals())
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
-    build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
-    structured = dict(json=json_mode, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, strict=strict)
+    name = model_name(model, cfg)
+    check_params(defaults, cfg, flags, name)  # bad values fail before the load
     from_cli(None, **structured)  # a bad schema or grammar fails before the load too
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
-    llm = load_llm(model_name(model, cfg), dtype, quant)
+    llm = load_llm(name, dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
@@ -131,6 +94,8 @@ def generate(
 
 
 @app.command()
+@sampling_options()
+@structured_options
 def chat(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
@@ -143,26 +108,8 @@ def chat(
     ctx_size: CtxSize = None,
     length: Length = None, formality: Formality = None, structure: Structure = None, persona: Persona = None,
     depth: Depth = None, max_words: MaxWords = None, format_skeleton: FormatSkeleton = None,
-    max_tokens: MaxTokens = None,
-    min_tokens: MinTokens = None,
-    temperature: Temperature = None,
-    seed: Seed = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    min_p: MinP = None,
-    frequency_penalty: FrequencyPenalty = None,
-    presence_penalty: PresencePenalty = None,
-    repetition_penalty: RepetitionPenalty = None,
-    logit_bias: LogitBias = None,
-    stop: Stop = None,
-    stop_token_id: StopTokenId = None,
-    ignore_eos: IgnoreEos = False,
-    json_mode: bool = JsonMode,
-    json_schema: str | None = JsonSchema,
-    regex: str | None = Regex,
-    choice: list[str] | None = Choice,
-    grammar: str | None = Grammar,
-    strict: bool | None = Strict,
+    flags: dict = None,
+    structured: dict = None,
     tools: str | None = Tools,
     tool_choice: str = ToolChoiceOpt,
 ) -> None:
@@ -180,16 +127,15 @@ def chat(
     """
     from pellucid.sampling.constraints import from_cli
 
-    flags = sampling_flags(locals())
     defaults = {"max_tokens": 512, "temperature": 0.0}
     cfg = read_config(config)
-    build_params(defaults, cfg, flags, None, without_bias=True)
+    name = model_name(model, cfg)
+    check_params(defaults, cfg, flags, name)
     style = make_style(length, formality, structure, persona, depth, max_words, format_skeleton)
     chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
-    structured = dict(json=json_mode, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, strict=strict)
     from_cli(None, **structured)
     tool_list = _read_tools(tools) if tools else None
-    llm = load_llm(model_name(model, cfg), dtype, quant)
+    llm = load_llm(name, dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None and cfg is not None and cfg.response_format:

@@ -6,16 +6,21 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from pellucid import registry
 from pellucid.cli import app
+from pellucid.errors import PellucidError
+from pellucid.loading import load_model
+from pellucid.quantization import report as qr
+from pellucid.quantization.apply import FORMATS
 from pellucid.registry import DEFAULT_MODEL
 
 console = Console(stderr=True)
-DEFAULT_TEXT = "../shared/data/wikitext-2-raw-test.txt"
 
 
 def split_format(label: str) -> tuple[str | None, str]:
@@ -29,14 +34,10 @@ def split_format(label: str) -> tuple[str | None, str]:
     return None, fmt
 
 
-def _default_text() -> str:
-    return os.environ.get("PELLUCID_EVAL_TEXT", DEFAULT_TEXT)
-
-
 @app.command("quantize-report")
 def quantize_report(
     model: str = typer.Argument(DEFAULT_MODEL, help="Registry name, .gguf file or HF folder."),
-    text: Path = typer.Option(None, "--text", help=f"Evaluation text (default: $PELLUCID_EVAL_TEXT or {DEFAULT_TEXT})."),
+    text: Path = typer.Option(None, "--text", help="Evaluation text (default: $PELLUCID_EVAL_TEXT, else the WikiText-2 excerpt shipped with pellucid, ~24k tokens)."),
     tokens: int = typer.Option(16384, "--tokens", help="Tokens of the text to score (from its start)."),
     window: int = typer.Option(512, "--window", help="Tokens per window (non-overlapping)."),
     formats: str = typer.Option("float32,bfloat16,float16,int8,int4", "--formats",
@@ -49,95 +50,60 @@ def quantize_report(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Bytes per parameter, memory, perplexity, KL and top-1 agreement vs float32, per format."""
-    import numpy as np
-    import torch
-
-    from pellucid import registry
-    from pellucid.loading import load_model
-    from pellucid.quantization import report as qr
-    from pellucid.quantization.apply import FORMATS
-
     torch.set_num_threads(threads)
-    text = Path(text or _default_text())
+    text = Path(text or qr.default_text())
     if not text.is_file():
-        from pellucid.errors import PellucidError
-
         raise PellucidError(f"evaluation text {str(text)!r} does not exist; pass --text FILE", param="text")
-    fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in fmts if (split_format(f)[0] or split_format(f)[1]).split("-g")[0] not in FORMATS]
-    if bad:
-        from pellucid.errors import PellucidError
-
-        raise PellucidError(f"format {bad[0]!r} is not one of {', '.join(FORMATS)}", param="formats")
-    if "float32" in fmts:
-        fmts.remove("float32")
-    fmts = ["float32", *fmts]
+    fmts = _formats(formats)
     path = registry.resolve(model)
-    models, seconds = {}, {}
     with console.status("loading the formats"):
-        for f in fmts:
-            q, act = split_format(f)
-            lm = load_model(path, dtype=act, quant=q)
-            models[f] = lm
-    tok = models["float32"].tokenizer
-    windows = qr.text_windows(tok, text, tokens, window)
+        loaded = {f: load_model(path, dtype=split_format(f)[1], quant=split_format(f)[0]) for f in fmts}
+    models = {f: lm.model for f, lm in loaded.items()}
+    windows = qr.text_windows(loaded["float32"].tokenizer, text, tokens, window)
     if not windows:
-        from pellucid.errors import PellucidError
-
         raise PellucidError(f"{text}: fewer than {window} tokens", param="text")
-    n_params = qr.count_params(models["float32"].model)
+    n_params = qr.count_params(models["float32"])
     rep = qr.Report(str(model), str(text), len(windows) * window, window, n_params)
-    acc = {f: qr.Accumulator() for f in fmts}
-    peer, peer_version = None, ""
-    n_peer = 0
+    peer, peer_version, n_peer, peer_seconds = None, "", 0, 0.0
     if peer_python and path.suffix == ".gguf":
         n_peer = min(len(windows), max(1, peer_tokens // window))
         with console.status(f"llama.cpp on {n_peer} windows ({peer_python})"):
             t = time.perf_counter()
             peer, peer_version = qr.peer_logits(peer_python, path, windows[:n_peer], threads)
-            seconds["llama.cpp"] = time.perf_counter() - t
-        acc["llama.cpp"] = qr.Accumulator()
+            peer_seconds = time.perf_counter() - t
     with Progress(console=console) as prog:
         task = prog.add_task("scoring windows", total=len(windows))
-        for i, w in enumerate(windows):
-            targets = torch.tensor(w[1:])
-            ref = None
-            for f in fmts:
-                t = time.perf_counter()
-                logp = qr.window_logp(models[f].model, w)
-                seconds[f] = seconds.get(f, 0.0) + time.perf_counter() - t
-                if f == "float32":
-                    ref = logp
-                acc[f].add(logp, targets, None if f == "float32" else ref)
-            if peer is not None and i < n_peer:
-                logp = torch.log_softmax(torch.from_numpy(np.array(peer[i])), dim=-1)
-                acc["llama.cpp"].add(logp, targets[: logp.shape[0]], ref)
-            prog.advance(task)
-    for f in fmts:
-        m = models[f].model
-        nbytes = qr.model_nbytes(m)
-        r = acc[f].result()
-        rep.rows.append(qr.FormatQuality(f, nbytes / n_params, nbytes / 2**20, r["perplexity"], r["kl_mean"], r["kl_p99"],
-                                      r["top1_agreement"], r["n_tokens"], seconds[f]))  # fmt: skip
+        acc, seconds = qr.score(models, windows, peer=peer, n_peer=n_peer, on_window=lambda: prog.advance(task))
+    rep.rows = [qr.row(f, qr.model_nbytes(m), n_params, acc[f], seconds[f]) for f, m in models.items()]
     if peer is not None:
-        r = acc["llama.cpp"].result()
-        size = path.stat().st_size
-        rep.rows.append(qr.FormatQuality(f"llama.cpp ({peer_version})", size / n_params, size / 2**20, r["perplexity"],
-                                      r["kl_mean"], r["kl_p99"], r["top1_agreement"], r["n_tokens"], seconds["llama.cpp"],
-                                      note=f"file as stored; first {n_peer * window} tokens"))  # fmt: skip
+        rep.rows.append(qr.row(f"llama.cpp ({peer_version})", path.stat().st_size, n_params, acc["llama.cpp"], peer_seconds,
+                               note=f"file as stored; first {n_peer * window} tokens"))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     png = qr.plot_report(rep, out / "quantize_report.png")
     (out / "quantize_report.json").write_text(rep.to_json())
     if json_out:
         typer.echo(rep.to_json())
         return
-    t = Table(title=f"{model}: {rep.n_tokens:,} tokens of {text.name}, {window}-token windows, vs float32")
+    Console().print(_table(rep, model, text))
+    console.print(f"[dim]{n_params:,} parameters; KL(p_float32 || p_format) per scored token[/]")
+    typer.echo(str(png))
+    typer.echo(str(out / "quantize_report.json"))
+
+
+def _formats(formats: str) -> list[str]:
+    """The --formats list, float32 (the reference) first; unknown formats are errors."""
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    bad = [f for f in fmts if (split_format(f)[0] or split_format(f)[1]).split("-g")[0] not in FORMATS]
+    if bad:
+        raise PellucidError(f"format {bad[0]!r} is not one of {', '.join(FORMATS)}", param="formats")
+    return ["float32", *(f for f in fmts if f != "float32")]
+
+
+def _table(rep, model: str, text: Path) -> Table:
+    t = Table(title=f"{model}: {rep.n_tokens:,} tokens of {text.name}, {rep.window}-token windows, vs float32")
     for c in ("format", "bytes/param", "weights MiB", "perplexity", "mean KL", "KL p99", "top-1 agree", "tokens", "seconds"):
         t.add_column(c, justify="left" if c == "format" else "right")
     for r in rep.rows:
         t.add_row(r.label, f"{r.bytes_per_param:.3f}", f"{r.weights_mib:.1f}", f"{r.perplexity:.3f}", f"{r.kl_mean:.5f}",
                   f"{r.kl_p99:.4f}", f"{100 * r.top1_agreement:.2f}%", f"{r.n_tokens:,}", f"{r.seconds:.0f}")  # fmt: skip
-    Console().print(t)
-    console.print(f"[dim]{n_params:,} parameters; KL(p_float32 || p_format) per scored token[/]")
-    typer.echo(str(png))
-    typer.echo(str(out / "quantize_report.json"))
+    return t

@@ -15,29 +15,19 @@ from pellucid.cli.common import (
     DEFAULT_QUANT,
     ConfigFile,
     Dtype,
-    FrequencyPenalty,
-    IgnoreEos,
-    LogitBias,
-    MinP,
-    MinTokens,
     Model,
-    PresencePenalty,
     Quant,
-    RepetitionPenalty,
-    Seed,
-    StopTokenId,
-    Temperature,
-    TopK,
-    TopP,
     build_params,
+    check_params,
     load_llm,
     model_name,
     read_config,
-    sampling_flags,
+    sampling_options,
 )
 
 
 @app.command("next-token")
+@sampling_options(without=("max_tokens", "stop"))
 def next_token(
     prompt: str = typer.Argument(..., help="Text whose next token to show (raw; --chat wraps it as a user message)."),
     model: Model = None,
@@ -47,18 +37,7 @@ def next_token(
     chat: bool = typer.Option(False, "--chat", help="Apply the chat template, PROMPT as the user's message."),
     top: int = typer.Option(10, "--top", help="How many candidate tokens to show.", min=1, max=200),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    temperature: Temperature = None,
-    seed: Seed = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    min_p: MinP = None,
-    frequency_penalty: FrequencyPenalty = None,
-    presence_penalty: PresencePenalty = None,
-    repetition_penalty: RepetitionPenalty = None,
-    logit_bias: LogitBias = None,
-    min_tokens: MinTokens = None,
-    stop_token_id: StopTokenId = None,
-    ignore_eos: IgnoreEos = False,
+    flags: dict = None,
 ) -> None:
     """Show the top candidates and their probabilities after each step of the sampler:
     raw, after bias and penalties, after temperature, top-k, top-p and min-p, and the draw.
@@ -67,11 +46,10 @@ def next_token(
     """
     from pellucid.sampling.explain import explain_next_token
 
-    flags = sampling_flags(locals())
     defaults = {"max_tokens": None}
     cfg = read_config(config)
-    build_params(defaults, cfg, flags, None, without_bias=True)
     name = model_name(model, cfg)
+    check_params(defaults, cfg, flags, name)
     llm = load_llm(name, dtype, quant, quiet=json_out)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     stages = explain_next_token(llm, prompt, params, top=top, chat=chat)

@@ -17,28 +17,15 @@ from pellucid.cli.common import (
     DEFAULT_QUANT,
     ConfigFile,
     Dtype,
-    FrequencyPenalty,
-    IgnoreEos,
-    LogitBias,
-    MaxTokens,
-    MinP,
-    MinTokens,
     Model,
-    PresencePenalty,
     Quant,
-    RepetitionPenalty,
-    Seed,
-    Stop,
-    StopTokenId,
-    Temperature,
-    TopK,
-    TopP,
     build_params,
+    check_params,
     fit_context,
     load_llm,
     model_name,
     read_config,
-    sampling_flags,
+    sampling_options,
 )
 
 out = Console(highlight=False)
@@ -79,6 +66,7 @@ def render_round(tokenizer, r) -> str:
 
 
 @app.command()
+@sampling_options()
 def speculate(
     prompt: str = typer.Argument(..., help="The prompt: raw text, or a user message with --chat."),
     chat: bool = typer.Option(False, "--chat", help="Wrap PROMPT as a user message in the model's chat template."),
@@ -95,20 +83,7 @@ def speculate(
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
     config: ConfigFile = None,
-    max_tokens: MaxTokens = None,
-    min_tokens: MinTokens = None,
-    temperature: Temperature = None,
-    seed: Seed = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    min_p: MinP = None,
-    frequency_penalty: FrequencyPenalty = None,
-    presence_penalty: PresencePenalty = None,
-    repetition_penalty: RepetitionPenalty = None,
-    logit_bias: LogitBias = None,
-    stop: Stop = None,
-    stop_token_id: StopTokenId = None,
-    ignore_eos: IgnoreEos = False,
+    flags: dict = None,
 ) -> None:
     """Generate with speculative decoding: a drafter proposes k tokens, the model checks
     them in one forward and keeps the prefix it agrees with. Greedy output is exactly the
@@ -126,11 +101,11 @@ def speculate(
 
     spec = SpeculativeConfig(draft=draft, num_draft=num_draft, draft_model=draft_model, draft_quant=draft_quant,
                              draft_dtype=draft_dtype, draft_layers=draft_layers)  # fmt: skip
-    flags = sampling_flags(locals())
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
-    build_params(defaults, cfg, flags, None, without_bias=True)  # bad values fail before the load
-    llm = load_llm(model_name(model, cfg), dtype, quant)
+    name = model_name(model, cfg)
+    check_params(defaults, cfg, flags, name)  # bad values fail before the load
+    llm = load_llm(name, dtype, quant)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     text = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = llm.encode_prompt(text)

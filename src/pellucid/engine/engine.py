@@ -38,8 +38,8 @@ from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.request import Request, RequestOutput, Status, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
-from pellucid.sampling import sampler as sampling
 from pellucid.sampling.params import SamplingParams
+from pellucid.sampling.sampler import SequenceSampler, sample
 from pellucid.text.detokenizer import Detokenizer
 
 
@@ -147,7 +147,7 @@ class Engine:
         bad_bias = [k for k in params.logit_bias if not 0 <= k < self.cfg.vocab_size]
         if bad_bias:
             raise PellucidError(f"logit_bias token id {bad_bias[0]} is not in the vocabulary (0..{self.cfg.vocab_size - 1})", param="logit_bias")
-        seq = sampling.SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids,
+        seq = SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids,
                                      constraint=constraint)  # fmt: skip
         req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint)
         req.max_len = self.max_len
@@ -329,7 +329,7 @@ class Engine:
 
     def _sample_and_update(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         try:
-            out = sampling.sample(logits, [r.sampler for r in reqs])
+            out = sample(logits, [r.sampler for r in reqs])
         except Exception as e:  # one request's sampler or grammar failed: find it, the others go on
             if len(reqs) == 1:
                 return [self._fail(reqs[0], e)]

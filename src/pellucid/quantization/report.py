@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,50 @@ class Accumulator:
         return {"perplexity": math.exp(self.nll / max(1, self.n)), "kl_mean": float(kl.mean()),
                 "kl_p99": float(np.percentile(kl, 99)), "top1_agreement": self.agree / max(1, self.n) if self.kls else 1.0,
                 "n_tokens": self.n}  # fmt: skip
+
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "wikitext-2-test-excerpt.txt"  # shipped: data/README.md
+
+
+def default_text() -> Path:
+    """$PELLUCID_EVAL_TEXT, else the WikiText-2 excerpt shipped with pellucid."""
+    return Path(os.environ.get("PELLUCID_EVAL_TEXT") or DEFAULT_TEXT)
+
+
+def score(models: dict[str, torch.nn.Module], windows: list[list[int]], *, peer: np.ndarray | None = None,
+          n_peer: int = 0, on_window=None) -> tuple[dict[str, Accumulator], dict[str, float]]:  # fmt: skip
+    """Teacher-forced scores of every format on the same windows, against models["float32"].
+
+    `peer`: llama.cpp's logits for the first `n_peer` windows (peer_logits), scored as
+    "llama.cpp". Returns the accumulators and the seconds each format's forwards took.
+    """
+    acc = {f: Accumulator() for f in models}
+    seconds = dict.fromkeys(models, 0.0)
+    if peer is not None:
+        acc["llama.cpp"] = Accumulator()
+    for i, w in enumerate(windows):
+        targets = torch.tensor(w[1:])
+        ref = None
+        for f, model in models.items():
+            t = time.perf_counter()
+            logp = window_logp(model, w)
+            seconds[f] += time.perf_counter() - t
+            if f == "float32":
+                ref = logp
+            acc[f].add(logp, targets, None if f == "float32" else ref)
+        if peer is not None and i < n_peer:
+            logp = torch.log_softmax(torch.from_numpy(np.array(peer[i])), dim=-1)
+            acc["llama.cpp"].add(logp, targets[: logp.shape[0]], ref)
+        if on_window is not None:
+            on_window()
+    return acc, seconds
+
+
+def row(label: str, nbytes: int, n_params: int, acc: Accumulator, seconds: float, note: str = "") -> FormatQuality:
+    """One format's line of the report."""
+    r = acc.result()
+    return FormatQuality(label, nbytes / n_params, nbytes / 2**20, r["perplexity"], r["kl_mean"], r["kl_p99"],
+                         r["top1_agreement"], r["n_tokens"], seconds, note=note)  # fmt: skip
 
 
 @torch.inference_mode()

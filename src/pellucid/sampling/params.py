@@ -7,7 +7,9 @@ determinism) are in the sampler's docstring and DESIGN.md "Semantics".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from pellucid.errors import PellucidError
 
@@ -90,6 +92,33 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise PellucidError(f"stop_token_ids entry {t} is not in the vocabulary (0..{vocab_size - 1})", param="stop_token_ids")
+
+
+def build_params(*layers: Mapping[str, Any] | SamplingParams | None, vocab_size: int | None = None) -> SamplingParams:
+    """The one builder of SamplingParams for every door (API, CLI, config, server).
+
+    `layers` go from the lowest priority to the highest (an API's or command's defaults, a
+    config file, what the caller gave); each key a layer holds replaces the one below it,
+    None included (callers whose None means "not given" leave such keys out). A
+    SamplingParams layer holds every field. `vocab_size` also checks the token ids. Errors
+    are PellucidErrors naming the field; each door turns them into its own words (a flag,
+    a config line, an HTTP 400).
+    """
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        values.update(asdict(layer) if isinstance(layer, SamplingParams) else layer)
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise PellucidError(f"unknown sampling parameter {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}", param=unknown[0])
+    params = SamplingParams(**values)
+    if vocab_size is not None:
+        params.check_vocab(vocab_size)
+    return params
+
+
+FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 
 def _bias_key(k) -> int:

@@ -136,7 +136,7 @@ def nucleus_width(logits: torch.Tensor, p: torch.Tensor, sub: int = 4) -> int:
     return max(1, int(width.max()))
 
 
-def _scatter_sorted(logits: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+def scatter_sorted(logits: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     """Dense logits (B, V): vals at idx, -inf elsewhere."""
     return torch.full_like(logits, NEG_INF).scatter_(1, idx, vals)
 

@@ -298,7 +298,7 @@ def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
     by_id = idx.gather(1, order)
     pos = P.draw(_weights(vals.gather(1, order)), u)  # (S,)
     tokens = by_id.gather(1, pos[:, None]).squeeze(1)
-    final = P._scatter_sorted(x, idx, vals) if need_dense else None
+    final = P.scatter_sorted(x, idx, vals) if need_dense else None
     return tokens, final
 
 

@@ -24,7 +24,7 @@ from pellucid import runtime
 from pellucid.engine.async_engine import AsyncEngine, RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
-from pellucid.sampling.params import SamplingParams
+from pellucid.sampling.params import SamplingParams, build_params
 from pellucid.server.errors import ApiError
 from pellucid.server.metrics import Metrics
 
@@ -343,15 +343,11 @@ def make_params(values: dict[str, Any], vocab_size: int, *, defaults: dict[str, 
 
     max_tokens None means no limit but the context window, unless the defaults set one.
     """
-    kw = {k: v for k, v in (defaults or {}).items() if v is not None}
-    for k, v in values.items():
-        if v is not None or (k == "max_tokens" and k not in kw):
-            kw[k] = v
     try:
-        params = SamplingParams(**kw)
-        check = getattr(params, "check_vocab", None)
-        if check is not None:
-            check(vocab_size)
+        return build_params({"max_tokens": None}, _given(defaults or {}), _given(values), vocab_size=vocab_size)
     except PellucidError as e:
         raise ApiError.from_pellucid(e, rename=rename) from None
-    return params
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from pellucid.engine.request import Request
-from pellucid.sampling import processors as P
-from pellucid.sampling import sampler as sampling
+from pellucid.sampling.processors import draw
+from pellucid.sampling.sampler import SequenceSampler, sample
 
 # -- what a round produces ----------------------------------------------------------------
 
@@ -28,7 +28,7 @@ class Draft:
 _SCRATCH = torch.Generator()  # forks draw nothing that matters; keep their draws off the request's
 
 
-def _fork(seq: sampling.SequenceSampler) -> sampling.SequenceSampler:
+def _fork(seq: SequenceSampler) -> SequenceSampler:
     """A copy of a request's sampler state that can advance without touching the original
     (its generator and constraint stay behind: forks draw nothing that counts)."""
     gen, con = seq.generator, seq.constraint
@@ -41,7 +41,7 @@ def _fork(seq: sampling.SequenceSampler) -> sampling.SequenceSampler:
     return f
 
 
-def forks(seq: sampling.SequenceSampler, drafts: list[int]) -> list[sampling.SequenceSampler]:
+def forks(seq: SequenceSampler, drafts: list[int]) -> list[SequenceSampler]:
     """The sampler as it would stand before each of [d1 .. dk, next]: k + 1 forks (one
     shared fork when no step of the chain depends on the tokens so far)."""
     p = seq.params
@@ -64,7 +64,7 @@ class ChainOutput:
     final: torch.Tensor | None  # (T, V) processed logits (for greedy rows: after the mask)
 
 
-def apply_chain(logits: torch.Tensor, seqs: list[sampling.SequenceSampler], *, want_final: bool = False) -> ChainOutput:
+def apply_chain(logits: torch.Tensor, seqs: list[SequenceSampler], *, want_final: bool = False) -> ChainOutput:
     """Run the request's sampling chain (pellucid.sampling) over rows of logits (T, V).
 
     Row i uses seqs[i] (a fork standing where that row's token would be drawn), so the
@@ -72,9 +72,9 @@ def apply_chain(logits: torch.Tensor, seqs: list[sampling.SequenceSampler], *, w
     (and `final`) unless `want_final`.
     """
     if seqs[0].greedy and not want_final:
-        return ChainOutput(sampling.sample(logits, seqs).tokens.tolist(), None, None)
+        return ChainOutput(sample(logits, seqs).tokens.tolist(), None, None)
     stages: dict[str, torch.Tensor] = {}
-    out = sampling.sample(logits, seqs, trace=lambda stage, x: stages.__setitem__(stage, x))
+    out = sample(logits, seqs, trace=lambda stage, x: stages.__setitem__(stage, x))
     if seqs[0].greedy:
         return ChainOutput(out.tokens.tolist(), None, stages["mask"])
     final = stages["min_p"]
@@ -105,7 +105,7 @@ def accept_reject(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
 
 
 def _draw(probs: torch.Tensor, u: float) -> int:
-    return int(P.draw(probs[None], torch.tensor([u]))[0])
+    return int(draw(probs[None], torch.tensor([u]))[0])
 
 
 class DraftChain:

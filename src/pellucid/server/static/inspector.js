@@ -326,7 +326,10 @@ function nextToken(t0) {
   const n = S.promptIds.length;
   const body = Object.assign(p > n ? { tokens: S.promptIds, generated: S.genIds.slice(0, p - n) } : { tokens: seq().slice(0, p) },
     sampling(), { top: 10 });
-  ask("next", "/v1/inspect/next-token", body, t0, (r) => drawStages(r, p < seq().length ? seq()[p] : null));
+  ask("next", "/v1/inspect/next-token", body, t0, (r) => {
+    drawStages(r, p < seq().length ? seq()[p] : null);
+    $("panel-next").dataset.position = p; // which position the bars are for (the tests wait on it)
+  });
 }
 
 function drawStages(r, actual) {
