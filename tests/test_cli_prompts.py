@@ -126,6 +126,30 @@ def test_list_and_save(tmp_path, home):
     assert "already exists" in r.exception.message and "greeter@1.1.1" in r.exception.message
 
 
+def test_diff_and_save_take_files_of_any_name(tmp_path, home):
+    # the docs' own examples: `prompt diff old.yaml new.yaml`, `prompt save my-prompt.yaml`
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(GREETER_1)
+    new.write_text(GREETER_2)
+    d = json.loads(cli("prompt", "diff", str(old), str(new), "--json").stdout)
+    assert (d["a"], d["b"]) == ("greeter@1.0.0", "greeter@1.1.0")
+    assert [f["field"] for f in d["fields"]] == ["version", "guidelines"]
+    new.write_text(GREETER_1.replace("by name", "warmly"))  # same NAME@VERSION: the files tell them apart
+    text = cli("prompt", "diff", str(old), str(new)).stdout
+    assert f"--- greeter@1.0.0 ({old})" in text and f"+++ greeter@1.0.0 ({new})" in text
+
+    mine = tmp_path / "my-prompt.yaml"
+    mine.write_text(GREETER_2)
+    saved = cli("prompt", "save", str(mine)).stdout
+    assert "greeter@1.1.0" in saved and "greeter@1.1.0.yaml" in saved
+    assert show("greeter", home / "prompts")["version"] == "1.1.0"
+
+    # in a store folder the file name must say what the file holds, and the error says why
+    (home / "prompts" / "my-prompt.yaml").write_text(GREETER_1)
+    r = cli("prompt", "list", ok=True)
+    assert "does not match the file name" in r.stderr and "found by its file name" in r.stderr
+
+
 MALFORMED = {
     "unknown field": (GREETER_1.replace("guidelines:", "guidelnes:"), ":5", "field guidelnes", "unknown field"),
     "bad style": (GREETER_1.replace("length: concise", "length: brief"), ":9", "field style.length", "concise"),

@@ -5,12 +5,14 @@ template and counts the result, so template overhead is real and, for some of th
 not additive. Real-model tests come with the model.
 """
 
+import io
 import math
 import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from pellucid.errors import PellucidError
 from pellucid.prompts import Chunk, ContextBudget, Example, Limits, SystemPrompt, group_turns
@@ -324,6 +326,21 @@ def test_report_table():
     for name in (OVERHEAD, SYSTEM, RETRIEVED, HISTORY, CURRENT, RESERVED, "total", "free"):
         assert name in text
     assert f"{a.total}" in text and "300" in text
+
+
+def test_report_table_prints_as_text(capsys):
+    count = COUNTERS["chatml-words"]
+    a = ContextBudget(window=300, reserve=50, count_messages=count).fit("q", system="s")
+    print(a.table())  # not "<rich.table.Table object at ...>"
+    shown = capsys.readouterr().out
+    assert "object at" not in shown and shown == a.render_text() + "\n"
+    assert "Context budget" in shown and "reserved for response" in shown
+    assert str(a.table()) == a.render_text()
+    # it is still a rich Table, and rich prints an Allocation as its table
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(a.table())
+    console.print(a)
+    assert console.file.getvalue() == 2 * a.render_text()
 
 
 @pytest.mark.parametrize(

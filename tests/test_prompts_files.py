@@ -19,7 +19,7 @@ from pellucid.prompts import (
     split_ref,
     version_key,
 )
-from pellucid.prompts.files import BUILTIN_DIR, default_prompt_dir
+from pellucid.prompts.store import BUILTIN_DIR, default_prompt_dir
 
 BASE = """\
 name: helper
@@ -274,17 +274,13 @@ def test_malformed_yaml_and_file_shape(tmp_path):
         "helper@1.0.0.yaml": ("name: helper\nrole: [a\n", ":3: not valid YAML"),
         "helper@1.0.1.yaml": ("", "empty prompt file"),
         "helper@1.0.2.yaml": ("- a\n- b\n", "holds a mapping"),
-        "helper@1.0.3.yaml": (
-            "name: other\nversion: '1.0.3'\n",
-            "field name: 'other' does not match",
-        ),
-        "helper@1.0.4.yaml": (
-            "name: helper\nversion: '1.0.5'\n",
-            "field version: '1.0.5' does not",
-        ),
         "helper.yaml": (
             "name: helper\nversion: '1.0.0'\n---\nname: helper\nversion: '1.0.0'\n",
             "appears twice",
+        ),
+        "mixed.yaml": (
+            "name: helper\nversion: '1.0.0'\n---\nname: other\nversion: '1.0.1'\n",
+            "versions of one prompt",
         ),
     }
     for fname, (text, words) in cases.items():
@@ -293,6 +289,39 @@ def test_malformed_yaml_and_file_shape(tmp_path):
             load_file(path)
         assert str(e.value).startswith(str(path)), e.value
         assert words in str(e.value), e.value
+
+
+def test_a_file_read_by_path_may_have_any_name(tmp_path, store):
+    # the file name is the user's business: only the store finds prompts by file name
+    old = write(tmp_path / "old.yaml", BASE)
+    new = write(tmp_path / "drafts" / "helper@9.9.9.yaml", BASE.replace("Never guess.", "Be kind."))
+    ((a,), (b,)) = load_file(old), load_file(new)
+    assert (a.ref, b.ref, a.path, b.path) == ("helper@1.0.0", "helper@1.0.0", old, new)
+    d = diff(a, b)
+    assert [c.field for c in d.fields] == ["guidelines"]
+    assert (d.a, d.b) == (f"helper@1.0.0 ({old})", f"helper@1.0.0 ({new})")  # same ref: the files
+    # saving names the stored file after what it holds
+    saved = store.save(a)
+    assert saved == store.home / "helper@1.0.0.yaml" and store.resolve("helper").sha256 == a.sha256
+
+
+@pytest.mark.parametrize(
+    ("fname", "text", "words"),
+    [
+        ("my-prompt.yaml", BASE, "field name: 'helper' does not match the file name"),
+        ("helper@1.0.4.yaml", BASE, "field version: '1.0.0' does not match the file name"),
+        ("helper@1.0.0.yaml", BASE + "---\n" + BASE.replace("1.0.0", "1.0.1"), "holds one version"),
+        ("Helper.yaml", BASE, "with a lowercase name"),
+    ],
+)
+def test_the_store_asks_file_names_to_say_what_they_hold(store, fname, text, words):
+    path = write(store.home / fname, text)
+    load_file(path)  # fine as a file
+    good, errors = store.scan()
+    assert good == [] and len(errors) == 1
+    msg = str(errors[0])
+    assert msg.startswith(f"{path}: ") and words in msg, msg
+    assert "is found by its file name" in msg  # the error says why the rule exists
 
 
 def test_store_scan_reports_bad_files_and_keeps_good_ones(store):

@@ -59,6 +59,8 @@ def test_deploy_config_checks_name_the_value():
         DC(replicas=0).check()
     with pytest.raises(PellucidError, match=r"threads = -1 is out of range"):
         DC(threads=-1).check()
+    with pytest.raises(PellucidError, match=r"stream_interval_ms = -5 is out of range; allowed: an integer 0..1000"):
+        DC(stream_interval_ms=-5).check()
     with pytest.raises(PellucidError, match=r"replicas = 5 must lie between min_replicas = 1 and max_replicas = 4"):
         DC(replicas=5, min_replicas=1, max_replicas=4).check()
     assert DC(replicas=2).deployment_options(16) == {"max_ongoing_requests": 32, "num_replicas": 2}
@@ -117,6 +119,38 @@ def test_a_stream_starts_with_its_first_output():
     ended = ray_serve.stream_error("/v1/messages", RuntimeError("gone"))
     assert ended.startswith(b"event: error\ndata: ") and b"overloaded_error" in ended and b"replica" in ended
     assert json.loads(ray_serve.stream_error("/v1/chat/completions", RuntimeError("gone"))[6:])["error"]["code"] == "replica_died"
+
+
+@needs_ray
+@pytest.mark.parametrize("interval_ms", [0, 40])
+def test_a_streams_close_chunks_travel_together(interval_ms):
+    """The replica's outbox: with an interval, the chunks that come close behind the last
+    one sent go as one message (bytes and order unchanged; the first at once); with 0,
+    every chunk is its own message."""
+    import asyncio
+
+    async def app(scope, receive, send):  # a streaming ASGI app: a start, 3 chunks at once, a pause, 3 more, the end
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(6):
+            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
+            if i == 2:
+                await asyncio.sleep(0.2)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    replica = object.__new__(ray_serve.EngineReplica)  # (no model: only the relay's side of it)
+    replica.app, replica.headers, replica.interval = app, [], interval_ms / 1000
+
+    async def collect():
+        return [m async for m in replica.forward({"type": "http"}, b"")]
+
+    messages = asyncio.run(collect())
+    bodies = [m["body"] for m in messages[1:]]
+    assert b"".join(bodies) == b"".join(f"data: {i}\n\n".encode() for i in range(6)) + b"data: [DONE]\n\n"
+    assert messages[-1]["more_body"] is False and all(m["more_body"] for m in messages[1:-1])
+    if interval_ms == 0:
+        assert len(bodies) == 7
+    else:  # chunk 0 at once; 1-2 together; after the pause 3 at once; 4, 5 and the end together
+        assert bodies == [b"data: 0\n\n", b"data: 1\n\ndata: 2\n\n", b"data: 3\n\n", b"data: 4\n\ndata: 5\n\ndata: [DONE]\n\n"]
 
 
 @needs_ray

@@ -14,8 +14,11 @@ from typing import Any
 from pellucid import registry, runtime
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
+from pellucid.engine.speculative import from_option
 from pellucid.errors import PellucidError
 from pellucid.loading import LoadedModel, load_model
+from pellucid.prompts.chat_session import ChatSession
+from pellucid.prompts.compose import with_system
 from pellucid.sampling.constraints import (
     Constraint,
     check_output,
@@ -83,7 +86,6 @@ class LLM:
                              prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib)  # fmt: skip
         self.speculative = None
         if speculative is not None:
-            from pellucid.engine.speculative import from_option
 
             self.speculative = from_option(self.loaded, speculative, max_len=self.engine.max_len)
 
@@ -96,7 +98,6 @@ class LLM:
         tools (pellucid.text.tools.Tool list) are shown as the template renders them or in the
         default tools section; a constraint is stated in the system message ("answer in JSON ...")."""
         if system is not None or style is not None:
-            from pellucid.prompts.compose import with_system
 
             messages = with_system(messages, system, style)
         if constraint is not None and not tools:
@@ -125,7 +126,6 @@ class LLM:
     def session(self, system: Any = None, style: Any = None, **kw: Any):
         """A multi-turn ChatSession that keeps the conversation inside the context window
         (pellucid.prompts.chat_session: window=, reserve=, params=, limits=)."""
-        from pellucid.prompts.chat_session import ChatSession
 
         return ChatSession(self, system=system, style=style, **kw)
 

@@ -20,7 +20,8 @@
     deploy:                         # pellucid serve on Ray Serve (docs/scale-out.md)
       replicas: 2                   # engine processes, each with its own KV cache
       threads: 1                    # torch threads per replica
-      # min_replicas / max_replicas: autoscaling bounds; max_ongoing_requests: per replica
+      # min_replicas / max_replicas: autoscaling bounds; max_ongoing_requests: per replica;
+      # stream_interval_ms: a stream's tokens within this interval relayed as one message (100)
 
 `pellucid generate/chat --config FILE` reads it; command-line flags that the user gives
 override it. An unknown key or a bad value is an error naming the key and the line (and,
@@ -38,7 +39,11 @@ from typing import Any
 
 import yaml
 
+from pellucid import registry
 from pellucid.errors import PellucidError
+from pellucid.prompts.compose import system_text
+from pellucid.sampling.bias import resolve_logit_bias
+from pellucid.sampling.constraints import from_response_format
 from pellucid.sampling.params import SamplingParams, build_params, check_bias_value
 
 # section -> key -> the SamplingParams field it sets (None: not a sampling parameter)
@@ -53,7 +58,8 @@ SCHEMA: dict[str, dict[str, str | None]] = {
         "stop_sequences": "stop", "logit_bias": "logit_bias", "stop_token_ids": "stop_token_ids",
         "min_tokens": "min_tokens", "response_format": None,
     },
-    "deploy": {"replicas": None, "threads": None, "min_replicas": None, "max_replicas": None, "max_ongoing_requests": None},
+    "deploy": {"replicas": None, "threads": None, "min_replicas": None, "max_replicas": None, "max_ongoing_requests": None,
+               "stream_interval_ms": None},
 }  # fmt: skip
 TOP_LEVEL = ["model", "sampling", "control", "system_prompt", "deploy"]
 
@@ -186,8 +192,9 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
             raise _err(cfg, node, dotted, f"must be a model name or path, got {value!r}")
         return check_model_name(value.strip(), cfg.where(dotted), base_dir)
     if dotted.startswith("deploy."):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise _err(cfg, node, dotted, f"must be a whole number, 1 or more, got {value!r}")
+        least = 0 if dotted == "deploy.stream_interval_ms" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise _err(cfg, node, dotted, f"must be a whole number, {least} or more, got {value!r}")
         return value
     if dotted == "control.stop_sequences":
         if value is None:
@@ -197,7 +204,6 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
             raise _err(cfg, node, dotted, f"must be a list of non-empty strings, got {value!r}")
         return value
     if dotted == "control.response_format":
-        from pellucid.sampling.constraints import from_response_format
 
         try:
             from_response_format(None, value)  # checks the kind and compiles the grammar, no model needed
@@ -298,7 +304,6 @@ def check_model_name(name: str, where: str = "model.name", base_dir: Path | None
     A relative path is looked up from the current directory, then from the config's
     directory. Anything else (such as a hosted model's name, gpt-4o) is an error.
     """
-    from pellucid import registry
 
     if name in registry.REGISTRY or name.startswith("hf://"):
         return name
@@ -325,7 +330,6 @@ def resolve_system_prompt(value: str, base_dir: Path | None = None) -> str:
     text, few-shot examples as text. Anything else is the text itself. (`pellucid chat`
     sends a prompt file's examples as real prior turns: pellucid.prompts.resolve_system_value.)
     """
-    from pellucid.prompts.compose import system_text
 
     return system_text(value, base_dir)
 
@@ -343,7 +347,6 @@ def merge_params(defaults: dict[str, Any], config: Config | None, flags: dict[st
     `without_bias` leaves logit_bias out: a check of everything else before the model (and
     its tokenizer) is loaded.
     """
-    from pellucid.sampling.bias import resolve_logit_bias
 
     flag_names = flag_names or {}
     values = dict(defaults)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from pellucid.config import load_config, merge_params
 from pellucid.prompts.counting import TokenCounter
@@ -134,7 +135,6 @@ LOADED: dict[tuple[str, str, str | None], Any] = {}
 
 def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int = 1, quiet: bool = False):
     """Load a model with a spinner on stderr (one request at a time: a batch of 1)."""
-    from rich.console import Console
 
     from pellucid.api import LLM
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -41,6 +43,8 @@ from pellucid.cli.prompts import (
     make_style,
 )
 from pellucid.errors import PellucidError
+from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
+from pellucid.text.tools import parse_tools
 
 err = Console(stderr=True)
 
@@ -67,7 +71,6 @@ def generate(
     --grammar (or the config's control.response_format) the output is constrained to it;
     an output cut by --max-tokens is reported as incomplete (exit code 1).
     """
-    from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
 
     defaults = {"max_tokens": 128, "temperature": 0.0}
     cfg = read_config(config)
@@ -125,7 +128,6 @@ def chat(
     ("answer in JSON ..."). --tools FILE: the model may call them (--tool-choice), one
     call a reply, printed as a JSON line; the next line you type is that call's result.
     """
-    from pellucid.sampling.constraints import from_cli
 
     defaults = {"max_tokens": 512, "temperature": 0.0}
     cfg = read_config(config)
@@ -139,7 +141,6 @@ def chat(
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None and cfg is not None and cfg.response_format:
-        from pellucid.sampling.constraints import from_response_format
 
         constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None:
@@ -153,8 +154,6 @@ def chat(
 
 
 def _read_tools(path: str) -> list:
-    import json
-    from pathlib import Path
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -164,7 +163,6 @@ def _read_tools(path: str) -> list:
     except ValueError as e:
         raise PellucidError(f"--tools {path}: not valid JSON: {e}", param="--tools") from None
     data = data.get("tools") if isinstance(data, dict) else data
-    from pellucid.text.tools import parse_tools
 
     parse_tools(data, param="--tools")  # errors before the load
     return data
@@ -174,7 +172,6 @@ def structured_chat(llm, params, *, system=None, style=None, once: str | None = 
                     tool_choice=None, show_prompt: bool = False, lines=None) -> None:  # fmt: skip
     """The chat loop for constrained replies and tool calls: each reply whole, then checked.
     After tool calls, the next line read is each call's result (role tool)."""
-    import json
 
     stdin = lines if lines is not None else sys.stdin
     messages: list[dict] = []

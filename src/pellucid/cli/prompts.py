@@ -1,7 +1,11 @@
 """pellucid prompt (list, show, diff, save), render, count and budget; the chat loop.
 
 render, count and budget need only the model's tokenizer and chat template, which they
-read from the model file's metadata: no weights are loaded.
+read from the model file's metadata: no weights are loaded. They render with the same
+template as the engine (pellucid.loading.gguf_text), so they show what the model receives.
+
+pellucid.prompts (pydantic, yaml: about 0.3 s) and pellucid.text (jinja2) are imported
+inside the commands, so that `pellucid --help` and the other commands do not pay for them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pellucid.cli import app
@@ -61,7 +66,7 @@ def make_style(length=None, formality=None, structure=None, persona=None, depth=
 
 def make_store(dirs: list[Path] | None = None, config=None):
     """The prompt store: --dir folders first, then the config file's folder, the user's, built-ins."""
-    from pellucid.prompts.files import PromptStore
+    from pellucid.prompts.store import PromptStore
 
     paths = list(dirs or [])
     if config is not None and Path(config.source).is_file():
@@ -136,7 +141,7 @@ def prompt_list(dirs: PromptDirs = None, json_out: JsonOut = False) -> None:
     store = make_store(dirs)
     prompts, errors = store.scan()
     for e in errors:
-        err.print(f"[yellow]warning:[/] {_escape(e.message)}", markup=True)
+        err.print(f"[yellow]warning:[/] {escape(e.message)}", markup=True)
     if json_out:
         rows = [{"name": p.name, "version": p.version, "sha256": p.sha256, "description": p.description,
                  "path": str(p.path)} for p in prompts]  # fmt: skip
@@ -192,7 +197,7 @@ def prompt_diff(
 ) -> None:
     """What changed from A to B: field by field, then a unified diff of the rendered prompts."""
     from pellucid.prompts.compose import load_prompt
-    from pellucid.prompts.files import diff
+    from pellucid.prompts.diff import diff
 
     store = make_store(dirs)
     d = diff(load_prompt(a, store), load_prompt(b, store))
@@ -212,7 +217,7 @@ def prompt_save(
     file: Path = typer.Argument(..., help="A prompt file (YAML) to check and add to the store."),
     to: Path | None = typer.Option(None, "--to", help="Folder to save into (default: $PELLUCID_HOME/prompts)."),
 ) -> None:
-    """Check a prompt file and save each version in it as NAME@VERSION.yaml.
+    """Check a prompt file (any file name) and save each version in it as NAME@VERSION.yaml.
 
     A version that is already saved with the same content is left alone; different content
     under an existing NAME@VERSION is refused: give it a new version.
@@ -222,7 +227,7 @@ def prompt_save(
     store = make_store()
     for p in load_file(file):
         where = store.save(p, to)
-        out.print(f"{p.ref}  sha256:{p.short_hash}  {where}", markup=False)
+        out.print(f"{p.ref}  sha256:{p.short_hash}  {where}", markup=False, soft_wrap=True)
 
 
 # -- pellucid render --------------------------------------------------------------------------
@@ -501,7 +506,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
         except PellucidError as e:
             if not interactive:
                 raise
-            err.print(f"[bold red]error:[/] {_escape(e.message)}", markup=True)
+            err.print(f"[bold red]error:[/] {escape(e.message)}", markup=True)
             continue
         if turn.dropped_messages:
             err.print(f"[yellow]context:[/] dropped the oldest {turn.dropped_turns} turn(s) "
@@ -521,12 +526,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
         if turn.report is not None:
             for c in turn.report.checks:
                 mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"
-                err.print(f"[dim]check {c.name}:[/] {mark} [dim]{_escape(c.detail)}[/]", markup=True, soft_wrap=True)
+                err.print(f"[dim]check {c.name}:[/] {mark} [dim]{escape(c.detail)}[/]", markup=True, soft_wrap=True)
         if not interactive:
             break
 
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

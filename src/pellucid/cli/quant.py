@@ -17,7 +17,7 @@ from pellucid.cli import app
 from pellucid.errors import PellucidError
 from pellucid.loading import load_model
 from pellucid.quantization import report as qr
-from pellucid.quantization.apply import FORMATS
+from pellucid.quantization.apply import FORMATS, model_nbytes
 from pellucid.registry import DEFAULT_MODEL
 
 console = Console(stderr=True)
@@ -74,7 +74,7 @@ def quantize_report(
     with Progress(console=console) as prog:
         task = prog.add_task("scoring windows", total=len(windows))
         acc, seconds = qr.score(models, windows, peer=peer, n_peer=n_peer, on_window=lambda: prog.advance(task))
-    rep.rows = [qr.row(f, qr.model_nbytes(m), n_params, acc[f], seconds[f]) for f, m in models.items()]
+    rep.rows = [qr.row(f, model_nbytes(m), n_params, acc[f], seconds[f]) for f, m in models.items()]
     if peer is not None:
         rep.rows.append(qr.row(f"llama.cpp ({peer_version})", path.stat().st_size, n_params, acc["llama.cpp"], peer_seconds,
                                note=f"file as stored; first {n_peer * window} tokens"))  # fmt: skip

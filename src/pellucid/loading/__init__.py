@@ -38,7 +38,7 @@ from pellucid.weights.gguf import GGUFFile
 
 log = logging.getLogger("pellucid")
 
-__all__ = ["DTYPES", "LoadedModel", "build_empty", "gguf_architecture", "gguf_tensor_name", "load_model",
+__all__ = ["DTYPES", "LoadedModel", "build_empty", "gguf_architecture", "gguf_tensor_name", "gguf_text", "load_model",
            "no_random_init", "parse_dtype"]  # fmt: skip
 
 def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = runtime.DEFAULT_DTYPE,
@@ -123,11 +123,8 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
                 p.copy_(w)
     model.eval()  # built in `dt` already (quantized layers keep their own types)
     keep_float32_buffers(model)
-    tok = Tokenizer.from_gguf(f.metadata)
-    bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
-    eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
-    tmpl_src = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)  # e.g. Gemma GGUFs carry none
-    return LoadedModel(model, tok, ChatTemplate(tmpl_src, bos_token=bos, eos_token=eos), cfg, path, "gguf",
+    tok, chat = gguf_text(f, mod)
+    return LoadedModel(model, tok, chat, cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
 
 
@@ -202,6 +199,20 @@ def gguf_architecture(f) -> tuple[object, ModelConfig]:
         raise PellucidError(f"{path}: metadata key {e.args[0]!r} is missing for architecture {arch!r}") from None
     cfg.tied_embeddings = "output.weight" not in f.tensors
     return mod, cfg
+
+
+def gguf_text(f, mod) -> tuple[Tokenizer, ChatTemplate]:
+    """A parsed GGUFFile's tokenizer and chat template; no tensors are read.
+
+    The one place that decides a GGUF model's template: the file's own, else its
+    architecture's (Gemma 3 270M's file carries none). load_model and the weightless
+    readers (pellucid.prompts.counting) both use it, so they render the same prompt.
+    """
+    tok = Tokenizer.from_gguf(f.metadata)
+    bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
+    source = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)
+    return tok, ChatTemplate(source, bos_token=bos, eos_token=eos)
 
 
 def gguf_tensor_name(mod, f, name: str) -> str:

@@ -1,8 +1,12 @@
 """System prompts, output styles, versioned prompt files and the context-window budget.
 
-The core (system, styles, files, budget) is model-independent: token counting comes in as
-a function (`count_messages`). `counting.TokenCounter` supplies the real one from a model's
-tokenizer and chat template; `compose` puts a system prompt, a style and messages together;
+Prompt files: `schema` (the fields and their checks), `files` (PromptFile, reading and
+writing YAML), `store` (finding prompts by name, saving), `diff`.
+
+The core (system, styles, prompt files, budget) is model-independent: token counting comes
+in as a function (`count_messages`). `counting.TokenCounter` supplies the real one from a
+model's tokenizer and chat template (the loader's own, so it counts what the engine feeds
+the model); `compose` puts a system prompt, a style and messages together;
 `chat_session.ChatSession` runs a conversation that stays inside the context window.
 """
 
@@ -25,19 +29,10 @@ from pellucid.prompts.compose import (
     with_system,
 )
 from pellucid.prompts.counting import ConversationCount, MessageCount, TokenCounter
-from pellucid.prompts.files import (
-    FieldChange,
-    PromptDiff,
-    PromptFile,
-    PromptStore,
-    bump,
-    default_prompt_dir,
-    diff,
-    load_file,
-    parse_prompts,
-    split_ref,
-    version_key,
-)
+from pellucid.prompts.diff import FieldChange, PromptDiff, diff
+from pellucid.prompts.files import PromptFile, load_file, parse_prompts
+from pellucid.prompts.schema import bump, version_key
+from pellucid.prompts.store import PromptStore, default_prompt_dir, split_ref
 from pellucid.prompts.styles import (
     SKELETONS,
     Check,

@@ -31,6 +31,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from rich.console import Console
+from rich.table import Table
+
 from pellucid.errors import PellucidError
 from pellucid.prompts.system import SystemPrompt
 
@@ -81,6 +84,18 @@ class SectionUsage:
     truncated: int = 0  # of the kept items, how many were cut to fit
 
 
+class BudgetTable(Table):
+    """A rich Table that `print()` and `str()` show as plain text (100 columns)."""
+
+    def render_text(self, width: int = 100) -> str:
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        console.print(self)
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    def __str__(self) -> str:
+        return self.render_text()
+
+
 @dataclass
 class Allocation:
     """What `ContextBudget.fit` decided: the messages to send and the accounting."""
@@ -115,11 +130,10 @@ class Allocation:
                 return s
         raise KeyError(name)
 
-    def table(self) -> object:
-        """The allocation as a rich Table: one row per section, then total and window."""
-        from rich.table import Table
-
-        t = Table(title=f"Context budget: {self.total:,} of {self.window:,} tokens")
+    def table(self) -> BudgetTable:
+        """The allocation as a table: one row per section, then total and window. It is a
+        rich Table (`console.print(alloc.table())`) that prints as plain text too."""
+        t = BudgetTable(title=f"Context budget: {self.total:,} of {self.window:,} tokens")
         for col in ("section", "tokens", "limit", "% window", "kept", "dropped"):
             t.add_column(col, justify="left" if col == "section" else "right")
         for s in self.sections:
@@ -141,11 +155,10 @@ class Allocation:
 
     def render_text(self, width: int = 100) -> str:
         """The table as plain text."""
-        from rich.console import Console
+        return self.table().render_text(width)
 
-        console = Console(file=io.StringIO(), width=width, color_system=None)
-        console.print(self.table())
-        return console.file.getvalue()  # type: ignore[attr-defined]
+    def __rich__(self) -> BudgetTable:
+        return self.table()
 
 
 def format_context(chunks: Sequence[Chunk]) -> str:
@@ -237,48 +250,99 @@ class ContextBudget:
         history: Sequence[Message] = (),
         retrieved: Sequence[Chunk | str] = (),
     ) -> Allocation:
-        """Choose what to send: everything that fits, dropping by the stated policy."""
-        return _Fit(self, current, system, history, retrieved).run()
+        """Choose what to send: everything that fits, dropping by the stated policy.
+
+        The steps: check that the parts never dropped fit with the reserve; choose how
+        many chunks and turns to keep (the section that gives way last picks first); drop
+        by policy until the combination fits (template overhead is not additive); report
+        what each section costs.
+        """
+        layout = _Layout(self, _Parts.of(current, system, history, retrieved))
+        _check_undroppable(self, layout.measure([], []))
+        return _allocation(layout, _choose(layout))
 
 
-class _Fit:
-    """One fitting run; caches counts, since many candidates share their prefixes."""
+# ---------------------------------------------------------------------------------------
+# fitting: the parts, a choice of what to keep, the layout that counts candidates
 
-    def __init__(
-        self,
-        budget: ContextBudget,
+
+@dataclass
+class _Parts:
+    """The inputs of one fit, checked: messages as dicts, history in turns, chunks ranked."""
+
+    current: Message
+    system: list[Message]
+    history: list[Message]
+    turns: list[list[Message]]
+    chunks: list[Chunk]
+    priority: list[int]  # chunk indices, most relevant first
+
+    @classmethod
+    def of(
+        cls,
         current: str | Message,
         system: str | SystemPrompt | Sequence[Message] | None,
         history: Sequence[Message],
         retrieved: Sequence[Chunk | str],
-    ):
-        self.b = budget
+    ) -> _Parts:
         if isinstance(current, str):
             current = {"role": "user", "content": current}
-        self.current = dict(_check_message(current, "current"))
+        current = dict(_check_message(current, "current"))
         if system is None:
-            self.system: list[Message] = []
+            sys_msgs: list[Message] = []
         elif isinstance(system, str):
-            self.system = [{"role": "system", "content": system}] if system else []
+            sys_msgs = [{"role": "system", "content": system}] if system else []
         elif isinstance(system, SystemPrompt):
-            self.system = system.prefix_messages()
+            sys_msgs = system.prefix_messages()
         else:
-            self.system = [dict(_check_message(m, f"system[{i}]")) for i, m in enumerate(system)]
-        self.history = [dict(_check_message(m, f"history[{i}]")) for i, m in enumerate(history)]
-        self.turns = group_turns(self.history)
-        self.chunks = [c if isinstance(c, Chunk) else Chunk(str(c)) for c in retrieved]
-        # keep order: highest score first, unscored after scored, ties by position
-        self.priority = sorted(
-            range(len(self.chunks)),
-            key=lambda i: (
-                self.chunks[i].score is None,
-                -(self.chunks[i].score or 0.0),
-                i,
-            ),
+            sys_msgs = [dict(_check_message(m, f"system[{i}]")) for i, m in enumerate(system)]
+        hist = [dict(_check_message(m, f"history[{i}]")) for i, m in enumerate(history)]
+        chunks = [c if isinstance(c, Chunk) else Chunk(str(c)) for c in retrieved]
+        # highest score first, unscored after scored, ties by position
+        priority = sorted(
+            range(len(chunks)),
+            key=lambda i: (chunks[i].score is None, -(chunks[i].score or 0.0), i),
         )
-        self.cache: dict[str, int] = {}
+        return cls(current, sys_msgs, hist, group_turns(hist), chunks, priority)
 
-    # -- counting -----------------------------------------------------------------------
+    def kept_chunks(self, k: int, cut: str | None) -> list[Chunk]:
+        """The k most relevant chunks (plus the next one, cut to `cut`), in input order."""
+        keep = {i: self.chunks[i] for i in self.priority[:k]}
+        if cut is not None:
+            i = self.priority[k]
+            keep[i] = Chunk(cut, self.chunks[i].score, self.chunks[i].source)
+        return [keep[i] for i in sorted(keep)]
+
+    def kept_history(self, n: int) -> list[Message]:
+        """The newest n turns."""
+        return [m for turn in self.turns[len(self.turns) - n :] for m in turn] if n else []
+
+
+@dataclass
+class _Choice:
+    """What to keep: the k most relevant chunks whole, the next one cut to `cut` (None:
+    not at all), and the newest n turns of history."""
+
+    k: int
+    cut: str | None
+    n: int
+
+    def chunks(self, parts: _Parts) -> list[Chunk]:
+        return parts.kept_chunks(self.k, self.cut)
+
+    def history(self, parts: _Parts) -> list[Message]:
+        return parts.kept_history(self.n)
+
+
+class _Layout:
+    """Candidate conversations, as the budget lays them out, and their counts.
+
+    Counts are cached: the searches try many candidates that share their prefixes.
+    """
+
+    def __init__(self, budget: ContextBudget, parts: _Parts):
+        self.b, self.p = budget, parts
+        self.cache: dict[str, int] = {}
 
     def count(self, messages: list[Message]) -> int:
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
@@ -290,12 +354,15 @@ class _Fit:
 
     def assemble(
         self,
-        system: list[Message],
         chunks: list[Chunk],
         history: list[Message],
-        current: Message,
+        *,
+        system: list[Message] | None = None,
+        current: Message | None = None,
     ) -> list[Message]:
-        msgs = [dict(m) for m in system]
+        """System, retrieved context (in the system message or before the current one),
+        history, current message; `system` and `current` default to the fit's own."""
+        msgs = [dict(m) for m in (self.p.system if system is None else system)]
         ctx = self.b.format_context(chunks) if chunks else ""
         if ctx and self.b.context_placement == "system":
             if msgs and msgs[0]["role"] == "system":
@@ -304,7 +371,7 @@ class _Fit:
             else:
                 msgs.insert(0, {"role": "system", "content": ctx})
         msgs += [dict(m) for m in history]
-        cur = dict(current)
+        cur = dict(self.p.current if current is None else current)
         if ctx and self.b.context_placement == "user":
             cur["content"] = ctx + "\n\n" + cur["content"]
         msgs.append(cur)
@@ -312,15 +379,15 @@ class _Fit:
 
     def measure(self, chunks: list[Chunk], history: list[Message]) -> dict[str, int]:
         """Tokens per section, by adding sections one at a time; the values telescope."""
-        empty_user = {**self.current, "content": ""}
-        has_system = bool(self.system) and self.system[0]["role"] == "system"
+        empty_user = {**self.p.current, "content": ""}
+        has_system = bool(self.p.system) and self.p.system[0]["role"] == "system"
         blank = [{"role": "system", "content": ""}] if has_system else []
         steps = [
-            (OVERHEAD, self.assemble(blank, [], [], empty_user)),
-            (SYSTEM, self.assemble(self.system, [], [], empty_user)),
-            (RETRIEVED, self.assemble(self.system, chunks, [], empty_user)),
-            (HISTORY, self.assemble(self.system, chunks, history, empty_user)),
-            (CURRENT, self.assemble(self.system, chunks, history, self.current)),
+            (OVERHEAD, self.assemble([], [], system=blank, current=empty_user)),
+            (SYSTEM, self.assemble([], [], current=empty_user)),
+            (RETRIEVED, self.assemble(chunks, [], current=empty_user)),
+            (HISTORY, self.assemble(chunks, history, current=empty_user)),
+            (CURRENT, self.assemble(chunks, history)),
         ]
         out, before = {}, 0
         for name, msgs in steps:
@@ -329,9 +396,13 @@ class _Fit:
             before = n
         return out
 
+    def room(self) -> int:
+        """Tokens the prompt may have: the window less the reserve."""
+        return self.b.window - self.b.reserve
+
     def fits(self, chunks: list[Chunk], history: list[Message]) -> bool:
-        room = self.b.window - self.b.reserve
-        if self.count(self.assemble(self.system, chunks, history, self.current)) > room:
+        """Within the room and within the limits of retrieved context and history."""
+        if self.count(self.assemble(chunks, history)) > self.room():
             return False
         lim = self.b.limits
         if lim.retrieved is None and lim.history is None:
@@ -341,146 +412,136 @@ class _Fit:
             lim.history is None or m[HISTORY] <= lim.history
         )
 
-    # -- candidates ---------------------------------------------------------------------
 
-    def kept_chunks(self, k: int, cut: str | None) -> list[Chunk]:
-        """The k highest-priority chunks (plus the next one, cut to `cut`), input order."""
-        keep = {i: self.chunks[i] for i in self.priority[:k]}
-        if cut is not None:
-            i = self.priority[k]
-            c = self.chunks[i]
-            keep[i] = Chunk(cut, c.score, c.source)
-        return [keep[i] for i in sorted(keep)]
-
-    def kept_history(self, n: int) -> list[Message]:
-        """The newest n turns."""
-        return [m for turn in self.turns[len(self.turns) - n :] for m in turn] if n else []
-
-    @staticmethod
-    def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
-        """The largest x in [lo, hi] with ok(x), given ok(lo); binary search."""
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if ok(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def pick_chunks(self, history: list[Message]) -> tuple[int, str | None]:
-        """How many chunks to keep whole, in priority order, and the cut of the next one."""
-
-        def fits_whole(k: int) -> bool:
-            return self.fits(self.kept_chunks(k, None), history)
-
-        k = self.largest(0, len(self.chunks), fits_whole)
-        truncate = self.b.truncate
-        if truncate is None or k == len(self.chunks):
-            return k, None
-        # n tokens of the next chunk cost at least n, so the room left bounds n
-        kept = self.kept_chunks(k, None)
-        used = self.count(self.assemble(self.system, kept, history, self.current))
-        hi = self.b.window - self.b.reserve - used
-        if (limit := self.b.limits.retrieved) is not None:
-            hi = min(hi, limit - self.measure(kept, history)[RETRIEVED])
-        text = self.chunks[self.priority[k]].text
-
-        def fits_cut(n: int) -> bool:
-            return self.fits(self.kept_chunks(k, truncate(text, n)), history)
-
-        lo = self.b.min_chunk_tokens
-        if hi < lo or not fits_cut(lo):
-            return k, None
-        cut = truncate(text, self.largest(lo, hi, fits_cut))
-        return k, (cut if cut.strip() else None)
-
-    def pick_history(self, chunks: list[Chunk]) -> int:
-        return self.largest(0, len(self.turns), lambda n: self.fits(chunks, self.kept_history(n)))
-
-    # -- the run ------------------------------------------------------------------------
-
-    def run(self) -> Allocation:
-        b, lim = self.b, self.b.limits
-        base = self.measure([], [])
-        base_total = sum(base.values())
-        if base_total + b.reserve > b.window:
-            raise PellucidError(
-                f"the parts that are never dropped do not fit: system prompt {base[SYSTEM]} "
-                f"+ current message {base[CURRENT]} + template overhead {base[OVERHEAD]} = "
-                f"{base_total} tokens, plus {b.reserve} reserved for the response = "
-                f"{base_total + b.reserve}, over the context window of {b.window} by "
-                f"{base_total + b.reserve - b.window}; shorten the system prompt or the "
-                "message, or reserve fewer tokens",
-                param="messages",
-            )
-        for name, limit in ((SYSTEM, lim.system), (CURRENT, lim.current)):
-            if limit is not None and base[name] > limit:
-                raise PellucidError(
-                    f"the {name} is {base[name]} tokens, over its limit of {limit}; it is "
-                    "never cut, so shorten it or raise the limit",
-                    param=f"limits.{'system' if name == SYSTEM else 'current'}",
-                )
-
-        if b.drop_first == "history":
-            k, cut = self.pick_chunks([])
-            n = self.pick_history(self.kept_chunks(k, cut))
-        else:
-            n = self.pick_history([])
-            k, cut = self.pick_chunks(self.kept_history(n))
-        # templates are not additive: make sure the combination fits, dropping by policy
-        while not self.fits(self.kept_chunks(k, cut), self.kept_history(n)):
-            if b.drop_first == "history" and n > 0:
-                n -= 1
-            elif cut is not None:
-                cut = None
-            elif k > 0:
-                k -= 1
-            else:
-                assert n > 0, "the empty selection was checked to fit"
-                n -= 1
-
-        chunks, history = self.kept_chunks(k, cut), self.kept_history(n)
-        messages = self.assemble(self.system, chunks, history, self.current)
-        used = self.measure(chunks, history)
-        prompt_tokens = self.count(messages)
-        assert sum(used.values()) == prompt_tokens, (used, prompt_tokens)
-        assert prompt_tokens + b.reserve <= b.window, (prompt_tokens, b.reserve, b.window)
-
-        status = ["dropped"] * len(self.chunks)
-        for i in self.priority[:k]:
-            status[i] = "kept"
-        if cut is not None:
-            status[self.priority[k]] = "truncated"
-        n_kept_chunks = sum(s != "dropped" for s in status)
-        sections = [
-            SectionUsage(OVERHEAD, used[OVERHEAD]),
-            SectionUsage(SYSTEM, used[SYSTEM], lim.system, kept=len(self.system)),
-            SectionUsage(
-                RETRIEVED,
-                used[RETRIEVED],
-                lim.retrieved,
-                kept=n_kept_chunks,
-                dropped=len(self.chunks) - n_kept_chunks,
-                truncated=int(cut is not None),
-            ),
-            SectionUsage(
-                HISTORY,
-                used[HISTORY],
-                lim.history,
-                kept=len(history),
-                dropped=len(self.history) - len(history),
-            ),
-            SectionUsage(CURRENT, used[CURRENT], lim.current, kept=1),
-            SectionUsage(RESERVED, b.reserve),
-        ]
-        return Allocation(
-            messages=messages,
-            sections=sections,
-            prompt_tokens=prompt_tokens,
-            reserve=b.reserve,
-            window=b.window,
-            chunks=chunks,
-            chunk_status=status,
-            history_dropped=len(self.history) - len(history),
-            history=history,
+def _check_undroppable(b: ContextBudget, base: dict[str, int]) -> None:
+    """An error with the numbers when the system prompt, the current message and the
+    reserve alone do not fit, or exceed their limits (they are never cut)."""
+    base_total = sum(base.values())
+    if base_total + b.reserve > b.window:
+        raise PellucidError(
+            f"the parts that are never dropped do not fit: system prompt {base[SYSTEM]} "
+            f"+ current message {base[CURRENT]} + template overhead {base[OVERHEAD]} = "
+            f"{base_total} tokens, plus {b.reserve} reserved for the response = "
+            f"{base_total + b.reserve}, over the context window of {b.window} by "
+            f"{base_total + b.reserve - b.window}; shorten the system prompt or the "
+            "message, or reserve fewer tokens",
+            param="messages",
         )
+    for name, limit, param in (
+        (SYSTEM, b.limits.system, "limits.system"),
+        (CURRENT, b.limits.current, "limits.current"),
+    ):
+        if limit is not None and base[name] > limit:
+            raise PellucidError(
+                f"the {name} is {base[name]} tokens, over its limit of {limit}; it is "
+                "never cut, so shorten it or raise the limit",
+                param=param,
+            )
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The largest x in [lo, hi] with ok(x), given ok(lo); binary search."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _pick_chunks(layout: _Layout, history: list[Message]) -> tuple[int, str | None]:
+    """How many chunks to keep whole, most relevant first, and the cut of the next one."""
+    p, b = layout.p, layout.b
+    k = _largest(0, len(p.chunks), lambda k: layout.fits(p.kept_chunks(k, None), history))
+    if b.truncate is None or k == len(p.chunks):
+        return k, None
+    # n tokens of the next chunk cost at least n, so the room left bounds n
+    kept = p.kept_chunks(k, None)
+    hi = layout.room() - layout.count(layout.assemble(kept, history))
+    if (limit := b.limits.retrieved) is not None:
+        hi = min(hi, limit - layout.measure(kept, history)[RETRIEVED])
+    text, truncate = p.chunks[p.priority[k]].text, b.truncate
+
+    def fits_cut(n: int) -> bool:
+        return layout.fits(p.kept_chunks(k, truncate(text, n)), history)
+
+    lo = b.min_chunk_tokens
+    if hi < lo or not fits_cut(lo):
+        return k, None
+    cut = truncate(text, _largest(lo, hi, fits_cut))
+    return k, (cut if cut.strip() else None)
+
+
+def _pick_history(layout: _Layout, chunks: list[Chunk]) -> int:
+    """How many of the newest turns fit with these chunks."""
+    p = layout.p
+    return _largest(0, len(p.turns), lambda n: layout.fits(chunks, p.kept_history(n)))
+
+
+def _choose(layout: _Layout) -> _Choice:
+    """The section that gives way last picks first, the other takes the room left; then
+    drop by policy until the combination fits (template overhead is not additive)."""
+    p, history_first = layout.p, layout.b.drop_first == "history"
+    if history_first:
+        k, cut = _pick_chunks(layout, [])
+        n = _pick_history(layout, p.kept_chunks(k, cut))
+    else:
+        n = _pick_history(layout, [])
+        k, cut = _pick_chunks(layout, p.kept_history(n))
+    while not layout.fits(p.kept_chunks(k, cut), p.kept_history(n)):
+        if history_first and n > 0:
+            n -= 1
+        elif cut is not None:
+            cut = None
+        elif k > 0:
+            k -= 1
+        else:
+            assert n > 0, "the empty selection was checked to fit"
+            n -= 1
+    return _Choice(k, cut, n)
+
+
+def _allocation(layout: _Layout, choice: _Choice) -> Allocation:
+    """The messages of a choice and the report: tokens, limits, kept and dropped per section."""
+    p, b, lim = layout.p, layout.b, layout.b.limits
+    chunks, history = choice.chunks(p), choice.history(p)
+    messages = layout.assemble(chunks, history)
+    used = layout.measure(chunks, history)
+    prompt_tokens = layout.count(messages)
+    assert sum(used.values()) == prompt_tokens, (used, prompt_tokens)
+    assert prompt_tokens <= layout.room(), (prompt_tokens, b.reserve, b.window)
+
+    status = ["dropped"] * len(p.chunks)
+    for i in p.priority[: choice.k]:
+        status[i] = "kept"
+    if choice.cut is not None:
+        status[p.priority[choice.k]] = "truncated"
+    n_chunks = sum(s != "dropped" for s in status)
+    n_dropped = len(p.history) - len(history)
+    sections = [
+        SectionUsage(OVERHEAD, used[OVERHEAD]),
+        SectionUsage(SYSTEM, used[SYSTEM], lim.system, kept=len(p.system)),
+        SectionUsage(
+            RETRIEVED,
+            used[RETRIEVED],
+            lim.retrieved,
+            kept=n_chunks,
+            dropped=len(p.chunks) - n_chunks,
+            truncated=int(choice.cut is not None),
+        ),
+        SectionUsage(HISTORY, used[HISTORY], lim.history, kept=len(history), dropped=n_dropped),
+        SectionUsage(CURRENT, used[CURRENT], lim.current, kept=1),
+        SectionUsage(RESERVED, b.reserve),
+    ]
+    return Allocation(
+        messages=messages,
+        sections=sections,
+        prompt_tokens=prompt_tokens,
+        reserve=b.reserve,
+        window=b.window,
+        chunks=chunks,
+        chunk_status=status,
+        history_dropped=n_dropped,
+        history=history,
+    )

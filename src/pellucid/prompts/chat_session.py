@@ -24,8 +24,9 @@ from pellucid.errors import PellucidError
 from pellucid.prompts.budget import Allocation, ContextBudget, Limits, group_turns
 from pellucid.prompts.compose import SystemLike, effective_style, system_messages
 from pellucid.prompts.counting import TokenCounter
-from pellucid.prompts.files import PromptStore
+from pellucid.prompts.store import PromptStore
 from pellucid.prompts.styles import Style, StyleReport
+from pellucid.sampling.params import SamplingParams
 
 Message = dict[str, Any]
 
@@ -74,8 +75,6 @@ class ChatSession:
     dropped_total: int = 0  # history messages dropped so far
 
     def __post_init__(self) -> None:
-        from pellucid.sampling.params import SamplingParams
-
         if self.params is None:
             self.params = SamplingParams(max_tokens=512, temperature=0.0)
         self.counter = TokenCounter.from_llm(self.llm)

@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pellucid.errors import PellucidError
-from pellucid.prompts.files import (
-    NAME_RE,
-    VERSION_RE,
-    PromptFile,
-    PromptStore,
-    load_file,
-    version_key,
-)
+from pellucid.prompts.files import PromptFile, load_file
+from pellucid.prompts.schema import NAME_RE, VERSION_RE, version_key
+from pellucid.prompts.store import PromptStore
 from pellucid.prompts.styles import DIMENSIONS, Style
 from pellucid.prompts.system import SystemPrompt
 
@@ -169,7 +164,9 @@ def resolve_system_value(value: str, base_dir: str | os.PathLike | None = None) 
     return value
 
 
-def system_text(value: str, base_dir: str | os.PathLike | None = None, now: datetime | None = None) -> str:
+def system_text(
+    value: str, base_dir: str | os.PathLike | None = None, now: datetime | None = None
+) -> str:
     """The system text of a config's `system_prompt`: a prompt file's rendered text with its
     few-shot examples as text (doors that can send messages should use `system_messages`,
     which sends the examples as real prior turns), or the text itself."""

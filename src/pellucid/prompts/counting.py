@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pellucid import registry
 from pellucid.errors import PellucidError
+from pellucid.prompts.budget import ContextBudget
 from pellucid.text.chat_template import ChatTemplate, validate_messages
 from pellucid.text.tokenizer import Tokenizer
 
@@ -95,25 +97,20 @@ class TokenCounter:
 
         A GGUF file is read for its metadata only; other formats load the model.
         """
-        from pellucid import registry
+        # imported here: the loaders and the GGUF reader bring in torch (about 2 s), which a
+        # counter built from a tokenizer and a template never needs
+        from pellucid.loading import gguf_architecture, gguf_text, load_model
+        from pellucid.weights.gguf import GGUFFile
 
         path = registry.resolve(str(name_or_path))
         if path.is_dir():
-            from pellucid.loading import load_model
-
             return cls.from_loaded(load_model(path, dtype="float32"), name=str(name_or_path))
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         if key not in _GGUF_TEXT:
-            from pellucid.loading import gguf_architecture
-            from pellucid.weights.gguf import GGUFFile
-
             f = GGUFFile(path)
-            _, cfg = gguf_architecture(f)
-            tok = Tokenizer.from_gguf(f.metadata)
-            bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
-            eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
-            template = ChatTemplate(f.get("tokenizer.chat_template"), bos_token=bos, eos_token=eos)
+            mod, cfg = gguf_architecture(f)
+            tok, template = gguf_text(f, mod)  # the loader's own choice of template
             _GGUF_TEXT.clear()  # one model's tokenizer at a time
             _GGUF_TEXT[key] = (tok, template, cfg.context_length)
         tok, template, n_ctx = _GGUF_TEXT[key]
@@ -209,8 +206,6 @@ class TokenCounter:
 
     def budget(self, window: int | None = None, reserve: int = 0, **kw: Any):
         """A ContextBudget counting with this model (window: the model's, by default)."""
-        from pellucid.prompts.budget import ContextBudget
-
         if window is None:
             if self.context_length is None:
                 raise PellucidError(
@@ -242,15 +237,3 @@ def read_text(path: str | os.PathLike) -> str:
         ) from None
     except OSError as e:
         raise PellucidError(f"cannot read {path}: {e.strerror}", param="file") from None
-
-
-def count_text(tokenizer: Tokenizer, text: str) -> int:
-    """Tokens of a raw prompt text, as the engine encodes it."""
-    return len(tokenizer.encode(text))
-
-
-def count_messages(
-    tokenizer: Tokenizer, chat_template: ChatTemplate, messages: Sequence[Message]
-) -> int:
-    """Tokens the engine feeds the model for these chat messages (template included)."""
-    return len(tokenizer.encode(chat_template.render(list(messages), add_generation_prompt=True)))

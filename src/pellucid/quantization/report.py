@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.quantization.apply import model_nbytes  # noqa: F401  (re-exported for the CLI)
+from pellucid.quantization.apply import quantized_layers
+from pellucid.quantization.embedding import RowEmbedding
 
 
 @dataclass
@@ -63,8 +64,6 @@ def text_windows(tokenizer, path: str | Path, n_tokens: int, window: int) -> lis
 
 def count_params(model: torch.nn.Module) -> int:
     """Parameters of the model as its float version holds them (tied weights once)."""
-    from pellucid.quantization.apply import quantized_layers
-    from pellucid.quantization.embedding import RowEmbedding
 
     n = sum(p.numel() for p in model.parameters())
     for m in quantized_layers(model).values():

@@ -31,12 +31,14 @@ bound still validate; a schema's own maxLength / maxItems always wins.
 
 from __future__ import annotations
 
+import copy
 import json as _json
 import re
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import llguidance as llg
@@ -312,7 +314,6 @@ def from_cli(tokenizer, *, json: bool = False, json_schema: str | None = None, r
              vocab_size: int | None = None) -> Constraint | None:  # fmt: skip
     """The CLI's flags: --json, --json-schema FILE, --regex R, --choice A --choice B,
     --grammar FILE (Lark or GBNF), --no-strict. Files are read here; errors name the flag."""
-    from pathlib import Path
 
     def read(flag: str, path: str) -> str:
         p = Path(path).expanduser()
@@ -391,7 +392,6 @@ def prepare_schema(schema: dict, *, strict: bool | None = None, compact: bool = 
 def one_of_as_any_of(schema: dict) -> tuple[dict, list[str]]:
     """A copy of `schema` with every oneOf renamed anyOf (not under not/if/then/else, where
     that would change the meaning the other way), and the paths it renamed."""
-    import copy
 
     out = copy.deepcopy(schema)
     paths = []
@@ -608,7 +608,6 @@ def close_objects(schema: dict) -> dict:
     intersected with others (allOf, $ref with siblings, anyOf next to object keywords) are
     left open, with everything below them (closing one side of an intersection could make
     it unsatisfiable), and so are oneOf branches and whatever sits under not/if/then/else."""
-    import copy
 
     out = copy.deepcopy(schema)
     if not isinstance(out, dict):
@@ -696,7 +695,6 @@ def narrow(schema: dict) -> dict:
     DEFAULT_MAX_ITEMS items (keys), and
     date/time formats keep only real dates and times. Not under
     not/if/then/else, where narrowing would change the meaning."""
-    import copy
 
     out = copy.deepcopy(schema)
 

@@ -134,7 +134,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
             raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
         def encode() -> list[int]:
             if body.messages is not None:
-                return llm.tokenizer.encode(llm.render_chat(body.messages, add_generation_prompt=body.add_generation_prompt))
+                return llm.tokenizer.encode(llm.render_chat(state.with_system(body.messages), add_generation_prompt=body.add_generation_prompt))
             return llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
 
         try:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from pellucid.engine.async_engine import RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
-from pellucid.sampling.constraints import check_output
+from pellucid.sampling.constraints import check_output, from_response_format
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest
 from pellucid.server.state import (
@@ -91,19 +91,12 @@ def _constraint_factory(state: ServerState, response_format: dict | None):
     """A function that builds one fresh constraint per engine request (None: unconstrained)."""
     if response_format is None or response_format.get("type") == "text":
         return None
-    try:
-        from pellucid.sampling import constraints
-    except ImportError:
-        constraints = None
-    if constraints is None or not hasattr(constraints, "from_response_format"):
-        raise ApiError(400, f"response_format {response_format.get('type')!r} needs structured output, which this build lacks",
-                       param="response_format")  # fmt: skip
     tok = state.llm.tokenizer
     try:
-        constraints.from_response_format(tok, response_format)  # check it once, with a clear error
+        from_response_format(tok, response_format)  # check it once, with a clear error
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
-    return lambda: constraints.from_response_format(tok, response_format)
+    return lambda: from_response_format(tok, response_format)
 
 
 def _finish_reason(reason: str | None, calls: bool = False) -> str | None:

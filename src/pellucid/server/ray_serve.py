@@ -33,6 +33,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,12 @@ RETRIES = 4  # attempts per request when replicas die before it sent any output
 # user code and the router on the replica's own event loop, request logs buffered.
 RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}  # fmt: skip
+# Each streamed message costs CPU at three Ray hops (replica -> ingress -> proxy), about 1.5-2
+# ms a message on this project's machines, in processes that share the replicas' cores. A
+# stream's chunks that come within this interval of the last one sent travel together; a
+# chunk after a quiet spell (the first token) goes at once. (Ray Serve LLM batches its
+# streams the same way, stream_batching_interval_ms; vLLM has stream_interval.)
+STREAM_INTERVAL_MS = 100
 LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
               "query_string", "headers", "client", "server")  # fmt: skip
@@ -75,12 +82,18 @@ class DeployConfig:
     max_ongoing_requests: int | None = None  # per replica (default: 2 x --max-batch)
     ray_address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None starts a local one
     imbalance: int = 2  # the prefix's replica keeps it while it has at most this many more requests than the lightest
+    stream_interval_ms: int = STREAM_INTERVAL_MS  # a stream's chunks within this interval travel as one message
+
 
     def check(self) -> None:
         for name, value in (("replicas", self.replicas), ("threads", self.threads), ("min_replicas", self.min_replicas),
                             ("max_replicas", self.max_replicas), ("max_ongoing_requests", self.max_ongoing_requests)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise PellucidError(f"{name} = {value!r} is out of range; allowed: an integer, 1 or more", param=name)
+        v = self.stream_interval_ms
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1000:
+            raise PellucidError(f"stream_interval_ms = {v!r} is out of range; allowed: an integer 0..1000 (0 = every "
+                                "chunk at once)", param="stream_interval_ms")  # fmt: skip
         if self.autoscaling:
             lo, hi = self.min_replicas or 1, self.max_replicas or max(self.replicas, self.min_replicas or 1)
             if not lo <= self.replicas <= hi:
@@ -192,7 +205,8 @@ class ServeLoader:
 class EngineReplica:
     """One engine process: the FastAPI app of `pellucid serve`, called through `forward`."""
 
-    async def __init__(self, config: ServerConfig, loader: Callable[[ServerConfig], Any] | None = None):
+    async def __init__(self, config: ServerConfig, loader: Callable[[ServerConfig], Any] | None = None,
+                       stream_interval_ms: int = STREAM_INTERVAL_MS):  # fmt: skip
         from pellucid.server.app import create_app
         from pellucid.server.state import ServerState
 
@@ -204,11 +218,12 @@ class EngineReplica:
             raise RuntimeError(f"the model did not load: {self.state.error}")
         self.name = serve.get_replica_context().replica_id.unique_id
         self.headers = [(REPLICA_HEADER, self.name.encode()), (PID_HEADER, str(os.getpid()).encode())]
+        self.interval = stream_interval_ms / 1000
 
     async def forward(self, scope: dict[str, Any], body: bytes, key: str | None = None,
                       replica_index: int | None = None) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """The app's ASGI messages for one HTTP request (key and replica_index are for the router)."""
-        queue: asyncio.Queue = asyncio.Queue()
+        out = Outbox()
         gone = asyncio.Event()
         first = True
 
@@ -223,13 +238,20 @@ class EngineReplica:
         async def send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *self.headers]}
-            await queue.put(message)
+            out.put(message)
 
         task = asyncio.ensure_future(self.app(scope, receive, send))
-        task.add_done_callback(lambda _: queue.put_nowait(None))
+        task.add_done_callback(lambda _: out.put(None))
+        loop = asyncio.get_running_loop()
+        sent = -1e9
         try:
-            while (message := await queue.get()) is not None:
+            while (message := await out.get()) is not None:
+                if self.interval and _is_chunk(message) and (wait := sent + self.interval - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # chunks close behind the last one sent go together
+                    message = out.joined(message)
                 yield message
+                if message["type"] == "http.response.body":
+                    sent = loop.time()
             task.result()
         finally:
             gone.set()
@@ -245,6 +267,37 @@ class EngineReplica:
         state = getattr(self, "state", None)
         if state is not None:
             state.shutdown()
+
+
+def _is_chunk(message: dict[str, Any]) -> bool:
+    return message["type"] == "http.response.body" and bool(message.get("more_body"))
+
+
+class Outbox:
+    """The app's ASGI messages for one request, in order; None ends them."""
+
+    def __init__(self) -> None:
+        self.items: deque[dict[str, Any] | None] = deque()
+        self.ready = asyncio.Event()
+
+    def put(self, message: dict[str, Any] | None) -> None:
+        self.items.append(message)
+        self.ready.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+    def joined(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`message` with the body chunks waiting behind it (the last may end the response);
+        anything else stays queued, in order."""
+        parts = [message.get("body", b"")]
+        while self.items and message.get("more_body") and (nxt := self.items[0]) is not None and nxt["type"] == "http.response.body":
+            message = self.items.popleft()
+            parts.append(message.get("body", b""))
+        return {**message, "body": b"".join(parts)}
 
 
 # -- the ingress ----------------------------------------------------------------------------------
@@ -412,7 +465,7 @@ def build_app(config: ServerConfig, deploy: DeployConfig, loader: Callable[[Serv
                               logging_config=LOGGING)  # fmt: skip
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0}, logging_config=LOGGING)  # fmt: skip
-    return ingress.bind(engine.bind(config, loader))
+    return ingress.bind(engine.bind(config, loader, deploy.stream_interval_ms))
 
 
 def start(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print) -> Callable[[], None]:

@@ -17,15 +17,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 
 from pellucid import runtime
+from pellucid.api import LLM
 from pellucid.engine.async_engine import AsyncEngine, RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.sampling.params import SamplingParams, build_params
-from pellucid.server.errors import ApiError
+from pellucid.server.errors import ApiError, from_validation
 from pellucid.server.metrics import Metrics
 
 
@@ -246,7 +248,6 @@ def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[To
 
 
 def default_loader(config: ServerConfig):
-    from pellucid.api import LLM
 
     return LLM(config.model, dtype=config.dtype, quant=config.quant, max_batch=config.max_batch, max_len=config.max_len,
                prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, **config.llm_options)  # fmt: skip
@@ -291,9 +292,7 @@ async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 def decode_body(raw: bytes, model_cls, rename: dict[str, str] | None = None):
-    from pydantic import ValidationError
 
-    from pellucid.server.errors import from_validation
 
     try:
         data = json.loads(raw)
