@@ -31,7 +31,6 @@ for a near-miss, the key that was probably meant). A model name pellucid cannot 
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 import yaml
 
 from pellucid import registry
-from pellucid.errors import PellucidError
+from pellucid.errors import PellucidError, did_you_mean
 from pellucid.prompts.compose import system_text
 from pellucid.sampling.bias import resolve_logit_bias
 from pellucid.sampling.constraints import from_response_format
@@ -281,9 +280,9 @@ def _err(cfg: Config, node: yaml.Node, dotted: str, msg: str) -> PellucidError:
 def _unknown(cfg: Config, node: yaml.Node, key: str, allowed: list[str], section: str) -> PellucidError:
     dotted = _join(section, key)
     hint = ""
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    close = did_you_mean(key, allowed)
     if close:
-        hint = f"; did you mean {_join(section, close[0])!r}?"
+        hint = f"; did you mean {_join(section, close)!r}?"
     else:  # the right key in the wrong section?
         for other, keys in SCHEMA.items():
             if other != section and key in keys:
@@ -312,8 +311,8 @@ def check_model_name(name: str, where: str = "model.name", base_dir: Path | None
         return str(p)
     if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
         return str(base_dir / p)
-    close = difflib.get_close_matches(name, list(registry.REGISTRY), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = did_you_mean(name, registry.REGISTRY)
+    hint = f" Did you mean {close!r}?" if close else ""
     raise PellucidError(
         f"{where}: model.name {name!r} is not a model pellucid can serve: it is neither a registry "
         f"name ({', '.join(registry.REGISTRY)}) nor an existing .gguf file or Hugging Face folder. "

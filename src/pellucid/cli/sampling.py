@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from pellucid.cli import app
 from pellucid.cli.common import (
@@ -24,6 +22,7 @@ from pellucid.cli.common import (
     read_config,
     sampling_options,
 )
+from pellucid.cli.display import SECTION, Col, console, show_table
 
 
 @app.command("next-token")
@@ -64,32 +63,22 @@ def next_token(
         out["params"]["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
         typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
         return
-    Console().print(stage_table(prompt, stages))
-    Console().print(f"chosen: [bold]{drawn.text!r}[/] (id {drawn.id}), {stages[-1].title} ({stages[-1].setting})", highlight=False)
+    show_stages(prompt, stages)
+    console().print(f"chosen: [bold]{escape(repr(drawn.text))}[/] (id {drawn.id}), {stages[-1].title} ({stages[-1].setting})")
 
 
 SHORT = {"raw": "raw", "bias_penalties": "bias+pen", "temperature": "temp", "top_k": "top-k", "top_p": "top-p",
          "min_p": "min-p", "greedy": "greedy", "draw": "draw"}  # fmt: skip
 
 
-def stage_table(prompt: str, stages) -> Table:
+def show_stages(prompt: str, stages) -> None:
     """Candidates as rows, the steps of the chain as columns; probabilities in percent."""
-    t = Table(title=f"next token after {prompt!r}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
-              caption="; ".join(f"{SHORT.get(s.name, s.name)} = {s.title}" + (f" ({s.setting})" if s.setting != "-" else "")
-                               for s in stages),
-              caption_justify="left")  # fmt: skip
-    t.add_column("token (id)", no_wrap=True, overflow="ellipsis", max_width=18)
-    for s in stages:
-        t.add_column(f"{SHORT.get(s.name, s.name)}\n[dim]{_short(s)}[/]", justify="right", no_wrap=True)
-    for row, c in enumerate(stages[0].candidates):
-        cells = []
-        for s in stages:
-            x = s.candidates[row]
-            cells.append(_pct(x.prob) if x.kept else "[red dim]cut[/]")
-        t.add_row(f"{c.text!r} [dim]{c.id}[/]", *cells)
-    t.add_section()
-    t.add_row("tokens kept", *[str(s.kept) for s in stages])
-    return t
+    cols = [Col("token (id)")] + [Col(f"{SHORT.get(s.name, s.name)} {_short(s)}".strip(), "right") for s in stages]
+    rows = [[f"{c.text!r} {c.id}"] + [_pct(s.candidates[i].prob) if s.candidates[i].kept else "cut" for s in stages]
+            for i, c in enumerate(stages[0].candidates)]  # fmt: skip
+    rows += [SECTION, ["tokens kept", *[str(s.kept) for s in stages]]]
+    caption = "; ".join(f"{SHORT.get(s.name, s.name)} = {s.title}" + (f" ({s.setting})" if s.setting != "-" else "") for s in stages)
+    show_table(console(), cols, rows, title=f"next token after {prompt!r}", caption=caption, side_ok=False)
 
 
 def _short(stage) -> str:

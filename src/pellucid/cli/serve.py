@@ -14,7 +14,7 @@ from pellucid.cli import app
 from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_QUANT, Dtype, Quant
 from pellucid.errors import PellucidError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a URL or a path in a message stays whole
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -40,6 +40,7 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     replicas: Annotated[int | None, typer.Option("--replicas", help="Serve with N engine replicas on Ray Serve, each its own process with --threads threads and its own KV cache (needs pellucid[ray]; docs/scale-out.md).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --replicas: join this Ray cluster ('auto', 'ray://HOST:10001') instead of starting a local one.")] = None,
+    stream_interval_ms: Annotated[int | None, typer.Option("--stream-interval-ms", help="With --replicas: a stream's tokens that come within this many ms of the last one sent are relayed together, the first at once (default 100; 0: each token on its own, at more CPU per token).")] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
     # Idle OpenMP workers sleep instead of spinning: the HTTP thread needs the core too, and on a
@@ -79,6 +80,8 @@ def serve(
             deploy["replicas"] = replicas
         if threads is not None:
             deploy["threads"] = threads
+        if stream_interval_ms is not None:
+            deploy["stream_interval_ms"] = stream_interval_ms
         deploy.setdefault("replicas", deploy.get("min_replicas", 1))
         deploy.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, deploy["replicas"])))
         if host not in LOOPBACK and not api_key:

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from pellucid.cli import app
 from pellucid.cli.common import (
@@ -27,6 +26,7 @@ from pellucid.cli.common import (
     read_config,
     sampling_options,
 )
+from pellucid.cli.display import show_kv
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -145,16 +145,14 @@ def speculate(
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
-    t = Table(title=f"speculative decoding ({drafter.name}, k = {num_draft})", show_header=False)
-    t.add_row("generated tokens", f"{s.generated} in {s.rounds} rounds ({s.tokens_per_round:.2f} per target forward)")
-    t.add_row("acceptance rate", f"{s.acceptance_rate:.1%} ({s.accepted} of {s.drafted} drafted)")
-    t.add_row("mean accepted per round", f"{s.mean_accepted:.2f}")
-    t.add_row("decode", f"{s.decode_tok_s:.1f} tok/s (drafting {s.draft_seconds:.2f} s, verifying {s.verify_seconds:.2f} s)")
+    pairs = [("generated tokens", f"{s.generated} in {s.rounds} rounds ({s.tokens_per_round:.2f} per target forward)"),
+             ("acceptance rate", f"{s.acceptance_rate:.1%} ({s.accepted} of {s.drafted} drafted)"),
+             ("mean accepted per round", f"{s.mean_accepted:.2f}"),
+             ("decode", f"{s.decode_tok_s:.1f} tok/s (drafting {s.draft_seconds:.2f} s, verifying {s.verify_seconds:.2f} s)")]  # fmt: skip
     if plain is not None:
-        t.add_row("plain decode", f"{plain.decode_tok_s:.1f} tok/s")
-        t.add_row("speed-up", f"[bold]{result['speedup']:.2f}x[/]")
-        same = "[green]yes[/]" if result["identical"] else ("[red]no[/]" if params.temperature == 0 else "n/a (sampled)")
-        t.add_row("same tokens as plain", same)
+        same = "yes" if result["identical"] else ("no" if params.temperature == 0 else "n/a (sampled)")
+        pairs += [("plain decode", f"{plain.decode_tok_s:.1f} tok/s"), ("speed-up", f"{result['speedup']:.2f}x"),
+                  ("same tokens as plain", same)]  # fmt: skip
     else:
-        t.add_row("speed-up", "[dim]run with --compare to measure plain decoding too[/]")
-    err.print(t)
+        pairs.append(("speed-up", "run with --compare to measure plain decoding too"))
+    show_kv(err, pairs, title=f"speculative decoding ({drafter.name}, k = {num_draft})")

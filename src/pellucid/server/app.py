@@ -15,10 +15,13 @@ clients) or `x-api-key: KEY` (Anthropic's).
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
@@ -81,7 +84,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if state.status == "loading" and state._thread is None:
+        if state.status == "loading" and not state.loading_started:
             state.start_loading()
         yield
         state.shutdown()
@@ -89,79 +92,100 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
     app = FastAPI(title="pellucid", summary="OpenAI- and Anthropic-compatible server for a local model",
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)  # fmt: skip
     app.state.server = state
-
-    @app.exception_handler(ApiError)
-    async def _api_error(http: HttpRequest, e: ApiError):
-        return error_response(e, http.url.path)
-
-    @app.exception_handler(PellucidError)
-    async def _pellucid_error(http: HttpRequest, e: PellucidError):
-        return error_response(ApiError.from_pellucid(e), http.url.path)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(http: HttpRequest, e: StarletteHTTPException):
-        msg = f"no route {http.method} {http.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return error_response(ApiError(e.status_code, msg), http.url.path)
-
-    @app.exception_handler(Exception)
-    async def _crash(http: HttpRequest, e: Exception):
-        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"), http.url.path)
-
-    @app.get("/health")
-    async def health():
-        body = {"status": state.status, "model": state.config.model_name}
-        if state.status == "failed":
-            body["error"] = state.error
-        if state.status == "ready" and state.engine is not None and not state.engine.alive:
-            body = {"status": "failed", "model": state.config.model_name, "error": "the engine has stopped"}
-        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        engine = state.llm.engine if state.status == "ready" else None
-        return PlainTextResponse(state.metrics.render(engine, loading=state.status != "ready", async_engine=state.engine),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
-
-    tokens = APIRouter()
-
-    @tokens.post("/tokenize")
-    async def tokenize(http: HttpRequest):
-        state.require_ready()
-        body: TokenizeRequest = await parse_body(http, TokenizeRequest)
-        state.check_model(body.model, optional=True)
-        llm = state.llm
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
-        def encode() -> list[int]:
-            if body.messages is not None:
-                return llm.tokenizer.encode(llm.render_chat(state.with_system(body.messages), add_generation_prompt=body.add_generation_prompt))
-            return llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
-
-        try:
-            ids = await off_loop(encode)
-        except PellucidError as e:
-            raise ApiError.from_pellucid(e) from None
-        return _token_answer(llm, ids, state.max_len)
-
-    @tokens.post("/detokenize")
-    async def detokenize(http: HttpRequest):
-        state.require_ready()
-        body: DetokenizeRequest = await parse_body(http, DetokenizeRequest)
-        state.check_model(body.model, optional=True)
-        llm = state.llm
-        try:
-            llm.tokenizer.check_ids(body.tokens, "tokens")
-        except PellucidError as e:
-            raise ApiError(400, e.message, param="tokens") from None
-        return {"text": await off_loop(llm.tokenizer.decode, body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
-
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
     auth = [Depends(require_key)]
+    app.include_router(service)  # /health and /metrics: no key
     app.include_router(openai.router, dependencies=auth)
     app.include_router(anthropic.router, dependencies=auth)
     app.include_router(tokens, dependencies=auth)
     inspector.install(app, auth)  # the web inspector at / and /v1/inspect/...
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
+
+
+# -- errors: every one in the API's own format (error_response) --------------------------------
+async def _api_error(http: HttpRequest, e: ApiError):
+    return error_response(e, http.url.path)
+
+
+async def _pellucid_error(http: HttpRequest, e: PellucidError):
+    return error_response(ApiError.from_pellucid(e), http.url.path)
+
+
+async def _http_error(http: HttpRequest, e: StarletteHTTPException):
+    msg = f"no route {http.method} {http.url.path}" if e.status_code in (404, 405) else str(e.detail)
+    return error_response(ApiError(e.status_code, msg), http.url.path)
+
+
+async def _crash(http: HttpRequest, e: Exception):
+    return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"), http.url.path)
+
+
+ERROR_HANDLERS = {ApiError: _api_error, PellucidError: _pellucid_error, StarletteHTTPException: _http_error, Exception: _crash}
+
+
+# -- /health and /metrics ----------------------------------------------------------------------
+service = APIRouter()
+
+
+@service.get("/health")
+async def health(http: HttpRequest):
+    state: ServerState = http.app.state.server
+    body = {"status": state.status, "model": state.config.model_name}
+    if state.status == "failed":
+        body["error"] = state.error
+    if state.status == "ready" and state.engine is not None and not state.engine.alive:
+        body = {"status": "failed", "model": state.config.model_name, "error": "the engine has stopped"}
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+@service.get("/metrics")
+async def metrics(http: HttpRequest):
+    state: ServerState = http.app.state.server
+    engine = state.llm.engine if state.status == "ready" else None
+    return PlainTextResponse(state.metrics.render(engine, loading=state.status != "ready", async_engine=state.engine),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
+
+
+# -- /tokenize and /detokenize -----------------------------------------------------------------
+tokens = APIRouter()
+
+
+@tokens.post("/tokenize")
+async def tokenize(http: HttpRequest):
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    body: TokenizeRequest = await parse_body(http, TokenizeRequest)
+    state.check_model(body.model, optional=True)
+    llm = state.llm
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
+
+    def encode() -> list[int]:
+        if body.messages is not None:  # the prompt a chat request with these messages feeds (the server's system prompt too)
+            return llm.tokenizer.encode(llm.render_chat(state.with_system(body.messages), add_generation_prompt=body.add_generation_prompt))
+        return llm.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+
+    try:
+        ids = await off_loop(encode)
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    return _token_answer(llm, ids, state.max_len)
+
+
+@tokens.post("/detokenize")
+async def detokenize(http: HttpRequest):
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    body: DetokenizeRequest = await parse_body(http, DetokenizeRequest)
+    state.check_model(body.model, optional=True)
+    llm = state.llm
+    try:
+        llm.tokenizer.check_ids(body.tokens, "tokens")
+    except PellucidError as e:
+        raise ApiError(400, e.message, param="tokens") from None
+    return {"text": await off_loop(llm.tokenizer.decode, body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
 
 
 def _token_answer(llm, ids: list[int], max_len: int) -> dict[str, Any]:
@@ -177,9 +201,7 @@ class ServerThread:
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import threading
 
-        import uvicorn
 
         self.app = app
         self.state: ServerState = app.state.server
@@ -189,7 +211,6 @@ class ServerThread:
         self.host = host
 
     def start(self, timeout: float = 60.0) -> ServerThread:
-        import time
 
         self.thread.start()
         t = time.monotonic()

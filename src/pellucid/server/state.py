@@ -84,6 +84,10 @@ class ServerState:
         self._thread = threading.Thread(target=self._load, name="pellucid-load", daemon=True)
         self._thread.start()
 
+    @property
+    def loading_started(self) -> bool:
+        return self._thread is not None
+
     def _load(self) -> None:
         try:
             llm = self.loader(self.config)
