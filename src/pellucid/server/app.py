@@ -154,10 +154,7 @@ tokens = APIRouter()
 
 @tokens.post("/tokenize")
 async def tokenize(http: HttpRequest):
-    state: ServerState = http.app.state.server
-    state.require_ready()
-    body: TokenizeRequest = await parse_body(http, TokenizeRequest)
-    state.check_model(body.model, optional=True)
+    state, body = await _token_request(http, TokenizeRequest)
     llm = state.llm
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give exactly one of prompt (raw text) and messages (chat)", param="prompt")
@@ -176,16 +173,21 @@ async def tokenize(http: HttpRequest):
 
 @tokens.post("/detokenize")
 async def detokenize(http: HttpRequest):
-    state: ServerState = http.app.state.server
-    state.require_ready()
-    body: DetokenizeRequest = await parse_body(http, DetokenizeRequest)
-    state.check_model(body.model, optional=True)
+    state, body = await _token_request(http, DetokenizeRequest)
     llm = state.llm
     try:
         llm.tokenizer.check_ids(body.tokens, "tokens")
     except PellucidError as e:
         raise ApiError(400, e.message, param="tokens") from None
     return {"text": await off_loop(llm.tokenizer.decode, body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
+
+
+async def _token_request(http: HttpRequest, model: type) -> tuple[ServerState, Any]:
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    body = await parse_body(http, model)
+    state.check_model(body.model, optional=True)
+    return state, body
 
 
 def _token_answer(llm, ids: list[int], max_len: int) -> dict[str, Any]:
