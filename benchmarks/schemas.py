@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pellucid.errors import PellucidError
 from pellucid.sampling import constraints as C
+from pellucid.sampling import json_schema as S
 from pellucid.sampling.params import SamplingParams
 
 DATA = Path(os.environ.get("PELLUCID_JSONSCHEMABENCH", Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"))
@@ -47,9 +48,9 @@ def spread(items: list, count: int) -> list:
 
 def generate(llm, items: list[tuple[str, dict]], max_tokens: int, way: str) -> dict[str, int]:
     """Counts of valid / cut / invalid outputs for (name, schema) items, generated `way`."""
-    saved = C.DEFAULT_MAX_STRING, C.DEFAULT_MAX_ITEMS, C.NUMBER_STEP
+    saved = S.DEFAULT_MAX_STRING, S.DEFAULT_MAX_ITEMS, S.NUMBER_STEP
     if way == "raw":  # as before issue 15: no default bounds
-        C.DEFAULT_MAX_STRING = C.DEFAULT_MAX_ITEMS = C.NUMBER_STEP = None
+        S.DEFAULT_MAX_STRING = S.DEFAULT_MAX_ITEMS = S.NUMBER_STEP = None
     try:
         reqs = []
         for name, schema in items:
@@ -65,7 +66,7 @@ def generate(llm, items: list[tuple[str, dict]], max_tokens: int, way: str) -> d
             except PellucidError:  # the schema does not fit the context window with max_tokens
                 reqs.append(None)
     finally:
-        C.DEFAULT_MAX_STRING, C.DEFAULT_MAX_ITEMS, C.NUMBER_STEP = saved
+        S.DEFAULT_MAX_STRING, S.DEFAULT_MAX_ITEMS, S.NUMBER_STEP = saved
     run(llm, [r for r in reqs if r is not None])
     counts = {"valid": 0, "cut": 0, "invalid": 0, "too long": 0}
     for (name, schema), r in zip(items, reqs, strict=True):
@@ -74,7 +75,7 @@ def generate(llm, items: list[tuple[str, dict]], max_tokens: int, way: str) -> d
         elif C.is_incomplete(r.constraint, r.finish_reason, r.stop_reason):
             counts["cut"] += 1
             print(f"  {way} cut short: {name}: {r.text[:80]!r}...")
-        elif (err := C.schema_error(schema, r.text)) is None:
+        elif (err := S.schema_error(schema, r.text)) is None:
             counts["valid"] += 1
         else:
             counts["invalid"] += 1
@@ -105,7 +106,7 @@ def tool_calls(llm, count: int, max_tokens: int) -> tuple[int, int, int, list[st
             cut.append(name)
             continue
         parsed += 1
-        err = C.schema_error(schema, calls[0].arguments)
+        err = S.schema_error(schema, calls[0].arguments)
         valid += err is None
         if err is not None:
             print(f"  {name}: {calls[0].arguments} {err}")

@@ -11,6 +11,7 @@ import torch
 
 from pellucid.errors import PellucidError
 from pellucid.sampling import constraints as C
+from pellucid.sampling import json_schema as S
 from pellucid.sampling.params import SamplingParams
 from pellucid.sampling.sampler import SequenceSampler, sample
 
@@ -260,7 +261,7 @@ def test_close_objects():
          "allOf": [{"properties": {"c": {}}}],
          "anyOf": [{"properties": {"u": {}}}],
          "oneOf": [{"properties": {"v": {}}}]}  # fmt: skip
-    out = C.close_objects(s)
+    out = S.close_objects(s)
     assert "additionalProperties" not in s["properties"]["a"]  # the input is not changed
     assert "additionalProperties" not in out  # intersected with allOf / anyOf
     assert "additionalProperties" not in out["allOf"][0] and "additionalProperties" not in out["anyOf"][0]
@@ -269,12 +270,12 @@ def test_close_objects():
     plain = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}}, "r": {"$ref": "#/$defs/d"},
              "s": {"$ref": "#/$defs/e", "required": ["y"]}, "m": {"properties": {"q": {}}, "required": ["q", "z"]}},
              "$defs": {"d": {"properties": {"x": {}}}, "e": {"properties": {"y": {}}}}}  # fmt: skip
-    out = C.close_objects(plain)
+    out = S.close_objects(plain)
     assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
     assert out["$defs"]["d"]["additionalProperties"] is False  # used alone through $ref
     assert "additionalProperties" not in out["$defs"]["e"]  # used with sibling keywords
     assert "additionalProperties" not in out["properties"]["m"]  # requires a name it does not list
-    assert C.close_objects({"type": "object"}) == {"type": "object"}  # json mode stays any object
+    assert S.close_objects({"type": "object"}) == {"type": "object"}  # json mode stays any object
 
 
 def test_strict_closes_open_objects(tok):
@@ -291,13 +292,13 @@ def test_narrow_bounds_integers_and_dates():
     s = {"type": "object", "properties": {"n": {"type": "integer"}, "m": {"type": ["integer", "null"], "minimum": 0},
          "e": {"type": "integer", "enum": [1, 2]}, "d": {"type": "string", "format": "date"},
          "t": {"type": "string", "format": "date-time", "pattern": "^2"}, "x": {"not": {"type": "integer"}}}}  # fmt: skip
-    out = C.narrow(s)
+    out = S.narrow(s)
     n, m = out["properties"]["n"], out["properties"]["m"]
-    assert (n["minimum"], n["maximum"]) == (-C.SAFE_INTEGER, C.SAFE_INTEGER)
-    assert (m["minimum"], m["maximum"]) == (0, C.SAFE_INTEGER)
+    assert (n["minimum"], n["maximum"]) == (-S.SAFE_INTEGER, S.SAFE_INTEGER)
+    assert (m["minimum"], m["maximum"]) == (0, S.SAFE_INTEGER)
     assert "maximum" not in out["properties"]["e"] and "maximum" not in out["properties"]["x"]["not"]
-    assert out["properties"]["d"]["pattern"] == C.FORMAT_PATTERNS["date"]
-    assert out["properties"]["t"]["pattern"] == "^2" and out["properties"]["t"]["allOf"] == [{"pattern": C.FORMAT_PATTERNS["date-time"]}]
+    assert out["properties"]["d"]["pattern"] == S.FORMAT_PATTERNS["date"]
+    assert out["properties"]["t"]["pattern"] == "^2" and out["properties"]["t"]["allOf"] == [{"pattern": S.FORMAT_PATTERNS["date-time"]}]
     assert "minimum" not in s["properties"]["n"]  # the input is not changed
 
 

@@ -143,31 +143,36 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
     """
     B, V = logits.shape
     assert len(seqs) == B, (len(seqs), B)
-    dev = logits.device
     raw = logits.float()  # (B, V)
-    if trace is not None:  # later steps edit in place: the trace gets snapshots
-
-        def note(stage: str, y: torch.Tensor) -> None:
-            trace(stage, y.clone())
-    else:
-
-        def note(stage: str, y: torch.Tensor) -> None:
-            pass
-
+    note = (lambda stage, y: trace(stage, y.clone())) if trace is not None else _no_note  # later steps edit in place
     note("raw", raw)
+    x, bans = _bias_and_penalties(raw, seqs, note)  # 1-2
+    masked = _constrain(x, raw, seqs, bans, note)  # 3
+    samp = [i for i, s in enumerate(seqs) if not s.greedy]
+    if not samp:  # 4. greedy rows are decided here
+        return _output(P.greedy(masked), raw, masked, masked, seqs)
+    return _draw(masked, raw, seqs, samp, note, sorted_path, trace is None)  # 5-9
 
-    # 1-3 edit one private copy of the logits, touching only the tokens concerned
+
+def _no_note(stage: str, y: torch.Tensor) -> None:
+    pass
+
+
+def _bias_and_penalties(raw: torch.Tensor, seqs: list[SequenceSampler], note) -> tuple[torch.Tensor, bool]:
+    """Steps 1-2 on one private copy of the logits (raw stays as it is), touching only the
+    tokens concerned; also whether a bias banned a token (a row may have none left)."""
+    dev = raw.device
     x = raw
-    checks_alive = False
 
     def own() -> torch.Tensor:
         return x if x is not raw else raw.clone()
 
+    bans = False
     biased = [i for i, s in enumerate(seqs) if len(s.bias_ids)]
     if biased:
         rows, ids, vals = _flat([(i, seqs[i].bias_ids, seqs[i].bias_values) for i in biased], dev)
         x = P.apply_logit_bias(own(), rows, ids, vals, inplace=True)
-        checks_alive = any((seqs[i].bias_values <= P.BIAS_BAN).any() for i in biased)
+        bans = any((seqs[i].bias_values <= P.BIAS_BAN).any() for i in biased)
     note("logit_bias", x)
     rep = [i for i, s in enumerate(seqs) if s.seen is not None and len(s.seen)]
     if rep:
@@ -185,40 +190,49 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
         f_p = torch.from_numpy(np.concatenate(fp)).to(dev)  # (N, 2)
         x = P.apply_frequency_presence(own(), rows, ids, counts, f_p[:, 0], f_p[:, 1], inplace=True)
     note("penalties", x)
+    return x, bans
 
+
+def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], check_alive: bool, note) -> torch.Tensor:
+    """Step 3: the grammar's mask and min_tokens' bans; a row left with no token at all
+    falls back to its raw logits."""
+    dev, V = x.device, x.shape[1]
     masks = [s.constraint.allowed_mask() if s.constraint is not None else None for s in seqs]
     if any(m is not None for m in masks):
         x = P.apply_mask(x, _allowed(masks, V, dev))
-        checks_alive = True
+        check_alive = True
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
         rows, ids = _flat([(i, seqs[i].min_tokens_bans) for i in banned], dev)
-        x = own()
+        x = x if x is not raw else raw.clone()
         saved = x[rows, ids]  # (N,)
         P.apply_bans(x, rows, ids, inplace=True)
         # a row with nothing else left may end: put its end tokens back
         x.index_put_((rows, ids), torch.where(_alive(x)[rows, 0], P.NEG_INF, saved))
-    if checks_alive:
+    if check_alive:
         alive = _alive(x)
         if dev.type != "cpu" or not bool(alive.all()):  # on the CPU a check is cheaper than a pass
             x = torch.where(alive, x, raw)  # nothing left at all: fall back to the raw row
     note("mask", x)
-    masked = x
+    return x
 
-    # 4. greedy rows are decided here
-    samp = [i for i, s in enumerate(seqs) if not s.greedy]
-    if not samp:
-        return _output(P.greedy(x), raw, masked, masked, seqs)
+
+def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], samp: list[int], note,
+          sorted_path: bool | None, untraced: bool) -> SampleOutput:  # fmt: skip
+    """Steps 5-9 for the sampled rows `samp` (the others greedy): temperature, top-k, top-p,
+    min-p and the seeded draw, on the sorted candidates where that applies."""
+    B, V = masked.shape
+    dev = masked.device
     params = [seqs[i].params for i in samp]
     temps = [p.temperature for p in params]
     ks = [p.top_k if p.top_k < V else 0 for p in params]
     ps = [p.top_p for p in params]
     mps = [p.min_p for p in params]
-    xs = x if len(samp) == B else x[torch.tensor(samp, device=dev)]  # (S, V) the sampled rows
+    xs = masked if len(samp) == B else masked[torch.tensor(samp, device=dev)]  # (S, V) the sampled rows
     u = torch.tensor([seqs[i].uniform() for i in samp], dtype=torch.float32).to(dev)  # (S,)
     truncating = all(k > 0 or p < 1.0 for k, p in zip(ks, ps, strict=True))
     if sorted_path is None:  # a host sync decides the width: for the CPU only
-        sorted_path = truncating and trace is None and dev.type == "cpu"
+        sorted_path = truncating and untraced and dev.type == "cpu"
     done = None
     if sorted_path and truncating:
         done = _sample_sorted(xs, temps, ks, ps, mps, u, need_dense=_wants_processed(seqs))

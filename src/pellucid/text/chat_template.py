@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,7 +50,6 @@ class ChatTemplate:
         # Whether the template has a place for a system message of its own.
         self.supports_system = self._probe_system()
         # Whether it renders tools itself (it reads a `tools` variable); else pellucid.text.tools does.
-        from jinja2 import meta
 
         self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
 
@@ -67,6 +67,8 @@ class ChatTemplate:
         it takes `tools`, else as the default system section; the history may hold assistant
         `tool_calls` and `tool` results either way."""
         if tools or any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages or []):
+            # imported here: text.tools brings the grammar engine (llguidance and torch, ~2 s),
+            # which rendering and counting a prompt without tools never need
             from pellucid.text.tools import history
 
             messages = history(messages, tools, native=self.supports_tools)

@@ -22,6 +22,7 @@ tool results as user turns wrapped in <tool_response>.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pellucid.errors import PellucidError
+from pellucid.sampling.constraints import make_constraint
+from pellucid.sampling.json_schema import prepare_schema, schema_error, subschemas
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -242,7 +245,6 @@ def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None
     """The Lark grammar of an answer under `choice` (not "none"). strict as for response_format,
     except that by default a keyword the grammar cannot enforce is ignored (strict=False for
     that tool) rather than refused: each call is validated against the tool's schema after."""
-    from pellucid.sampling.constraints import make_constraint, prepare_schema
 
     assert choice.mode != "none", choice
     names = [t for t in tools if choice.mode != "named" or t.name == choice.name]
@@ -268,7 +270,6 @@ def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None
 
 def constraint(tokenizer, tools: list[Tool], choice: ToolChoice, *, vocab_size: int | None = None):
     """The Constraint for an answer under `choice` ("none": text only)."""
-    from pellucid.sampling.constraints import make_constraint
 
     text = f"start: TEXT\n{TEXT}\n"  # "none": plain text that does not open with call (or result) markup
     try:
@@ -280,9 +281,6 @@ def constraint(tokenizer, tools: list[Tool], choice: ToolChoice, *, vocab_size: 
 def _closed(schema: dict) -> dict:
     """A copy where every object that lists properties allows no others (outputs are checked
     against the real schema afterwards, so this may be narrower than exact)."""
-    import copy
-
-    from pellucid.sampling.constraints import subschemas
 
     out = copy.deepcopy(schema)
     for _, s in subschemas(out):
@@ -399,7 +397,6 @@ class ToolCallParser:
 
 
 def _check(tools: list[Tool], call: ToolCall) -> str | None:
-    from pellucid.sampling.constraints import schema_error
 
     tool = next((t for t in tools if t.name == call.name), None)
     if tool is None:
