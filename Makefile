@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel that lies on these machines; never a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	# the ray extra too, for tests/test_ray_serve.py (they skip without it)
+	# the ray extra too, for tests/server/test_ray_serve.py (they skip without it)
 	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 

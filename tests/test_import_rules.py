@@ -12,8 +12,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "pellucid"
+SRC = ROOT / "src" / "pellucid"
 
 RULES = {  # package -> packages it must never import
     "models": {"engine", "server", "cli", "loading", "api"},

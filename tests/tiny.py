@@ -127,3 +127,17 @@ def greedy(engine, prompts: list[list[int]], n: int) -> list[list[int]]:
     while not all(r.finished for r in reqs):
         engine.step()
     return [r.output_ids for r in reqs]
+
+
+def byte_tokenizer():
+    """An llguidance tokenizer whose tokens are the 256 bytes and an end token."""
+    import llguidance as llg
+
+    class Bytes:
+        eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+        tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
+
+        def __call__(self, s):
+            return list(s.encode() if isinstance(s, str) else s)
+
+    return llg.LLTokenizer(llg.TokenizerWrapper(Bytes()))

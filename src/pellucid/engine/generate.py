@@ -8,7 +8,7 @@ sampler turns the last position's logits into a token. That is all of generation
 The batching Engine (engine/engine.py) runs these same pieces for many requests at
 once: it schedules prefill chunks and one decode token per running request into each
 step, and adds stop strings, detokenizing and finish reasons at the request's edge. Both
-give the same greedy tokens (tests/test_generate.py).
+give the same greedy tokens (tests/engine/test_generate.py).
 """
 
 from __future__ import annotations

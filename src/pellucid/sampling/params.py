@@ -2,7 +2,7 @@
 
 One type for every door (Python API, CLI, HTTP server). Errors name the field, the value
 and the valid range. Semantics (order of the chain, penalties, logit_bias, stop, logprobs,
-determinism) are in the sampler's docstring and DESIGN.md "Semantics".
+determinism) are in the sampler's docstring and docs/generation.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The sampler: logits (B, V) -> one token per row, each row with its own parameters.
 
-The chain, in this order (DESIGN.md "Semantics"; each step is a function in processors.py):
+The chain, in this order (docs/generation.md, "The chain, in order"; each step is a function in processors.py):
 
 1. logit_bias      logit[j] += bias[j]; a bias of -100 bans j (logit -inf).
 2. penalties       repetition (prompt + output, once per distinct token: a positive logit

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from inspector_server import served
+from paths import ROOT
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tests" / "results" / "inspector"
 DOCS_IMG = ROOT / "docs" / "img"
 WAIT_MS = 60_000  # generous: the CPU is shared

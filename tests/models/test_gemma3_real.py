@@ -10,18 +10,18 @@ run in float32 and are built once for the module.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from paths import DATA
 
 from pellucid.api import LLM
 from pellucid.loading import load_model
 
 pytestmark = pytest.mark.real
 
-DATA = Path(__file__).parent / "data"
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",

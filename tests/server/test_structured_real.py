@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from paths import SHARED
 
 from pellucid.engine.request import Request
 from pellucid.errors import PellucidError
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.real
 
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
 BENCH_DIR = Path(os.environ.get("PELLUCID_JSONSCHEMABENCH", SHARED / "data" / "jsonschemabench"))
 BENCH = [
     # Github_trivial: patterns, array bounds, numeric ranges, multipleOf, refs, anyOf, formats

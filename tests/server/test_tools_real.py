@@ -17,6 +17,7 @@ import httpx
 import jsonschema
 import pytest
 import test_server as live
+from paths import SHARED
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
@@ -34,7 +35,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 RESULT = {"city": "Paris", "temperature": 18, "unit": "celsius", "sky": "sunny"}
 GREEDY = {"temperature": 0}
 srv, oa, an = live.srv, live.oa, live.an  # the live server's fixtures (a server of this module's own)
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 BENCH_DIR = Path(os.environ.get("PELLUCID_JSONSCHEMABENCH", SHARED / "data" / "jsonschemabench"))
 
 

@@ -7,7 +7,7 @@ import json
 
 import llguidance as llg
 import pytest
-from test_tools import byte_tokenizer
+from tiny import byte_tokenizer
 
 from pellucid.errors import PellucidError
 from pellucid.sampling import constraints as C

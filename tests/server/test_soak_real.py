@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_short_soak_loses_nothing(real_path, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import SHARED
 
 from pellucid.engine.kv_cache import KVCache
 from pellucid.models.layers import ForwardContext
@@ -21,7 +22,7 @@ from pellucid.quantization.report import Accumulator, text_windows
 
 pytestmark = pytest.mark.real
 
-TEXT = Path(os.environ.get("PELLUCID_EVAL_TEXT", Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw-test.txt"))
+TEXT = Path(os.environ.get("PELLUCID_EVAL_TEXT", SHARED / "data" / "wikitext-2-raw-test.txt"))
 LLAMA_CPP = {  # model -> (mean KL from float32, top-1 agreement) of llama.cpp on the file as stored
     "smollm2-135m-instruct": (0.00426, 0.956),
     "gemma3-270m": (0.0187, 0.926),

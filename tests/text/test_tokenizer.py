@@ -4,18 +4,16 @@ benchmarks/make_tokenizer_cases.py), round trips, the streaming detokenizer, the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paths import DATA
 
 from pellucid.errors import PellucidError
 from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.detokenizer import Detokenizer
 from pellucid.weights.gguf import GGUFFile
-
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")

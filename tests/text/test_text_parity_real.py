@@ -13,15 +13,15 @@ reference decoders, on both real models and on a Hugging Face folder.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import DATA
 
 from pellucid import registry
 from pellucid.text.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.real
-DATA = Path(__file__).parent / "data"
+
 MODELS = {"smollm2-135m-instruct": "tokenizer_cases_smollm2.json", "gemma3-270m": "tokenizer_cases_gemma3.json"}
 PROMPTS = [  # continuations with newlines, indentation, lists and numbers
     "def fibonacci(n):\n    ",

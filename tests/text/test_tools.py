@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import llguidance as llg
 import pytest
+from tiny import byte_tokenizer
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import make_constraint
@@ -71,17 +72,6 @@ def test_grammar_accepts_calls_and_only_calls(mode, parallel):
     assert accepts("It is sunny.") == (mode == "auto")
     assert not accepts('<tool_call>{"name":"get_weather","arguments":{"town":"Paris"}}</tool_call>')
     assert not accepts('<tool_call>{"name":"get_weather","arguments":{}}</tool_call>')  # city is required
-
-
-def byte_tokenizer():
-    class Bytes:
-        eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
-        tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
-
-        def __call__(self, s):
-            return list(s.encode() if isinstance(s, str) else s)
-
-    return llg.LLTokenizer(llg.TokenizerWrapper(Bytes()))
 
 
 def test_parser_streamed_equals_whole():
