@@ -79,3 +79,18 @@ def test_parse_bias_entry_errors(entry, words):
         parse_bias_entry(entry)
     for w in words:
         assert w in e.value.message
+
+
+def test_one_builder_for_every_door():
+    """pellucid.sampling exports SamplingParams and build_params, the one builder the API,
+    the config, the CLI and the server use: layers low to high, a key replaces the one
+    below it, unknown names and token ids outside the vocabulary are errors naming them."""
+    from pellucid import sampling
+
+    assert sampling.SamplingParams is SamplingParams
+    p = sampling.build_params({"temperature": 0.0, "max_tokens": 10}, SamplingParams(top_k=5), {"max_tokens": None})
+    assert (p.temperature, p.top_k, p.max_tokens) == (1.0, 5, None)  # a SamplingParams layer holds every field
+    with pytest.raises(PellucidError, match="unknown sampling parameter 'temprature'"):
+        sampling.build_params({"temprature": 0.5})
+    with pytest.raises(PellucidError, match=r"logit_bias token id 99 is not in the vocabulary \(0\.\.49\)"):
+        sampling.build_params({"logit_bias": {99: 1.0}}, vocab_size=50)
