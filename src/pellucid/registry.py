@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pellucid.errors import PellucidError, did_you_mean
 
@@ -196,9 +199,6 @@ def _hf_download(uri: str) -> Path:
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
     """Can a TCP connection to the URL's host be opened within `timeout` (name lookup included)?"""
-    import socket
-    import threading
-    from urllib.parse import urlparse
 
     u = urlparse(url)
     host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)

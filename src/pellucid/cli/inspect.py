@@ -2,12 +2,16 @@
 
 The work is done by pellucid.inspect (functions returning dataclasses); this module only
 parses options, calls them, and prints tables or writes pictures.
+
+Every `pellucid` run imports this module to register the commands, so pellucid.inspect
+(the model loaders, matplotlib: ~1 s) is imported inside the commands that use it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -214,7 +218,6 @@ def params(
 
     Without --preset or --config: the concept note's table, for every preset.
     """
-    from dataclasses import asdict
 
     from pellucid.inspect.param_count import PRESETS, count_params, memory_bytes
 

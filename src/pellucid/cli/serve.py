@@ -1,4 +1,8 @@
-"""pellucid serve: the OpenAI- and Anthropic-compatible HTTP server."""
+"""pellucid serve: the OpenAI- and Anthropic-compatible HTTP server.
+
+Every `pellucid` run imports this module to register the command, so the server
+(FastAPI, uvicorn: ~0.7 s) and Ray Serve (optional, seconds) are imported inside it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pellucid import runtime
 from pellucid.cli import app
 from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_QUANT, Dtype, Quant
+from pellucid.config import load_config
 from pellucid.errors import PellucidError
+from pellucid.sampling.bias import resolve_logit_bias
 
 err = Console(stderr=True, soft_wrap=True)  # a URL or a path in a message stays whole
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -60,7 +67,6 @@ def serve(
     system_prompt = None
     cfg = None
     if config is not None:
-        from pellucid.config import load_config
 
         cfg = load_config(config)
         defaults = cfg.sampling_values()
@@ -130,7 +136,6 @@ def _Server(state, config):
 
 def _loader(cfg):
     def load(sc):
-        from pellucid import runtime
         from pellucid.server.state import default_loader
 
         t = time.perf_counter()
@@ -140,7 +145,6 @@ def _loader(cfg):
         llm = default_loader(sc)
         if cfg is not None and "logit_bias" in sc.defaults:
             # the config may name tokens by text: resolve them with the model's tokenizer
-            from pellucid.sampling.bias import resolve_logit_bias
 
             sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip

@@ -14,6 +14,9 @@ Every inspection runs on the model the API serves. The forwards run off the even
 one at a time (a lock), on at most MAX_TOKENS tokens; hooks go on a shadow of the model
 (its own modules and hook points, the same weight tensors), so the engine's own forwards
 never see them and keep their fused path.
+
+The inspector's endpoints import pellucid.inspect and the sampler's explain step inside
+the handlers: a server that nobody inspects never loads them (matplotlib, ~1 s).
 """
 
 from __future__ import annotations
