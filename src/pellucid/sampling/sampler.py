@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pellucid.sampling import processors as P
+from pellucid.sampling import processors
 from pellucid.sampling.params import SamplingParams
 
 STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p")
@@ -150,7 +150,7 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
     masked = _constrain(x, raw, seqs, bans, note)  # 3
     samp = [i for i, s in enumerate(seqs) if not s.greedy]
     if not samp:  # 4. greedy rows are decided here
-        return _output(P.greedy(masked), raw, masked, masked, seqs)
+        return _output(processors.greedy(masked), raw, masked, masked, seqs)
     return _draw(masked, raw, seqs, samp, note, sorted_path, trace is None)  # 5-9
 
 
@@ -171,14 +171,14 @@ def _bias_and_penalties(raw: torch.Tensor, seqs: list[SequenceSampler], note) ->
     biased = [i for i, s in enumerate(seqs) if len(s.bias_ids)]
     if biased:
         rows, ids, vals = _flat([(i, seqs[i].bias_ids, seqs[i].bias_values) for i in biased], dev)
-        x = P.apply_logit_bias(own(), rows, ids, vals, inplace=True)
-        bans = any((seqs[i].bias_values <= P.BIAS_BAN).any() for i in biased)
+        x = processors.apply_logit_bias(own(), rows, ids, vals, inplace=True)
+        bans = any((seqs[i].bias_values <= processors.BIAS_BAN).any() for i in biased)
     note("logit_bias", x)
     rep = [i for i, s in enumerate(seqs) if s.seen is not None and len(s.seen)]
     if rep:
         rows, ids, r = _flat([(i, s.ids[: len(s)], np.full(len(s), seqs[i].params.repetition_penalty, np.float32))
                               for i in rep for s in [seqs[i].seen]], dev)  # fmt: skip
-        x = P.apply_repetition_penalty(own(), rows, ids, r, inplace=True)
+        x = processors.apply_repetition_penalty(own(), rows, ids, r, inplace=True)
     gen = [i for i, s in enumerate(seqs) if s.generated is not None and len(s.generated)]
     if gen:
         parts, fp = [], []
@@ -188,7 +188,7 @@ def _bias_and_penalties(raw: torch.Tensor, seqs: list[SequenceSampler], note) ->
             fp.append(np.repeat(np.array([[p.frequency_penalty, p.presence_penalty]], np.float32), len(g), axis=0))
         rows, ids, counts = _flat(parts, dev)
         f_p = torch.from_numpy(np.concatenate(fp)).to(dev)  # (N, 2)
-        x = P.apply_frequency_presence(own(), rows, ids, counts, f_p[:, 0], f_p[:, 1], inplace=True)
+        x = processors.apply_frequency_presence(own(), rows, ids, counts, f_p[:, 0], f_p[:, 1], inplace=True)
     note("penalties", x)
     return x, bans
 
@@ -199,16 +199,16 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     dev, V = x.device, x.shape[1]
     masks = [s.constraint.allowed_mask() if s.constraint is not None else None for s in seqs]
     if any(m is not None for m in masks):
-        x = P.apply_mask(x, _allowed(masks, V, dev))
+        x = processors.apply_mask(x, _allowed(masks, V, dev))
         check_alive = True
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
         rows, ids = _flat([(i, seqs[i].min_tokens_bans) for i in banned], dev)
         x = x if x is not raw else raw.clone()
         saved = x[rows, ids]  # (N,)
-        P.apply_bans(x, rows, ids, inplace=True)
+        processors.apply_bans(x, rows, ids, inplace=True)
         # a row with nothing else left may end: put its end tokens back
-        x.index_put_((rows, ids), torch.where(_alive(x)[rows, 0], P.NEG_INF, saved))
+        x.index_put_((rows, ids), torch.where(_alive(x)[rows, 0], processors.NEG_INF, saved))
     if check_alive:
         alive = _alive(x)
         if dev.type != "cpu" or not bool(alive.all()):  # on the CPU a check is cheaper than a pass
@@ -242,7 +242,7 @@ def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     idx = torch.tensor(samp, device=dev)
     gidx = torch.tensor([i for i, s in enumerate(seqs) if s.greedy], device=dev)
     tokens = torch.empty(B, dtype=torch.long, device=dev).index_copy_(0, idx, toks)
-    tokens.index_copy_(0, gidx, P.greedy(masked[gidx]))
+    tokens.index_copy_(0, gidx, processors.greedy(masked[gidx]))
     if final is not None:
         final = masked.index_copy(0, idx, final)
     return _output(tokens, raw, masked, final, seqs)
@@ -253,25 +253,25 @@ def _sample_dense(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, note) ->
     note = note or (lambda stage, x: None)
     dev = x.device
     if any(t != 1.0 for t in temps):
-        x = P.apply_temperature(x, _col(temps, dev))
+        x = processors.apply_temperature(x, _col(temps, dev))
     note("temperature", x)
     if any(ks):
-        x = P.apply_top_k(x, torch.tensor(ks, device=dev), kmax=max(ks))
+        x = processors.apply_top_k(x, torch.tensor(ks, device=dev), kmax=max(ks))
     note("top_k", x)
     if any(p < 1.0 for p in ps):
         p = _col(ps, dev)
         if all(k > 0 for k, pp in zip(ks, ps, strict=True) if pp < 1.0):
             width = max(ks)  # after top_k a row has at most k finite logits
         elif x.device.type == "cpu":
-            width = P.nucleus_width(x, p)  # a partial selection instead of a sort
+            width = processors.nucleus_width(x, p)  # a partial selection instead of a sort
         else:
             width = None  # a sort is cheap on an accelerator, a host sync is not
-        x = P.apply_top_p(x, p, width)
+        x = processors.apply_top_p(x, p, width)
     note("top_p", x)
     if any(mps):
-        x = P.apply_min_p(x, _col(mps, dev))
+        x = processors.apply_min_p(x, _col(mps, dev))
     note("min_p", x)
-    return P.draw(_weights(x), u), x
+    return processors.draw(_weights(x), u), x
 
 
 def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
@@ -290,29 +290,29 @@ def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
     if nucleus_rows:
         sel = torch.tensor(nucleus_rows, device=dev)
         z = x[sel] / t[sel, None]  # (R, V)
-        width = max(width, P.nucleus_width(z, p[sel]))
+        width = max(width, processors.nucleus_width(z, p[sel]))
         log_total = torch.full((S,), float("nan"), device=dev).index_copy(0, sel, z.logsumexp(dim=-1))
     width = min(V, width + width // 4 + 16)  # slack, so that ties rarely reach the edge
     vals, idx = x.topk(width, dim=-1)  # (S, W), most likely first
     vals = vals / t[:, None]
     if any(ks):
-        vals = P.sorted_top_k(vals, torch.tensor(ks, device=dev))
+        vals = processors.sorted_top_k(vals, torch.tensor(ks, device=dev))
     if any(pp < 1.0 for pp in ps):
         total = vals.logsumexp(dim=-1)  # rows with top_k: renormalised over the k kept
         if log_total is not None:
             total = torch.where(torch.isnan(log_total), total, log_total)
-        vals = P.sorted_top_p(vals, p, total)
+        vals = processors.sorted_top_p(vals, p, total)
     if any(mps):
-        vals = P.sorted_min_p(vals, _col(mps, dev))
+        vals = processors.sorted_min_p(vals, _col(mps, dev))
     if width < V and bool(torch.isfinite(vals[:, -1]).any()):
         return None  # the last candidate survived: tokens past it may tie with it
     # draw over the candidates in token-id order, as the dense path does: the same u gives
     # the same token on both paths
     order = idx.argsort(dim=-1)  # (S, W)
     by_id = idx.gather(1, order)
-    pos = P.draw(_weights(vals.gather(1, order)), u)  # (S,)
+    pos = processors.draw(_weights(vals.gather(1, order)), u)  # (S,)
     tokens = by_id.gather(1, pos[:, None]).squeeze(1)
-    final = P.scatter_sorted(x, idx, vals) if need_dense else None
+    final = processors.scatter_sorted(x, idx, vals) if need_dense else None
     return tokens, final
 
 
@@ -360,7 +360,7 @@ def _col(values: list[float], device: torch.device) -> torch.Tensor:
 
 def _alive(x: torch.Tensor) -> torch.Tensor:
     """(B, 1) bool: the row still has a token with a finite logit."""
-    return x.amax(dim=-1, keepdim=True) > P.NEG_INF
+    return x.amax(dim=-1, keepdim=True) > processors.NEG_INF
 
 
 def _allowed(masks: list, V: int, device: torch.device) -> torch.Tensor:
