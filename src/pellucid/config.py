@@ -40,9 +40,7 @@ import yaml
 
 from pellucid import registry
 from pellucid.errors import PellucidError, did_you_mean
-from pellucid.prompts.compose import system_text
 from pellucid.sampling.bias import resolve_logit_bias
-from pellucid.sampling.constraints import from_response_format
 from pellucid.sampling.params import SamplingParams, build_params, check_bias_value
 
 # section -> key -> the SamplingParams field it sets (None: not a sampling parameter)
@@ -203,8 +201,11 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
             raise _err(cfg, node, dotted, f"must be a list of non-empty strings, got {value!r}")
         return value
     if dotted == "control.response_format":
-
         try:
+            # imported here: the grammar engine (llguidance, JSON-schema handling) costs every
+            # `pellucid` start ~0.3 s, and only a config with a response_format needs it
+            from pellucid.sampling.constraints import from_response_format
+
             from_response_format(None, value)  # checks the kind and compiles the grammar, no model needed
         except PellucidError as e:
             raise _err(cfg, node, dotted, e.message) from None
@@ -329,6 +330,9 @@ def resolve_system_prompt(value: str, base_dir: Path | None = None) -> str:
     text, few-shot examples as text. Anything else is the text itself. (`pellucid chat`
     sends a prompt file's examples as real prior turns: pellucid.prompts.resolve_system_value.)
     """
+
+    # (imported here: pellucid.prompts costs ~0.2 s, and only a config with a system_prompt needs it)
+    from pellucid.prompts.compose import system_text
 
     return system_text(value, base_dir)
 

@@ -18,7 +18,6 @@ import typer
 from rich.console import Console
 
 from pellucid.config import load_config, merge_params
-from pellucid.prompts.counting import TokenCounter
 from pellucid.registry import DEFAULT_MODEL, resolve
 from pellucid.sampling.bias import parse_bias_entry
 
@@ -162,6 +161,9 @@ def check_params(defaults: dict[str, Any], config, flags: dict[str, Any], model:
     build_params(defaults, config, flags, None, without_bias=True)
     if not (flags.get("logit_bias") or (config is not None and config.sampling_values().get("logit_bias"))):
         return
+    # (imported here: pellucid.prompts would cost every `pellucid` start ~0.2 s)
+    from pellucid.prompts.counting import TokenCounter
+
     path = resolve(model)
     if path.is_file():
         build_params(defaults, config, flags, TokenCounter.for_model(path).tokenizer)

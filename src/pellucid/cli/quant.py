@@ -16,7 +16,6 @@ from pellucid.cli import app
 from pellucid.cli.display import Col, show_table
 from pellucid.cli.display import console as out_console
 from pellucid.errors import PellucidError
-from pellucid.loading import load_model
 from pellucid.quantization import report as qr
 from pellucid.quantization.apply import FORMATS, model_nbytes
 from pellucid.registry import DEFAULT_MODEL
@@ -51,6 +50,9 @@ def quantize_report(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Bytes per parameter, memory, perplexity, KL and top-1 agreement vs float32, per format."""
+    # (imported here: every `pellucid` start imports this module; the loaders cost ~0.1 s)
+    from pellucid.loading import load_model
+
     torch.set_num_threads(threads)
     text = Path(text or qr.default_text())
     if not text.is_file():
