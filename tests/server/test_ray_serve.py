@@ -69,6 +69,15 @@ def test_deploy_config_checks_name_the_value():
                                                                         "max_replicas": 4, "target_ongoing_requests": 8}}  # fmt: skip
 
 
+def test_stream_interval_without_replicas_is_refused():
+    """--stream-interval-ms only means something for Ray replicas: alone it is an error
+    naming the flag, before any model loads, not silently ignored."""
+    r = subprocess.run([sys.executable, "-m", "pellucid", "serve", "--stream-interval-ms", "50"], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0
+    assert "--stream-interval-ms 50: it applies to Ray Serve replicas only" in r.stderr + r.stdout
+
+
 @needs_ray
 @pytest.mark.slow
 def test_cli_refuses_a_bad_replica_count():

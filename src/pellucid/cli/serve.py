@@ -81,6 +81,9 @@ def serve(
     if compile:
         err.print("[yellow]note:[/] --compile is no longer needed (pellucid's fused CPU path runs eagerly); ignored")
     deploy = dict(cfg.deploy) if cfg is not None else {}
+    if stream_interval_ms is not None and replicas is None and ray_address is None and not deploy:
+        raise PellucidError(f"--stream-interval-ms {stream_interval_ms}: it applies to Ray Serve replicas only; give "
+                            "--replicas N too (a plain server sends every token at once)", param="--stream-interval-ms")  # fmt: skip
     if replicas is not None or ray_address is not None or deploy:  # Ray Serve: imported only here
         if replicas is not None:
             deploy["replicas"] = replicas
