@@ -97,11 +97,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
-                      ban: dict[str, float]) -> Result:  # fmt: skip
+                      ban: dict[str, float], temperature: float = 0, seed: int = 0) -> Result:  # fmt: skip
     body = {
-        "model": "bench", "stream": True, "max_tokens": max_tokens, "temperature": 0, "logit_bias": ban,
+        "model": "bench", "stream": True, "max_tokens": max_tokens, "temperature": temperature, "logit_bias": ban,
         "stream_options": {"include_usage": True}, "messages": messages,
     }  # fmt: skip
+    if temperature:
+        body["seed"] = seed
     for attempt in (0, 1):
         try:
             return await _stream_once(client, url, body)
@@ -149,12 +151,14 @@ async def _stream_once(client: httpx.AsyncClient, url: str, body: dict) -> Resul
     return Result((first or end) - t0, end - t0, tokens, "".join(parts), gaps, cached)
 
 
-async def run_level(url: str, clients: int, make_messages, requests: int, max_tokens: int, ban: dict[str, float]):
+async def run_level(url: str, clients: int, make_messages, requests: int, max_tokens: int, ban: dict[str, float],
+                    temperature: float = 0):  # fmt: skip
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
 
         async def one_client(k: int) -> list[Result]:
-            return [await one_request(client, url, make_messages(k, j), max_tokens, ban) for j in range(requests)]
+            return [await one_request(client, url, make_messages(k, j), max_tokens, ban, temperature, seed=k * requests + j)
+                    for j in range(requests)]
 
         t = time.perf_counter()
         per_client = await asyncio.gather(*(one_client(k) for k in range(clients)))

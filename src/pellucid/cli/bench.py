@@ -28,13 +28,13 @@ from rich.console import Console
 
 from pellucid import __version__, registry, runtime
 from pellucid.cli import app
-from pellucid.cli.display import Col, paragraph, path_line, print_json, show_table
+from pellucid.cli.display import Col, SizedAtUse, paragraph, path_line, print_json, show_table
 from pellucid.cli.display import console as make_console
 from pellucid.errors import PellucidError
 from pellucid.registry import DEFAULT_MODEL
 from pellucid.sampling.params import SamplingParams
 
-console = Console(stderr=True)
+console = SizedAtUse(stderr=True)
 
 # A fixed text for prompts, so every engine sees the same token ids (cycled to any length).
 PROMPT_TEXT = (

@@ -41,6 +41,22 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False)
 
 
+class SizedAtUse:
+    """A module-level console that is sized when it prints, not when its module is imported:
+    rich fixes a console's width for good if COLUMNS is set when it is made (an import
+    inside one command run with COLUMNS=60 would size every later command's output)."""
+
+    def __init__(self, **kw: Any):
+        self.kw = kw
+
+    def now(self) -> Console:
+        """A console sized now, for what keeps one across calls (a progress bar, a live display)."""
+        return Console(**self.kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.now(), name)
+
+
 def plain(cell: Any) -> str:
     if isinstance(cell, Text):
         return cell.plain

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from pellucid.cli import app
 from pellucid.cli.common import (
@@ -26,6 +25,7 @@ from pellucid.cli.common import (
     sampling_options,
     structured_options,
 )
+from pellucid.cli.display import SizedAtUse
 from pellucid.cli.prompts import (
     CtxSize,
     Depth,
@@ -46,7 +46,7 @@ from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
 from pellucid.text.tools import parse_tools
 
-err = Console(stderr=True)
+err = SizedAtUse(stderr=True)
 
 Tools = typer.Option(None, "--tools", help="Tool calling: the tools in FILE (JSON: a list in OpenAI's or Anthropic's shape).", metavar="FILE")
 ToolChoiceOpt = typer.Option("auto", "--tool-choice", help="auto, none, required, or a tool's name.")

@@ -21,11 +21,11 @@ from rich.markup import escape
 
 from pellucid.cli import app
 from pellucid.cli.common import ConfigFile, Model, model_name, read_config
-from pellucid.cli.display import SECTION, Col, show_table
+from pellucid.cli.display import SECTION, Col, SizedAtUse, show_table
 from pellucid.errors import PellucidError
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = SizedAtUse(stderr=True, highlight=False)
+out = SizedAtUse(highlight=False)
 
 prompt_app = typer.Typer(
     help="Versioned prompt files: list, show, diff, save.", no_args_is_help=True, add_completion=False

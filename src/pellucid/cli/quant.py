@@ -8,19 +8,18 @@ from pathlib import Path
 
 import torch
 import typer
-from rich.console import Console
 from rich.progress import Progress
 
 from pellucid import registry
 from pellucid.cli import app
-from pellucid.cli.display import Col, show_table
+from pellucid.cli.display import Col, SizedAtUse, show_table
 from pellucid.cli.display import console as out_console
 from pellucid.errors import PellucidError
 from pellucid.quantization import report as qr
 from pellucid.quantization.apply import FORMATS, model_nbytes
 from pellucid.registry import DEFAULT_MODEL
 
-console = Console(stderr=True)
+console = SizedAtUse(stderr=True)
 
 
 def split_format(label: str) -> tuple[str | None, str]:
@@ -74,7 +73,7 @@ def quantize_report(
             t = time.perf_counter()
             peer, peer_version = qr.peer_logits(peer_python, path, windows[:n_peer], threads)
             peer_seconds = time.perf_counter() - t
-    with Progress(console=console) as prog:
+    with Progress(console=console.now()) as prog:
         task = prog.add_task("scoring windows", total=len(windows))
         acc, seconds = qr.score(models, windows, peer=peer, n_peer=n_peer, on_window=lambda: prog.advance(task))
     rep.rows = [qr.row(f, model_nbytes(m), n_params, acc[f], seconds[f]) for f, m in models.items()]

@@ -263,13 +263,13 @@ async function generate() {
   if (usage && usage.prompt_tokens !== S.promptIds.length) {
     info += ` (the server's prompt had ${usage.prompt_tokens} tokens: it adds instructions for JSON output)`;
   }
-  $("gen-info").textContent = info;
-  if (pieces.length) {
+  if (pieces.length) {  // the generated tokens' ids, before the output says it is done (its tokens are clickable)
     try {
       const r = await api("/v1/inspect/token-ids", chat ? { bytes } : { pieces });
       S.genIds = r.tokens;
     } catch (e) { showError("token ids: " + e.message); S.genIds = []; S.genPieces = []; }
   }
+  $("gen-info").textContent = info;
   drawTokens();
   refresh(performance.now());
 }
@@ -282,7 +282,14 @@ function refresh(t0) {
 }
 
 async function update(panel, key, t0, work) {
-  if (S.shown[panel] === key) return;
+  if (S.shown[panel] === key) {  // shown already: a request still under way for something else is not wanted now
+    if (S.aborts[panel]) {
+      S.aborts[panel].abort();
+      S.aborts[panel] = null;
+      $("panel-" + panel).dataset.state = "ready";
+    }
+    return;
+  }
   if (S.aborts[panel]) S.aborts[panel].abort();
   const ctrl = new AbortController();
   S.aborts[panel] = ctrl;
@@ -306,10 +313,10 @@ async function update(panel, key, t0, work) {
 
 function clearPanelError(panel) { $("panel-" + panel).querySelector(".panel-error")?.remove(); }
 
-// POST `body` to `path` for `panel` (unless it shows that already) and draw the answer
-function ask(panel, path, body, t0, draw) {
+// POST `body` to `path` for `panel` (unless it shows that already, for the same `also`) and draw the answer
+function ask(panel, path, body, t0, draw, also = null) {
   if (body.tokens && !body.tokens.length) return;
-  update(panel, JSON.stringify(body), t0, async (signal) => {
+  update(panel, JSON.stringify([body, also]), t0, async (signal) => {
     const r = await api(path, body, signal);
     clearPanelError(panel);
     draw(r);
@@ -326,10 +333,11 @@ function nextToken(t0) {
   const n = S.promptIds.length;
   const body = Object.assign(p > n ? { tokens: S.promptIds, generated: S.genIds.slice(0, p - n) } : { tokens: seq().slice(0, p) },
     sampling(), { top: 10 });
+  const actual = p < seq().length ? seq()[p] : null;  // the token there, marked: part of what is shown
   ask("next", "/v1/inspect/next-token", body, t0, (r) => {
-    drawStages(r, p < seq().length ? seq()[p] : null);
+    drawStages(r, actual);
     $("panel-next").dataset.position = p; // which position the bars are for (the tests wait on it)
-  });
+  }, actual);
 }
 
 function drawStages(r, actual) {
