@@ -68,7 +68,8 @@ def test_shadow_shares_tensors_not_hooks(srv):
 
 
 def test_a_queue_of_inspections_is_bounded(srv):
-    """While one inspection runs, MAX_QUEUED wait for it and the next is refused with a 429."""
+    """Inspections run on the engine's thread: while it is busy, one inspection waits to run and
+    MAX_QUEUED more behind it; the next is refused with a 429. Released, all are answered."""
     import threading
     import time
 
@@ -81,15 +82,39 @@ def test_a_queue_of_inspections_is_bounded(srv):
     def ask() -> None:
         codes.append(httpx.post(srv.url + "/v1/inspect/budget", json={"current": "hi", "reserve": 8}, headers=auth, timeout=60).status_code)
 
-    with insp.lock:  # an inspection in progress
-        waiting = [threading.Thread(target=ask) for _ in range(MAX_QUEUED)]
+    gate = threading.Event()
+    held = srv.app.state.server.engine.call(lambda: gate.wait(60))  # the engine thread is busy
+    try:
+        waiting = [threading.Thread(target=ask) for _ in range(MAX_QUEUED + 1)]
         for t in waiting:
             t.start()
         t0 = time.monotonic()
-        while insp.queued < MAX_QUEUED and time.monotonic() - t0 < 30:
+        while insp.pending < MAX_QUEUED + 1 and time.monotonic() - t0 < 30:
             time.sleep(0.02)
         r = httpx.post(srv.url + "/v1/inspect/budget", json={"current": "hi"}, headers=auth)
         assert r.status_code == 429 and r.json()["error"]["code"] == "inspector_busy"
+    finally:
+        gate.set()
+    assert held.result(10) is True
     for t in waiting:
         t.join(60)
-    assert codes == [200] * MAX_QUEUED
+    assert codes == [200] * (MAX_QUEUED + 1)
+
+
+def test_inspections_run_on_the_engine_thread(srv, monkeypatch):
+    """No other thread runs torch for the inspector (a second OpenMP team slows the engine)."""
+    import threading
+
+    insp = srv.app.state.inspector
+    seen: list[str] = []
+    subject = insp.subject
+
+    def watched():
+        seen.append(threading.current_thread().name)
+        return subject()
+
+    monkeypatch.setattr(insp, "subject", watched)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(srv.url + "/v1/inspect/attention", json={"prompt": "hello there"}, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    assert seen == ["pellucid-engine"]

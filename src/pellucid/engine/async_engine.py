@@ -5,15 +5,25 @@ from an asyncio.Queue (one per group of requests); after every step the thread h
 to the loop with one `loop.call_soon_threadsafe`. Requests join and leave between steps
 (continuous batching is the Engine's own). `abort()` frees the request's cache slot at
 once, from any thread. The thread sleeps on a condition while there is nothing to do.
+
+Other torch work of the server (the inspector's forwards) runs on the same thread, between
+two steps (`call`), never on a thread of its own: every thread that runs torch's parallel
+ops gets its own OpenMP thread team, and once libgomp manages more threads than there are
+cores it stops spinning between parallel regions, which halved the engine's speed for as
+long as the other thread lived (measured: 4 streams went from ~170 to ~80 tok/s after a
+few inspections, until the idle worker thread exited).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -98,6 +108,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
+        self._calls: deque[tuple[concurrent.futures.Future, Callable[[], Any]]] = deque()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last step failure, for /health
         self.busy_seconds = 0.0  # wall time spent in steps
@@ -165,16 +176,43 @@ class AsyncEngine:
         with self._lock:
             self._streams.pop(request_id, None)
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """fn() on the engine thread before its next step (see the module docstring for why);
+        a future of its result. Cancel it to drop a call that has not started."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            fut.set_exception(PellucidError("the engine is not running", status=503, code="engine_not_running"))
+            return fut
+        with self._wake:
+            self._calls.append((fut, fn))
+            self._wake.notify()
+        return fut
+
+    def num_calls(self) -> int:
+        return len(self._calls)
+
     # -- the loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         while True:
             with self._wake:
-                while not self._stop and not self.engine.has_unfinished():
+                while not self._stop and not self._calls and not self.engine.has_unfinished():
                     self._wake.wait()
                 if self._stop:
+                    for fut, _ in self._calls:
+                        fut.cancel()
                     return
+                calls = list(self._calls)
+                self._calls.clear()
+            for fut, fn in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # the caller gets it; the engine goes on
+                        fut.set_exception(e)
+            if not self.engine.has_unfinished():
+                continue
             t, c = time.perf_counter(), time.thread_time()
             try:
                 outputs = self.engine.step()

@@ -10,8 +10,9 @@
     GET  /v1/inspect/styles         the output styles' presets (length, formality, ...)
     POST /v1/inspect/system         a system prompt with a style -> the system message
 
-Every inspection runs on the model the API serves. The forwards run off the event loop,
-one at a time (a lock), on at most MAX_TOKENS tokens; hooks go on a shadow of the model
+Every inspection runs on the model the API serves, on the engine's own thread between two
+of its steps (never on the event loop, never on a thread of its own), one at a time, on at
+most MAX_TOKENS tokens; hooks go on a shadow of the model
 (its own modules and hook points, the same weight tensors), so the engine's own forwards
 never see them and keep their fused path.
 
@@ -21,10 +22,10 @@ the handlers: a server that nobody inspects never loads them (matplotlib, ~1 s).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import math
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ from pellucid.server.state import ServerState, off_loop, parse_body
 STATIC = Path(__file__).parent / "static"
 MAX_TOKENS = 256  # the longest context an inspection looks at
 THUMB = 32  # attention thumbnails are at most THUMB x THUMB cells
-LOCK_WAIT_S = 60.0
-MAX_QUEUED = 4  # inspections waiting for the lock; more get a 429 (each holds a worker thread)
+WAIT_S = 60.0  # an inspection not answered by then is a 503
+MAX_QUEUED = 4  # inspections waiting while one is at work; more get a 429
 
 router = APIRouter()
 
@@ -128,34 +129,33 @@ class Inspector:
 
     def __init__(self, state: ServerState):
         self.state = state
-        self.lock = threading.Lock()
-        self.queued = 0
-        self._count = threading.Lock()
+        self.pending = 0  # inspections asked for and not answered (one at work, the rest waiting)
         self._shadow: tuple[Any, Any] | None = None  # (llm, Subject)
         self._last: dict[str, tuple[Any, Any]] = {}  # kind -> (key, result)
         self._by: dict[str, dict] = {}  # "bytes" | "pieces" -> {token's bytes or piece: id}
         self._model_info: dict[str, Any] | None = None
 
-    def run(self, fn, *args):
-        """fn(*args) under the lock (on a worker thread); 429 when too many wait, 503 after waiting too long."""
-        with self._count:
-            if self.queued >= MAX_QUEUED:
-                raise ApiError(429, f"{self.queued} inspections are waiting already; retry later", code="inspector_busy")
-            self.queued += 1
-        try:
-            got = self.lock.acquire(timeout=LOCK_WAIT_S)
-        finally:
-            with self._count:
-                self.queued -= 1
-        if not got:
-            raise ApiError(503, "the inspector is busy with another request; retry", code="inspector_busy")
-        try:
+    async def run(self, fn) -> Any:
+        """fn() on the engine thread, between two steps (pellucid.engine.async_engine says why not
+        on a thread of its own); 429 when MAX_QUEUED wait already, 503 after waiting too long."""
+        if self.pending > MAX_QUEUED:
+            raise ApiError(429, f"{self.pending - 1} inspections are waiting already; retry later", code="inspector_busy")
+
+        def guarded() -> Any:
             with torch.no_grad():
-                return fn(*args)
+                return fn()
+
+        self.pending += 1  # (on the event loop: no lock)
+        try:
+            fut = self.state.engine.call(guarded)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(fut), WAIT_S)
+            except TimeoutError:
+                raise ApiError(503, "the inspector is busy with other requests; retry", code="inspector_busy") from None
         except PellucidError as e:
             raise ApiError.from_pellucid(e) from None
         finally:
-            self.lock.release()
+            self.pending -= 1
 
     def subject(self):
         """The served model's shadow: hooks attached to it are invisible to the engine."""
@@ -302,7 +302,7 @@ async def model_info(http: HttpRequest):
             insp._model_info = info
         return insp._model_info
 
-    return await off_loop(insp.run, build)
+    return await insp.run(build)
 
 
 @router.post("/v1/inspect/next-token")
@@ -321,7 +321,7 @@ async def next_token(http: HttpRequest):
         return {"tokens": ids, "position": len(ids), "generated": len(body.generated), "note": note,
                 "stages": [s.to_dict() for s in stages]}  # fmt: skip
 
-    return await off_loop(insp.run, explain)
+    return await insp.run(explain)
 
 
 def fold_penalties(params: SamplingParams, generated: list[int]) -> tuple[SamplingParams, str | None]:
@@ -373,7 +373,7 @@ async def attention(http: HttpRequest):
             "pattern": [[round(v, 5) for v in row] for row in pattern.tolist()],
         }  # fmt: skip
 
-    return await off_loop(insp.run, look)
+    return await insp.run(look)
 
 
 @router.post("/v1/inspect/lens")
@@ -398,7 +398,7 @@ async def lens(http: HttpRequest):
             out[key_] = [[round(v, 3) for v in row] for row in out[key_]]
         return out
 
-    return await off_loop(insp.run, look)
+    return await insp.run(look)
 
 
 @router.post("/v1/inspect/budget")
@@ -415,7 +415,7 @@ async def budget(http: HttpRequest):
                 "total": alloc.total, "free": alloc.free, "max_new_tokens": alloc.max_new_tokens,
                 "history_dropped": alloc.history_dropped, "sections": [vars(s) for s in alloc.sections]}  # fmt: skip
 
-    return await off_loop(insp.run, fit)
+    return await insp.run(fit)
 
 
 @router.post("/v1/inspect/token-ids")
