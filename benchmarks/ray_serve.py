@@ -3,15 +3,17 @@
     .venv/bin/python benchmarks/ray_serve.py                          # 1 and 2 replicas x 1 thread, plain serve too
     .venv/bin/python benchmarks/ray_serve.py --replicas 1 2 4 --threads 1 --requests 2 --max-tokens 64
     .venv/bin/python benchmarks/ray_serve.py --no-plain --stream-interval-ms 0 100   # stream batching off and on
+    .venv/bin/python benchmarks/ray_serve.py --ingress pellucid      # pellucid's own HTTP front only
 
 The chat workload of benchmarks/server.py (every client sends --requests streaming
 requests one after another, greedy, end-of-generation tokens banned so each makes exactly
 --max-tokens) against: plain `pellucid serve --threads T` (no Ray), then `pellucid serve
---replicas N --threads T` for each N. Per run: aggregate output tok/s, TTFT and
-inter-token gaps, and the CPU seconds of Ray's HTTP proxy and pellucid's ingress (read
-from /proc), per generated token: the cost one ingress pays to relay a token, which
-bounds what one ingress can serve however many machines stand behind it. The paper
-estimate for N machines is printed from these figures.
+--replicas N --threads T --ingress I` for each N and each I. Per run: aggregate output
+tok/s, TTFT and inter-token gaps, and the CPU seconds of the relay per generated token (read
+from /proc: the `pellucid serve` process, which is the HTTP front with `--ingress pellucid`,
+plus Ray's HTTP proxy and pellucid's ingress deployment with `--ingress ray-proxy`): the
+cost one front pays to relay a token, which bounds what one front can serve however many
+machines stand behind it. The paper estimate for N machines is printed from these figures.
 """
 
 from __future__ import annotations
@@ -30,22 +32,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server import TOPICS, Server, eog_ban, run_level, summarize  # noqa: E402
 
 RELAY_TITLES = ("ray::ProxyActor", "ray::ServeReplica:pellucid:ingress")
+REPLICA_TITLE = "ray::ServeReplica:pellucid:engine"
 
 
-def relay_cpu_seconds() -> float:
-    """utime + stime of Ray's proxy and pellucid's ingress processes (found by their process titles)."""
-    total = 0.0
+def cpu_by_role(front_pid: int) -> dict[str, float]:
+    """CPU seconds (utime + stime) of every process on the machine, by role: the engine
+    replicas, the relay (the `pellucid serve` process, which is the HTTP front with --ingress
+    pellucid, plus Ray's HTTP proxy and pellucid's ingress deployment with --ingress
+    ray-proxy), the rest of Ray (raylet, GCS, Serve's controller, ...), this load generator,
+    and everything else."""
+    roles = {"replicas": 0.0, "relay": 0.0, "ray": 0.0, "client": 0.0, "other": 0.0}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(cmd.startswith(t) for t in RELAY_TITLES):
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+        secs = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pid = int(d.name)
+        if pid == front_pid or any(cmd.startswith(t) for t in RELAY_TITLES):
+            roles["relay"] += secs
+        elif cmd.startswith(REPLICA_TITLE):
+            roles["replicas"] += secs
+        elif pid == os.getpid():
+            roles["client"] += secs
+        elif "ray" in cmd.split(" ")[0] or cmd.startswith("ray::") or "/ray/" in cmd:
+            roles["ray"] += secs
+        else:
+            roles["other"] += secs
+    return roles
 
 
 def wait_replicas(url: str, n: int, timeout: float = 300) -> None:
@@ -73,13 +90,18 @@ def run(name: str, cmd_extra: list[str], replicas: int | None, args, ban, logs: 
         if replicas:
             wait_replicas(s.url, replicas)
         asyncio.run(run_level(s.url, min(args.clients, 2 * (replicas or 1)), messages, 1, 8, ban))  # warm up
-        relay0 = relay_cpu_seconds()
+        cpu0 = cpu_by_role(s.proc.pid)
         results, wall = asyncio.run(run_level(s.url, args.clients, messages, args.requests, args.max_tokens, ban))
-        row = summarize(results, wall, args.clients) | {"server": name, "relay_cpu_s": relay_cpu_seconds() - relay0}
+        cpu = {k: v - cpu0[k] for k, v in cpu_by_role(s.proc.pid).items()}
+        if not replicas:  # plain pellucid serve: the engine is the front's own process
+            cpu["replicas"], cpu["relay"] = cpu["relay"], 0.0
+        row = summarize(results, wall, args.clients) | {"server": name, "relay_cpu_s": cpu["relay"],
+                                                         "cores": {k: v / wall for k, v in cpu.items()}}  # fmt: skip
     row["relay_ms_per_token"] = 1000 * row["relay_cpu_s"] / max(1, row["tokens"])
     err = f"  [{row['errors']} errors: {row['first_error']}]" if row["errors"] else ""
     print(f"  {name:<26} {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:.2f} s  ITL p50 {row['itl_p50_ms']:.1f} ms "
           f"p99 {row['itl_p99_ms']:.1f}  relay CPU {row['relay_ms_per_token']:.2f} ms/token{err}", flush=True)  # fmt: skip
+    print("    cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in row["cores"].items()), flush=True)
     return row
 
 
@@ -95,6 +117,8 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip plain pellucid serve (no Ray)")
     ap.add_argument("--stream-interval-ms", type=int, nargs="+", default=[100],
                     help="the replicas' stream batching interval(s); each is run for every replica count")
+    ap.add_argument("--ingress", nargs="+", choices=["pellucid", "ray-proxy"], default=["pellucid", "ray-proxy"],
+                    help="who answers HTTP (pellucid serve --ingress); each is run for every replica count")
     ap.add_argument("--machine-cores", type=int, default=os.cpu_count() or 2, help="cores per machine in the paper estimate")
     args = ap.parse_args()
     if args.model_file is None:
@@ -108,22 +132,26 @@ def main() -> None:
     rows = []
     if not args.no_plain:
         rows.append(run(f"plain serve x {args.threads}t", [], None, args, ban, logs) | {"replicas": 0})
-    for interval in args.stream_interval_ms:
-        for n in args.replicas:
-            rows.append(run(f"ray {n} replica(s) x {args.threads}t, {interval} ms", ["--replicas", str(n), "--stream-interval-ms", str(interval)],
-                            n, args, ban, logs) | {"replicas": n, "interval": interval})  # fmt: skip
+    for ingress in args.ingress:
+        for interval in args.stream_interval_ms:
+            for n in args.replicas:
+                flags = ["--replicas", str(n), "--stream-interval-ms", str(interval), "--ingress", ingress]
+                rows.append(run(f"{ingress}: {n} replica(s) x {args.threads}t, {interval} ms", flags, n, args, ban, logs)
+                            | {"replicas": n, "interval": interval, "ingress": ingress})  # fmt: skip
 
     print("\n| server | clients | tok/s | vs 1 replica | TTFT p50 s | ITL p50 ms | ITL p99 ms | errors | relay CPU ms/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        one = next((o for o in rows if o["replicas"] == 1 and o.get("interval") == r.get("interval")), None)
+        one = next((o for o in rows if o["replicas"] == 1 and o.get("interval") == r.get("interval")
+                    and o.get("ingress") == r.get("ingress")), None)  # fmt: skip
         ratio = f"{r['tok_s'] / one['tok_s']:.2f}x" if one and r["replicas"] else "-"
         print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {ratio} | {r['ttft_p50']:.2f} | {r['itl_p50_ms']:.1f} | "
               f"{r['itl_p99_ms']:.1f} | {r['errors']} | {r['relay_ms_per_token']:.2f} |")  # fmt: skip
-    best = max((r for r in rows if r["replicas"]), key=lambda r: (r["replicas"], r["tok_s"]), default=None)
+    best = max((r for r in rows if r["replicas"] and r["ingress"] == args.ingress[0]), key=lambda r: (r["replicas"], r["tok_s"]),
+               default=None)  # fmt: skip
     if best and best["relay_ms_per_token"] > 0:
         # Paper estimate: each machine like the one measured gives best tok/s x (its cores / cores used here);
-        # the single ingress (proxy + relay) needs relay_ms_per_token of one core per token.
+        # the single HTTP front (the first --ingress) needs relay_ms_per_token of one core per token.
         per_machine = best["tok_s"] * args.machine_cores / (best["replicas"] * args.threads)
         ceiling = 1000 / best["relay_ms_per_token"]
         print(f"\npaper estimate, machines of {args.machine_cores} cores, 1 thread per replica: "

@@ -21,7 +21,8 @@
       replicas: 2                   # engine processes, each with its own KV cache
       threads: 1                    # torch threads per replica
       # min_replicas / max_replicas: autoscaling bounds; max_ongoing_requests: per replica;
-      # stream_interval_ms: a stream's tokens within this interval relayed as one message (100)
+      # stream_interval_ms: a stream's tokens within this interval relayed as one message (100);
+      # ingress: pellucid (this process answers HTTP, the default) or ray-proxy (Ray Serve's proxy)
 
 `pellucid generate/chat --config FILE` reads it; command-line flags that the user gives
 override it. An unknown key or a bad value is an error naming the key and the line (and,
@@ -56,9 +57,13 @@ SCHEMA: dict[str, dict[str, str | None]] = {
         "min_tokens": "min_tokens", "response_format": None,
     },
     "deploy": {"replicas": None, "threads": None, "min_replicas": None, "max_replicas": None, "max_ongoing_requests": None,
-               "stream_interval_ms": None},
+               "stream_interval_ms": None, "ingress": None},
 }  # fmt: skip
 TOP_LEVEL = ["model", "sampling", "control", "system_prompt", "deploy"]
+DEPLOY_INGRESS = {  # deploy.ingress: who answers HTTP for the Ray Serve replicas (pellucid/server/ray_serve.py)
+    "pellucid": "this process: HTTP here, relayed to the replicas through Ray handles (one hop)",
+    "ray-proxy": "Ray Serve's HTTP proxy and an ingress deployment (two hops; HTTP served by the cluster)",
+}
 
 
 @dataclass
@@ -188,6 +193,10 @@ def _check_value(cfg: Config, dotted: str, node: yaml.Node, base_dir: Path | Non
         if not isinstance(value, str) or not value.strip():
             raise _err(cfg, node, dotted, f"must be a model name or path, got {value!r}")
         return check_model_name(value.strip(), cfg.where(dotted), base_dir)
+    if dotted == "deploy.ingress":
+        if value is not None and value not in DEPLOY_INGRESS:
+            raise _err(cfg, node, dotted, f"must be one of {', '.join(DEPLOY_INGRESS)}, got {value!r}")
+        return value
     if dotted.startswith("deploy."):
         least = 0 if dotted == "deploy.stream_interval_ms" else 1
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):

@@ -1,14 +1,16 @@
 """pellucid serve --replicas: Ray Serve in front of several engine replicas.
 
 Unit tests of the routing key, the rendezvous order, the stream-start rule, the merged
-/metrics page and the deploy checks; then one local Ray cluster for the module
-(`pellucid serve --replicas 2 --threads 1` as a subprocess on 127.0.0.1) with the real
-default model, the real openai and anthropic clients, and a replica killed mid-run.
+/metrics page and the deploy checks; one replica behind Ray Serve's own proxy
+(`--ingress ray-proxy`); then one local Ray cluster for the module (`pellucid serve
+--replicas 2 --threads 1` as a subprocess on 127.0.0.1, pellucid's own HTTP front) with the
+real default model, the real openai and anthropic clients, and a replica killed mid-run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import httpx
 import pytest
@@ -41,6 +44,9 @@ def test_deploy_section_of_the_config():
         parse_config("deploy:\n  replicas: 0\n")
     with pytest.raises(PellucidError, match=r"unknown key 'deploy.replica'.*did you mean 'deploy.replicas'"):
         parse_config("deploy:\n  replica: 2\n")
+    assert parse_config("deploy:\n  ingress: ray-proxy\n").deploy == {"ingress": "ray-proxy"}
+    with pytest.raises(PellucidError, match=r"deploy.ingress: must be one of pellucid, ray-proxy, got 'nginx'"):
+        parse_config("deploy:\n  ingress: nginx\n")
 
 
 try:
@@ -61,6 +67,8 @@ def test_deploy_config_checks_name_the_value():
         DC(threads=-1).check()
     with pytest.raises(PellucidError, match=r"stream_interval_ms = -5 is out of range; allowed: an integer 0..1000"):
         DC(stream_interval_ms=-5).check()
+    with pytest.raises(PellucidError, match=r"ingress = 'proxy' is not one of: pellucid, ray-proxy"):
+        DC(ingress="proxy").check()
     with pytest.raises(PellucidError, match=r"replicas = 5 must lie between min_replicas = 1 and max_replicas = 4"):
         DC(replicas=5, min_replicas=1, max_replicas=4).check()
     assert DC(replicas=2).deployment_options(16) == {"max_ongoing_requests": 32, "num_replicas": 2}
@@ -69,13 +77,13 @@ def test_deploy_config_checks_name_the_value():
                                                                         "max_replicas": 4, "target_ongoing_requests": 8}}  # fmt: skip
 
 
-def test_stream_interval_without_replicas_is_refused():
-    """--stream-interval-ms only means something for Ray replicas: alone it is an error
-    naming the flag, before any model loads, not silently ignored."""
-    r = subprocess.run([sys.executable, "-m", "pellucid", "serve", "--stream-interval-ms", "50"], capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+@pytest.mark.parametrize("flag", [["--stream-interval-ms", "50"], ["--ingress", "ray-proxy"]])
+def test_ray_flags_without_replicas_are_refused(flag):
+    """--stream-interval-ms and --ingress only mean something for Ray replicas: alone each is an
+    error naming the flag, before any model loads, not silently ignored."""
+    r = subprocess.run([sys.executable, "-m", "pellucid", "serve", *flag], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "--stream-interval-ms 50: it applies to Ray Serve replicas only" in r.stderr + r.stdout
+    assert f"{flag[0]} {flag[1]}: it applies to Ray Serve replicas only" in r.stderr + r.stdout
 
 
 @needs_ray
@@ -198,13 +206,12 @@ def _replicas(url: str) -> dict[str, float]:
     return {k.split('"')[1]: v for k, v in m.items() if k.startswith("pellucid_generation_tokens_total{")}
 
 
-@pytest.fixture(scope="module")
-def cluster(real_path, tmp_path_factory):
-    """`pellucid serve --replicas 2 --threads 1` with its own local Ray cluster; its URL once both replicas serve."""
+@contextlib.contextmanager
+def _serve_replicas(log: Path, replicas: int, *extra: str):
+    """`pellucid serve --replicas N --threads 1` with its own local Ray cluster; its URL once every replica serves."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("ray") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "pellucid", "serve", "--replicas", "2", "--threads", "1",
-                             "--port", str(port), "--max-batch", "8"],
+    proc = subprocess.Popen([sys.executable, "-m", "pellucid", "serve", "--replicas", str(replicas), "--threads", "1",
+                             "--port", str(port), "--max-batch", "8", *extra],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -213,7 +220,7 @@ def cluster(real_path, tmp_path_factory):
             assert proc.poll() is None, f"pellucid serve --replicas exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() - t < 150, f"not ready after 150 s:\n{log.read_text()[-3000:]}"
             try:
-                if len(_replicas(url)) == 2:
+                if len(_replicas(url)) == replicas:
                     break
             except (httpx.HTTPError, IndexError):
                 pass
@@ -226,6 +233,13 @@ def cluster(real_path, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(real_path, tmp_path_factory):
+    """Two replicas behind pellucid's own HTTP front (the default --ingress)."""
+    with _serve_replicas(tmp_path_factory.mktemp("ray") / "serve.log", 2) as url:
+        yield url
 
 
 def _openai(url: str):
@@ -254,6 +268,35 @@ def _stream(client, prompt: str, max_tokens: int, on_text=None) -> dict:
         except Exception as e:  # the client raises the server's error event
             out["error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+@needs_ray
+@pytest.mark.real
+@pytest.mark.slow
+def test_behind_ray_serves_own_proxy(real_path, tmp_path):
+    """--ingress ray-proxy: Ray Serve's HTTP proxy and an ingress deployment in front of the
+    replica answer both APIs, streamed, with the same headers and /metrics."""
+    import anthropic
+
+    with _serve_replicas(tmp_path / "serve.log", 1, "--ingress", "ray-proxy") as url:
+        out = _stream(_openai(url), "Write a story about a lighthouse.", 8)
+        assert out["error"] is None and out["finish"] == "length" and out["text"], out
+        an = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
+        with an.messages.stream(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Say hello."}]) as st:
+            assert "".join(st.text_stream)
+        assert out["replica"] in _replicas(url)
+        assert "ray::ProxyActor" in _process_titles()  # the HTTP came through Ray's proxy
+
+
+def _process_titles() -> str:
+    titles = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                titles.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return "\n".join(titles)
 
 
 @needs_ray

@@ -47,6 +47,7 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     replicas: Annotated[int | None, typer.Option("--replicas", help="Serve with N engine replicas on Ray Serve, each its own process with --threads threads and its own KV cache (needs pellucid[ray]; docs/scale-out.md).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --replicas: join this Ray cluster ('auto', 'ray://HOST:10001') instead of starting a local one.")] = None,
+    ingress: Annotated[str | None, typer.Option("--ingress", help="With --replicas: who answers HTTP: 'pellucid' (this process relays to the replicas: one hop, the default) or 'ray-proxy' (Ray Serve's HTTP proxy and an ingress deployment).")] = None,
     stream_interval_ms: Annotated[int | None, typer.Option("--stream-interval-ms", help="With --replicas: a stream's tokens that come within this many ms of the last one sent are relayed together, the first at once (default 100; 0: each token on its own, at more CPU per token).")] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
@@ -81,9 +82,10 @@ def serve(
     if compile:
         err.print("[yellow]note:[/] --compile is no longer needed (pellucid's fused CPU path runs eagerly); ignored")
     deploy = dict(cfg.deploy) if cfg is not None else {}
-    if stream_interval_ms is not None and replicas is None and ray_address is None and not deploy:
-        raise PellucidError(f"--stream-interval-ms {stream_interval_ms}: it applies to Ray Serve replicas only; give "
-                            "--replicas N too (a plain server sends every token at once)", param="--stream-interval-ms")  # fmt: skip
+    for flag, value in (("--stream-interval-ms", stream_interval_ms), ("--ingress", ingress)):
+        if value is not None and replicas is None and ray_address is None and not deploy:
+            raise PellucidError(f"{flag} {value}: it applies to Ray Serve replicas only; give --replicas N too",
+                                param=flag)  # fmt: skip
     if replicas is not None or ray_address is not None or deploy:  # Ray Serve: imported only here
         if replicas is not None:
             deploy["replicas"] = replicas
@@ -91,6 +93,8 @@ def serve(
             deploy["threads"] = threads
         if stream_interval_ms is not None:
             deploy["stream_interval_ms"] = stream_interval_ms
+        if ingress is not None:
+            deploy["ingress"] = ingress
         deploy.setdefault("replicas", deploy.get("min_replicas", 1))
         deploy.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, deploy["replicas"])))
         if host not in LOOPBACK and not api_key:

@@ -1,11 +1,18 @@
 """pellucid on Ray Serve: many engine replicas behind one OpenAI/Anthropic endpoint.
 
-    HTTP -> Ray's proxy -> ingress (one replica, no CPU of its own) -> engine replicas
+    HTTP -> `pellucid serve` itself (Relay, uvicorn) ------------------------> engine replicas
+    HTTP -> Ray's proxy -> ingress deployment (Relay) ------------------------> engine replicas
+            (--ingress ray-proxy)
 
 Each engine replica is one process with its own model, threads, KV cache and prefix cache,
-running the same FastAPI app as `pellucid serve` (server/app.py). The ingress reads the
+running the same FastAPI app as `pellucid serve` (server/app.py). The Relay reads the
 request body, picks a routing key and hands the request to an engine replica through a
 deployment handle; the replica runs it through its app and streams the ASGI messages back.
+By default the Relay is an ASGI app that the `pellucid serve` process serves itself: one
+Ray hop per streamed message. With `--ingress ray-proxy` it runs as an ingress deployment
+behind Ray Serve's own HTTP proxy, as Serve applications usually do: a second hop and a
+second process per message, about 3x the relay's CPU per token (BENCHMARKS.md), which on
+a small machine the replicas pay for.
 
 Routing (PrefixAffinityRouter): a chat's key is a hash of its messages up to the first
 user message (with the system prompt), a completion's of its first characters, or the
@@ -16,7 +23,7 @@ than the lightest one; then the lightest takes it. Requests without a key (GET /
 /tokenize, ...) get power-of-two-choices.
 
 Failures: a replica that dies before a request has sent any output (still queued or
-prefilling) costs nothing: the ingress sends the request again to another replica. A
+prefilling) costs nothing: the Relay sends the request again to another replica. A
 stream that had started ends with an error event in its API's format (OpenAI: a `data:`
 line with an `error` object; Anthropic: `event: error`), which both clients raise. Ray
 starts a new replica in place of the dead one.
@@ -24,6 +31,7 @@ starts a new replica in place of the dead one.
 Only `pellucid serve --replicas` (or a `deploy:` section) imports this module.
 """
 
+# ruff: noqa: E402  (Ray Serve settings go into the environment before `import ray`)
 from __future__ import annotations
 
 import asyncio
@@ -38,12 +46,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Ray Serve settings for many small streamed messages: user code and the router on the
+# caller's own event loop, request logs buffered. Ray Serve reads them when it is imported,
+# here and in every Ray process the local cluster starts, so they are set before `import ray`.
+RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}  # fmt: skip
+for _k, _v in RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from pellucid.config import DEPLOY_INGRESS
 from pellucid.errors import PellucidError
 from pellucid.server.errors import ApiError, error_body, error_response, is_anthropic
 from pellucid.server.state import ServerConfig
@@ -56,10 +73,6 @@ SESSION_HEADER = b"x-session-id"
 KEY_BODY_LIMIT = 1 << 20  # bodies larger than this are not parsed for a routing key
 KEY_PROMPT_CHARS = 512  # a completion's routing key: its prompt's first characters
 RETRIES = 4  # attempts per request when replicas die before it sent any output
-# Ray Serve settings for many small streamed messages (read by every Ray process it starts):
-# user code and the router on the replica's own event loop, request logs buffered.
-RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}  # fmt: skip
 # Each streamed message costs CPU at three Ray hops (replica -> ingress -> proxy), about 1.5-2
 # ms a message on this project's machines, in processes that share the replicas' cores. A
 # stream's chunks that come within this interval of the last one sent travel together; a
@@ -83,6 +96,7 @@ class DeployConfig:
     ray_address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None starts a local one
     imbalance: int = 2  # the prefix's replica keeps it while it has at most this many more requests than the lightest
     stream_interval_ms: int = STREAM_INTERVAL_MS  # a stream's chunks within this interval travel as one message
+    ingress: str = "pellucid"  # who answers HTTP: see pellucid.config.DEPLOY_INGRESS
 
 
     def check(self) -> None:
@@ -90,6 +104,8 @@ class DeployConfig:
                             ("max_replicas", self.max_replicas), ("max_ongoing_requests", self.max_ongoing_requests)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise PellucidError(f"{name} = {value!r} is out of range; allowed: an integer, 1 or more", param=name)
+        if self.ingress not in DEPLOY_INGRESS:
+            raise PellucidError(f"ingress = {self.ingress!r} is not one of: {', '.join(DEPLOY_INGRESS)}", param="ingress")
         v = self.stream_interval_ms
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1000:
             raise PellucidError(f"stream_interval_ms = {v!r} is out of range; allowed: an integer 0..1000 (0 = every "
@@ -302,10 +318,19 @@ class Outbox:
 
 # -- the ingress ----------------------------------------------------------------------------------
 class Relay:
-    """The ingress's ASGI app: reads the body, routes by key, relays the replica's answer."""
+    """The HTTP front's ASGI app (in `pellucid serve`, or in the ingress deployment): reads the
+    body, routes by key, relays the replica's answer."""
 
     def __init__(self, engine):
-        self.engine = engine.options(stream=True)
+        self.handle = engine
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The streaming handle, made on first use: inside the event loop that will use it."""
+        if self._engine is None:
+            self._engine = self.handle.options(stream=True)
+        return self._engine
 
     async def __call__(self, scope: dict[str, Any], receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -463,17 +488,19 @@ def build_app(config: ServerConfig, deploy: DeployConfig, loader: Callable[[Serv
                                                                         request_router_kwargs={"imbalance": deploy.imbalance}),
                               health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
                               logging_config=LOGGING)  # fmt: skip
+    app = engine.bind(config, loader, deploy.stream_interval_ms)
+    if deploy.ingress == "pellucid":
+        return app
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0}, logging_config=LOGGING)  # fmt: skip
-    return ingress.bind(engine.bind(config, loader, deploy.stream_interval_ms))
+    return ingress.bind(app)
 
 
-def start(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print) -> Callable[[], None]:
-    """Start (or join) a Ray cluster and deploy; returns the function that takes it down again."""
+def start(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print):
+    """Start (or join) a Ray cluster and deploy; returns (the engine deployment's handle, the
+    function that takes it down again)."""
     deploy.check()
     local = deploy.ray_address is None
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
     try:
         ray.init(address=deploy.ray_address or "local", include_dashboard=False, logging_level="warning",
                  configure_logging=True, log_to_driver=True)  # fmt: skip
@@ -487,7 +514,10 @@ def start(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print)
         ray.shutdown()
         raise PellucidError(f"--replicas {first} x --threads {deploy.threads} needs {first * deploy.threads} CPUs; "
                             f"{where} has {cpus:g}", param="--replicas")  # fmt: skip
-    serve.start(http_options={"host": config.host, "port": config.port})
+    if deploy.ingress == "ray-proxy":
+        serve.start(http_options={"host": config.host, "port": config.port})
+    else:
+        serve.start(proxy_location="Disabled")
     log(f"Ray cluster: {'local, started for this server' if local else deploy.ray_address} ({cpus:g} CPUs); "
         f"deploying {deploy.replicas} replica(s) x {deploy.threads} thread(s), each loading {config.model}")  # fmt: skip
 
@@ -501,23 +531,31 @@ def start(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print)
             ray.shutdown()
 
     try:
-        serve.run(build_app(config, deploy, loader), name=APP_NAME, route_prefix="/", blocking=False)
+        handle = serve.run(build_app(config, deploy, loader), name=APP_NAME, blocking=False,
+                           route_prefix="/" if deploy.ingress == "ray-proxy" else None)  # fmt: skip
     except Exception as e:
         stop()
         raise PellucidError(f"the deployment did not start: {type(e).__name__}: {e}") from None
-    return stop
+    return handle, stop
 
 
 def serve_forever(config: ServerConfig, deploy: DeployConfig, loader=None, *, log=print) -> None:
-    """`pellucid serve --replicas N`: deploy, then wait for Ctrl-C."""
-    stop = start(config, deploy, loader, log=log)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` takes Serve and the local cluster down as Ctrl-C does
-    log(f"pellucid: serving {config.model_name} on http://{config.host}:{config.port} with "
+    """`pellucid serve --replicas N`: deploy, then serve HTTP here (or let Ray's proxy do it) until Ctrl-C or SIGTERM."""
+    handle, stop = start(config, deploy, loader, log=log)
+    where = "this process" if deploy.ingress == "pellucid" else "Ray Serve's proxy"
+    log(f"pellucid: serving {config.model_name} on http://{config.host}:{config.port} ({where}) with "
         f"{deploy.replicas} replica(s) on Ray Serve (OpenAI: /v1/chat/completions, /v1/completions; "
         "Anthropic: /v1/messages; /health, /metrics)")  # fmt: skip
     try:
-        while True:
-            time.sleep(3600)
+        if deploy.ingress == "pellucid":
+            import uvicorn
+
+            uvicorn.run(Relay(handle), host=config.host, port=config.port, log_level="warning", access_log=False,
+                        timeout_graceful_shutdown=3, lifespan="off")  # fmt: skip
+        else:
+            signal.signal(signal.SIGTERM, _interrupt)  # `kill` takes Serve and the local cluster down as Ctrl-C does
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
