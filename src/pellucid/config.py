@@ -60,10 +60,9 @@ SCHEMA: dict[str, dict[str, str | None]] = {
                "stream_interval_ms": None, "ingress": None},
 }  # fmt: skip
 TOP_LEVEL = ["model", "sampling", "control", "system_prompt", "deploy"]
-DEPLOY_INGRESS = {  # deploy.ingress: who answers HTTP for the Ray Serve replicas (pellucid/server/ray_serve.py)
-    "pellucid": "this process: HTTP here, relayed to the replicas through Ray handles (one hop)",
-    "ray-proxy": "Ray Serve's HTTP proxy and an ingress deployment (two hops; HTTP served by the cluster)",
-}
+# deploy.ingress, who answers HTTP for the Ray Serve replicas (pellucid/server/ray_serve.py): the
+# `pellucid serve` process itself (one hop), or Ray Serve's HTTP proxy and an ingress deployment
+DEPLOY_INGRESS = ("pellucid", "ray-proxy")
 
 
 @dataclass

@@ -188,9 +188,6 @@ class AsyncEngine:
             self._wake.notify()
         return fut
 
-    def num_calls(self) -> int:
-        return len(self._calls)
-
     # -- the loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
         if self.num_threads:
@@ -203,8 +200,7 @@ class AsyncEngine:
                     for fut, _ in self._calls:
                         fut.cancel()
                     return
-                calls = list(self._calls)
-                self._calls.clear()
+                calls = self._take_calls() if self._calls else ()
             for fut, fn in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -229,6 +225,11 @@ class AsyncEngine:
                     self.on_step(self.engine, outputs, dt)
                 except Exception as e:  # metrics must never stop generation
                     self.error = e
+
+    def _take_calls(self) -> list:
+        calls = list(self._calls)
+        self._calls.clear()
+        return calls
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}

@@ -73,8 +73,9 @@ SESSION_HEADER = b"x-session-id"
 KEY_BODY_LIMIT = 1 << 20  # bodies larger than this are not parsed for a routing key
 KEY_PROMPT_CHARS = 512  # a completion's routing key: its prompt's first characters
 RETRIES = 4  # attempts per request when replicas die before it sent any output
-# Each streamed message costs CPU at three Ray hops (replica -> ingress -> proxy), about 1.5-2
-# ms a message on this project's machines, in processes that share the replicas' cores. A
+# Each streamed message costs CPU at every hop to the client (replica -> serve process; with
+# --ingress ray-proxy replica -> ingress -> proxy, about 1.5-2 ms a message on this project's
+# machines), in processes that may share the replicas' cores. A
 # stream's chunks that come within this interval of the last one sent travel together; a
 # chunk after a quiet spell (the first token) goes at once. (Ray Serve LLM batches its
 # streams the same way, stream_batching_interval_ms; vLLM has stream_interval.)
