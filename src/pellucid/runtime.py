@@ -96,8 +96,8 @@ def kernels(device: str = "cpu") -> str:
     """Which kernels a quantized model runs on here, in words (printed by bench and serve)."""
     if device != "cpu":
         return f"torch's kernels on {device}"
-    from pellucid.quantization import cpu
+    from pellucid import kernels
 
-    if not cpu.available():
+    if not kernels.available():
         return "torch's kernels (pellucid's CPU kernels unavailable)"
-    return f"pellucid CPU kernels ({torch.ops.pellucid.cpu_isa()}, int16 activations per block of 32)"
+    return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, int16 activations per block of 32)"

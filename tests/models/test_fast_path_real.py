@@ -12,14 +12,13 @@ import pytest
 import torch
 from tiny import greedy
 
-from pellucid import runtime
+from pellucid import kernels, runtime
 from pellucid.engine.kv_cache import KVCache
 from pellucid.engine.speculative import NgramDrafter, SpeculativeDecoder
 from pellucid.models.layers import ForwardContext
-from pellucid.quantization import cpu
 from pellucid.sampling.params import SamplingParams
 
-pytestmark = [pytest.mark.real, pytest.mark.skipif(not cpu.available(), reason="needs pellucid's CPU kernels")]
+pytestmark = [pytest.mark.real, pytest.mark.skipif(not kernels.available(), reason="needs pellucid's CPU kernels")]
 
 EDIT = ("Fix the two typos in this sentence and reply with the corrected sentence only: "
         "The quick brown fox jumpd over the lazy dog while the farmer watched from the old barn doore.")  # fmt: skip
@@ -52,7 +51,8 @@ def test_the_default_format_is_one_for_api_cli_and_server(llm):
     assert common.DEFAULT_DTYPE == ServerConfig().dtype == "auto"
     assert next(llm.model.parameters()).dtype == torch.float32  # "auto" with quantized weights on CPU
     assert all(b.fusable for b in llm.model.blocks)
-    assert type(llm.model.lm_head).__name__ == "Q8Linear" and llm.model.embed.qs is llm.model.lm_head.qs
+    # the file's Q8_0 table, in place: the tied head and the embedding read the same mapped bytes
+    assert type(llm.model.lm_head).__name__ == "BlockLinear" and llm.model.embed.data is llm.model.lm_head.data
     assert torch.ops.pellucid.cpu_isa() in runtime.kernels()
 
 

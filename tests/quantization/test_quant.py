@@ -1,5 +1,5 @@
-"""Weight-only int8/int4: kernels against their own dequantized weights, shape checks,
-Q4 blocks kept bit for bit, bytes per parameter, and the module swap on a tiny model."""
+"""Weight-only int8/int4: torch's kernels against their own dequantized weights, shape checks,
+pellucid's block quantizers (Q8_0, Q4_1), bytes per parameter, and the module swap on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import tiny_hf_llama, write_llama_gguf
 
+from pellucid import kernels
 from pellucid.errors import PellucidError
-from pellucid.quantization import cpu
 from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
-from pellucid.quantization.blocks import Q8Embedding, Q8Linear
+from pellucid.quantization.blocks import BlockEmbedding, BlockLinear, quantize_blocks
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import (
     Int4Linear,
@@ -28,24 +28,35 @@ def test_kernels_exist_on_cpu():
     assert has_kernel("int4", "cpu")
 
 
-@pytest.mark.skipif(not cpu.available(), reason="pellucid's AVX2 kernels need an x86 CPU with AVX2, g++ and ninja")
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
-def test_own_cpu_kernels_equal_float32_matmul_of_their_weights(M):
-    """pellucid.int8_mm / int4_mm: every row count (4-, 2- and 1-row tiles), a K with a
-    tail past the last 8/32 (int8), groups of 32 and 64 (int4), float32 throughout."""
-    torch.manual_seed(M)
-    x = torch.randn(M, 200)
-    q8, s8 = quantize_int8(torch.randn(48, 200), torch.float32)
-    ref8 = x.double() @ (q8.double() * s8.double()[:, None]).t()
-    assert torch.allclose(torch.ops.pellucid.int8_mm(x, q8, s8).double(), ref8, rtol=1e-5, atol=1e-5)
-    for group in (32, 64):
-        w = torch.randn(32, 256)
-        lin = Int4Linear.from_float(w, group_size=group, dtype=torch.float32)
-        assert lin.own_kernel
-        x = torch.randn(M, 256)
-        ref4 = x.double() @ lin.dequantize(torch.float32).double().t()
-        assert torch.allclose(lin(x).double(), ref4, rtol=1e-5, atol=1e-4)
-        assert (lin.dequantize(torch.float32) - w).abs().max() <= (w.abs().max() * 2 / 15) / 2 * 1.01  # half a step
+@pytest.mark.parametrize(("bits", "group"), [(8, 32), (4, 32), (4, 64)])
+def test_block_quantizers_round_to_the_nearest_step(bits, group):
+    """Q8_0 (bits 8) and Q4_1 (bits 4, groups of 32 or 64): every value within half a step of
+    the float weight, read back by the kernels' own dequantizer; the layer's matmul equal to
+    the float64 product of those values (up to the int16 activations)."""
+    torch.manual_seed(bits + group)
+    w = torch.randn(48, 256)
+    w[3] = 0.0  # an all-zero row: d = 0, values 0
+    lin = BlockLinear.from_float(w, bits=bits, group_size=group)
+    assert lin.qtype == (kernels.Q8_0 if bits == 8 else kernels.Q4_1)
+    back = lin.dequantize()
+    g = w.view(48, -1, group if bits == 4 else 32)
+    step = (g.abs().amax(-1) / 127) if bits == 8 else (g.amax(-1) - g.amin(-1)) / 15
+    tol = step.repeat_interleave(g.shape[-1], dim=1) * 0.51 + 1e-3 * step.max()  # half a step (float16 scales)
+    assert ((back - w).abs() <= tol).all()
+    assert torch.equal(back[3], torch.zeros(256))
+    if kernels.available():
+        x = torch.randn(5, 256)
+        ref = x.double() @ back.double().t()
+        assert ((lin(x).double() - ref).abs().max() <= 1e-4 * ref.abs().max())
+
+
+def test_block_layers_refuse_shapes_they_cannot_hold():
+    with pytest.raises(PellucidError, match="blocks of 32"):
+        quantize_blocks(torch.randn(4, 48), kernels.Q8_0)
+    with pytest.raises(PellucidError, match="group size 48"):
+        quantize_blocks(torch.randn(4, 96), kernels.Q4_1, 48)
+    with pytest.raises(PellucidError, match="are 34 bytes"):
+        BlockLinear(torch.zeros(4, 30, dtype=torch.uint8), kernels.Q8_0, 32)
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])
@@ -139,11 +150,12 @@ def test_parse_quant():
 def test_bytes_per_parameter():
     w = torch.randn(576, 1536)
     i8, i4 = Int8Linear.from_float(w), Int4Linear.from_float(w, group_size=32)
-    s8 = 4 if i8.own_kernel else 2  # pellucid's AVX2 kernels keep float32 scales; torch's take bfloat16
-    s4 = 4 if i4.own_kernel else 2
+    s8 = s4 = 2  # torch's kernels take bfloat16 scales
     assert i8.nbytes == 576 * 1536 + s8 * 576  # int8 values + a scale per row
     assert i4.nbytes == 576 * 1536 // 2 + (1536 // 32) * 576 * 2 * s4  # nibbles + scale and zero per group
     assert abs(i4.nbytes / w.numel() - (0.5 + 2 * s4 / 32)) < 1e-9
+    q8, q4 = BlockLinear.from_float(w, bits=8), BlockLinear.from_float(w, bits=4)
+    assert q8.nbytes == 576 * 1536 // 32 * 34 and q4.nbytes == 576 * 1536 // 32 * 20  # Q8_0, Q4_1 blocks
 
 
 def test_quantize_int8_scale_rounding_is_consistent():
@@ -172,9 +184,9 @@ def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
     rows = lm.model.embed(torch.tensor([[1, 2]]))
     assert rows.dtype == torch.float32
     assert next(lm.model.parameters()).dtype == torch.float32  # the engine reads the activation type here
-    if cpu.available():  # block layers: a Q8 head, and the tied embedding reads the head's own bytes
-        assert isinstance(layers["lm_head"], Q8Linear)
-        assert isinstance(lm.model.embed, Q8Embedding) and lm.model.embed.qs is layers["lm_head"].qs
+    if kernels.available():  # block layers: a Q8_0 head, and the tied embedding reads the head's own bytes
+        assert isinstance(layers["lm_head"], BlockLinear) and layers["lm_head"].qtype == kernels.Q8_0
+        assert isinstance(lm.model.embed, BlockEmbedding) and lm.model.embed.data is layers["lm_head"].data
         assert torch.equal(rows[0], layers["lm_head"].dequantize()[[1, 2]])
         assert torch.allclose(rows[0], ref.model.embed.weight[[1, 2]], atol=0.01 * float(ref.model.embed.weight.detach().abs().max()))
     else:  # torch's kernels: the embedding is a bfloat16 table; the tiny vocabulary (273) is not a multiple of 16: int8 head

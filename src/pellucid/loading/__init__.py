@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pellucid import registry, runtime
+from pellucid import kernels, registry, runtime
 from pellucid.errors import PellucidError
 from pellucid.loading.common import (
     DTYPES,
@@ -30,7 +30,6 @@ from pellucid.loading.hf import load_hf_folder
 from pellucid.models import architecture
 from pellucid.models.decoder import pack_for_cpu_ops
 from pellucid.models.layers import ModelConfig
-from pellucid.quantization import cpu
 from pellucid.quantization.apply import parse_quant, quantize_model
 from pellucid.text.chat_template import ChatTemplate
 from pellucid.text.tokenizer import Tokenizer
@@ -67,7 +66,7 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
         lm = _load_gguf(path, dt, device, max_len, quant)
     lm.quant = quant
-    if device == "cpu" and cpu.available():  # builds pellucid's CPU kernels on a machine's first load
+    if device == "cpu" and kernels.available():  # builds pellucid's CPU kernels on a machine's first load
         pack_for_cpu_ops(lm.model)
     _trim_heap()
     lm.load_seconds = time.perf_counter() - t0
@@ -98,16 +97,21 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
         last[name] = w
         return w
 
-    def source_blocks(name: str):  # the file's quantized blocks in our row order, or None
+    def source_blocks(name: str):  # the file's bytes for our parameter, used where they lie (see quantize_model)
         src = gguf_tensor_name(mod, f, name)
-        blocks = f.blocks(src)
-        rows = _row_map(mod, cfg, name, f.tensors[src].shape[0]) if blocks is not None else None
+        info = f.tensors[src]
+        if int(info.qtype) not in kernels.ROW_TYPES or len(info.shape) != 2:
+            return None
+        rows = _row_map(mod, cfg, name, info.shape[0])
         if rows is None:
             return None
-        storage[name], shapes[name] = f.tensors[src].qtype.name, f.tensors[src].shape
-        if torch.equal(rows, torch.arange(rows.shape[0])):
-            return blocks
-        return tuple(b if b is None or isinstance(b, str) else b[rows] for b in blocks)
+        storage[name], shapes[name] = info.qtype.name, info.shape
+        data, n = f.view(src), rows.shape[0]
+        if torch.equal(rows, torch.arange(rows[0], rows[0] + n)):  # all rows, or a contiguous part of them
+            return data[int(rows[0]) : int(rows[0]) + n], int(info.qtype), None
+        if n == info.shape[0] and torch.equal(torch.sort(rows).values, torch.arange(n)):
+            return data, int(info.qtype), torch.argsort(rows)  # stored row s is our row out_index[s]
+        return data[rows].contiguous(), int(info.qtype), None  # any other selection: those rows, copied
 
     with torch.no_grad():
         if quant:  # swap the linear layers before any float weight of theirs is touched

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pellucid import kernels
 from pellucid.errors import PellucidError
-from pellucid.quantization.blocks import Q4Linear, Q8Embedding, Q8Linear
+from pellucid.quantization.blocks import BlockEmbedding, BlockLinear, quantize_blocks
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import Int4Linear, Int4PairLinear
 from pellucid.quantization.int8 import Int8Linear
@@ -42,25 +43,25 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
     """Swap each nn.Linear of `model` for its `quant` version, in place; returns `model`.
 
     With pellucid's CPU kernels (x86 with AVX2, the usual case) every layer becomes a
-    block layer (quantization/blocks.py): "int4" keeps each tensor the file stores in
-    blocks exactly as stored (Q4_0/Q4_1/Q4_K as Q4; Q8_0/Q5_0/Q6_K as Q8) and quantizes
-    float tensors to 4 bits per group; "int8" makes Q8 blocks of 32. The output head
-    ("auto") is the file's blocks or Q8, and a tied embedding shares the head's Q8 bytes.
+    block layer (quantization/blocks.py): "int4" uses each tensor the file stores in
+    blocks where it lies (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K: no conversion, no copy) and
+    quantizes float tensors to Q4_1 (groups of `-gN`); "int8" keeps Q8_0 tensors and
+    quantizes the others' values to Q8_0. The output head ("auto") is the file's blocks
+    or Q8_0, and a tied embedding reads the head's own bytes.
     Without the kernels: torch's weight-only int8/int4 layers (Int8Linear, Int4Linear; an
     int4 pair for the head), with `dtype` their input type (default bfloat16).
 
     source: parameter name -> float32 weight (default: the module's own); it may also
     return a row source (w[a:b], w.shape) for large tables. source_blocks: parameter
-    name -> the file's blocks as `GGUFFile.blocks` gives them (in our row order), or None.
+    name -> (data uint8 (N, row bytes), GGML type, out_index or None) for a tensor the file
+    stores, `out_index` saying where each stored row's output goes in our order; or None.
     """
-    from pellucid.quantization import cpu
-
     fmt, group = parse_quant(quant)
     if fmt is None:
         return model
     act = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if dev.type in ("cpu", "meta") and cpu.available():
+    if dev.type in ("cpu", "meta") and kernels.available():
         return _to_blocks(model, fmt, group, source, source_blocks, head, embedding, skip, act)
     dtype = dtype or kernel_dtype(act)
     head_fmt = {"auto": "int4x2" if fmt == "int4" else "int8", "same": quant}.get(head, head)  # type: ignore[arg-type]
@@ -112,11 +113,11 @@ def _float_weight(source, wname: str, lin: nn.Linear):
 
 def _to_blocks(model: nn.Module, fmt: str, group: int, source, source_blocks, head: str | None, embedding: bool,
                skip: tuple[str, ...], act: torch.dtype) -> nn.Module:  # fmt: skip
-    """quantize_model with pellucid's CPU kernels: Q4 / Q8 block layers (see quantize_model)."""
+    """quantize_model with pellucid's CPU kernels: block layers (see quantize_model)."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     embeds = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
-    shared: dict[int, Q8Linear] = {}  # a tied table's id -> its Q8 head, which the embedding reuses
+    shared: dict[int, BlockLinear] = {}  # a tied table's id -> its head, whose bytes the embedding reads
     kept: set[int] = set()
     for name, lin in linears:
         is_head = name.endswith("lm_head")
@@ -129,17 +130,16 @@ def _to_blocks(model: nn.Module, fmt: str, group: int, source, source_blocks, he
             bias = source(f"{name}.bias")
         if lin.in_features % 32:
             continue  # no block layout: the layer stays as it is
-        blocks = source_blocks(wname) if source_blocks is not None and (fmt == "int4" or is_head) else None
-        if blocks is not None and fmt == "int8" and blocks[0] != "q8":
-            blocks = None  # int8 asks for 8 bits: re-quantize a 4-bit tensor's values to Q8
-        if blocks is not None:
-            kind, q, d, m = blocks
-            new = Q4Linear.from_blocks(q, d, m, bias, name) if kind == "q4" else Q8Linear.from_blocks(q, d, bias, name)
-        elif fmt == "int8" or is_head:
-            new = Q8Linear.from_float(_float_weight(source, wname, lin), bias, name=name)
+        stored = source_blocks(wname) if source_blocks is not None else None
+        if stored is not None and (stored[1] not in kernels.BLOCK_TYPES or (fmt == "int8" and stored[1] != kernels.Q8_0)):
+            stored = None  # a float tensor, or int8 asked of a 4-bit one: quantize its values
+        if stored is not None:
+            data, qtype, out_index = stored
+            new = BlockLinear(data, qtype, lin.in_features, bias, out_index)
         else:
-            new = Q4Linear.from_float(_float_weight(source, wname, lin), bias, group_size=group, name=name)
-        if is_head and id(lin.weight) in embeds and isinstance(new, Q8Linear) and new.d.shape[1] * 32 == new.in_features:
+            bits = 8 if fmt == "int8" or is_head else 4
+            new = BlockLinear.from_float(_float_weight(source, wname, lin), bias, bits=bits, group_size=group)
+        if is_head and id(lin.weight) in embeds and new.out_index is None:
             shared[id(lin.weight)] = new
         _set_module(model, name, new)
     if not embedding:
@@ -147,18 +147,17 @@ def _to_blocks(model: nn.Module, fmt: str, group: int, source, source_blocks, he
     for name, emb in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]:
         if emb.embedding_dim % 32 or id(emb.weight) in kept:
             continue
-        head_q8 = shared.get(id(emb.weight))
-        if head_q8 is not None:
-            new = Q8Embedding(head_q8.qs, head_q8.d, act)
+        tied_head = shared.get(id(emb.weight))
+        if tied_head is not None:
+            new = BlockEmbedding(tied_head.data, tied_head.qtype, emb.embedding_dim, act)
         else:
             wname = names.get(id(emb.weight), f"{name}.weight")
-            blocks = source_blocks(wname) if source_blocks is not None else None
-            if blocks is not None and blocks[0] == "q8" and blocks[2].shape[1] * 32 == emb.embedding_dim:
-                new = Q8Embedding(blocks[1], blocks[2], act)
+            stored = source_blocks(wname) if source_blocks is not None else None
+            if stored is not None and stored[2] is None and stored[1] in kernels.ROW_TYPES:
+                new = BlockEmbedding(stored[0], stored[1], emb.embedding_dim, act)
             else:
                 w = source(wname) if source is not None else emb.weight.detach()
-                lin = Q8Linear.from_float(w, name=name)
-                new = Q8Embedding(lin.qs, lin.d, act)
+                new = BlockEmbedding(quantize_blocks(w, kernels.Q8_0), kernels.Q8_0, emb.embedding_dim, act)
         _set_module(model, name, new)
     return model
 
@@ -180,7 +179,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> quantized linear layer (an int4 pair counts once, not with its two halves)."""
     out = {}
     for n, m in model.named_modules():
-        if isinstance(m, Int8Linear | Int4Linear | Int4PairLinear | Q4Linear | Q8Linear) and not any(n.startswith(p + ".") for p in out):
+        if isinstance(m, Int8Linear | Int4Linear | Int4PairLinear | BlockLinear) and not any(n.startswith(p + ".") for p in out):
             out[n] = m
     return out
 
@@ -190,7 +189,7 @@ def model_nbytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for mod in model.modules():
         tensors = list(mod._parameters.values())
-        if isinstance(mod, Int8Linear | Int4Linear | RowEmbedding | Q4Linear | Q8Linear | Q8Embedding):
+        if isinstance(mod, Int8Linear | Int4Linear | RowEmbedding | BlockLinear | BlockEmbedding):
             tensors += [b for b in mod._buffers.values()]
             if isinstance(mod, Int4Linear) and mod.weight_q is not None:
                 tensors.append(mod.weight_q)

@@ -1,17 +1,16 @@
-"""Linear layers and embeddings on blocks of 32 (GGUF's own layouts), for pellucid's CPU kernels.
+"""Linear layers and embeddings whose weights are rows of GGUF blocks, for pellucid's CPU kernels.
 
-Two kinds of block cover every format the default models store:
+A GGUF file's quantized tensors are used where they lie: `BlockLinear.data` is a uint8
+view of the memory-mapped file, (rows, bytes per row), read by `pellucid::block_mm`
+(Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K). Nothing is converted at load and no second copy
+is made; a tied output head and the token embedding share the same bytes. Float weights
+(a Hugging Face folder, a float tensor of a GGUF file) are quantized into the same block
+formats once, by `quantize_blocks` (Q4_1 for 4 bits, Q8_0 for 8).
 
-- Q4: 4-bit q per value, a float32 scale d and offset m per block of 32: w = d * q + m.
-  A GGUF Q4_0, Q4_1 or Q4_K tensor maps onto it exactly (Q4_K's 6-bit sub-block scales
-  and mins multiplied out once at load; the products are exact in float32). Nibbles are
-  kept in GGUF's Q4_0 order: byte j of a block holds value j (low) and j + 16 (high).
-- Q8: int8 q per value, a float32 scale d per block of 32 (or 16): w = d * q. Q8_0, Q5_0
-  (q - 16 fits in int8) and Q6_K (blocks of 16) map onto it exactly.
+Rows that an architecture reorders (Llama's Q and K, stored in llama.cpp's interleaved
+rotary order) stay where they are: the kernel writes row n's output to column
+`out_index[n]`, so the layer's outputs come in our order at no cost.
 
-The kernels (`torch.ops.pellucid.q4_mm` / `q8_mm`) quantize the float32 activations per
-block of 32 to int16 and sum exact integer dot products per block, in one fixed order
-per output, so a row's result does not depend on how many rows share the call.
 Without the kernels (no compiler, another device) the layers still compute, through a
 dequantized matmul.
 """
@@ -22,212 +21,187 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pellucid import kernels
 from pellucid.errors import PellucidError
-from pellucid.quantization.int4 import quantize_int4
 
-ROW_CHUNK = 4096  # rows quantized at a time: bounds the float temporaries
+ROW_CHUNK = 4096  # rows quantized or dequantized at a time: bounds the float temporaries
 
 
 def _has_ops() -> bool:
-    return hasattr(torch.ops.pellucid, "q4_mm")
+    return hasattr(torch.ops.pellucid, "block_mm")
 
 
-def pack_q4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) in 0..15 -> (N, K / 2) uint8 in GGUF's block order."""
-    N, K = q.shape
-    b = q.to(torch.uint8).view(N, K // 32, 32)
-    return (b[..., :16] | (b[..., 16:] << 4)).reshape(N, K // 2).contiguous()
+def dequantize_rows(data: torch.Tensor, qtype: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of a block matrix as float32 (the kernel's lookup, or gguf's numpy reference without it)."""
+    if _has_ops():
+        return kernels.dequantize(data, qtype, k, rows)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    sel = data if rows is None else data[rows]
+    return torch.from_numpy(dequantize(sel.numpy(), GGMLQuantizationType(qtype))).reshape(-1, k)
 
 
-def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
-    N = qs.shape[0]
-    p = qs.view(N, -1, 16)
-    return torch.cat([p & 0x0F, p >> 4], dim=-1).reshape(N, -1)
+def quantize_blocks(w, qtype: int, group_size: int = 32) -> torch.Tensor:
+    """w (N, K) float, or a row source (w[a:b], w.shape) -> (N, row bytes) uint8 of Q8_0 or Q4_1 blocks.
 
-
-def quantize_q8(w, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float, or a row source (w[a:b], w.shape) -> q (N, K) int8, d (N, K / block) float32:
-    symmetric absmax per block, ROW_CHUNK rows at a time."""
+    Q8_0: d = max |w| / 127 per block of 32 (stored as float16), q = round(w / d).
+    Q4_1: per group of `group_size` (a multiple of 32), m = min, d = (max - min) / 15 (both
+    float16), q = round((w - m) / d) in 0..15; q is chosen against the rounded d and m.
+    """
     N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.int8)
-    d = torch.empty(N, K // block, dtype=torch.float32)
-    for r in range(0, N, ROW_CHUNK):
-        wb = w[r : r + ROW_CHUNK].float().reshape(-1, K // block, block)
-        s = wb.abs().amax(-1) / 127.0  # (n, G)
-        d[r : r + ROW_CHUNK] = s
-        q[r : r + ROW_CHUNK] = (wb / s.clamp(min=1e-30)[..., None]).round_().clamp_(-127, 127).reshape(-1, K)
-    return q, d
-
-
-def _check(name: str, N: int, K: int) -> None:
     if K % 32:
-        raise PellucidError(f"{name or 'a linear layer'} has {K} input features, not a multiple of 32 (a block)", param="quant")
+        raise PellucidError(f"a block layer needs input features in blocks of 32; got {K}", param="quant")
+    if qtype == kernels.Q4_1 and (group_size % 32 or K % group_size):
+        raise PellucidError(f"int4 group size {group_size}: must be a multiple of 32 that divides {K}", param="group_size")
+    block, size = kernels.BLOCK_SIZES[qtype]
+    out = torch.empty(N, K // 32, size, dtype=torch.uint8)
+    for r in range(0, N, ROW_CHUNK):
+        wb = w[r : r + ROW_CHUNK].float().reshape(-1, K // 32, 32)  # (n, B, 32)
+        o = out[r : r + ROW_CHUNK]
+        if qtype == kernels.Q8_0:
+            d = (wb.abs().amax(-1) / 127.0).half()  # (n, B)
+            df = d.float()
+            q = torch.where(df[..., None] > 0, wb / df.clamp(min=1e-30)[..., None], 0).round_().clamp_(-127, 127)
+            o[..., 0:2] = d.view(torch.uint8).view(*d.shape, 2)
+            o[..., 2:] = q.to(torch.int8).view(torch.uint8)
+        elif qtype == kernels.Q4_1:
+            g = wb.reshape(wb.shape[0], K // group_size, group_size)
+            lo, hi = g.amin(-1), g.amax(-1)  # (n, G)
+            rep = group_size // 32
+            d = ((hi - lo) / 15.0).half().repeat_interleave(rep, dim=1)  # (n, B)
+            m = lo.half().repeat_interleave(rep, dim=1)
+            df = d.float()
+            q = torch.where(df[..., None] > 0, (wb - m.float()[..., None]) / df.clamp(min=1e-30)[..., None], 0)
+            q = q.round_().clamp_(0, 15).to(torch.uint8)  # (n, B, 32)
+            o[..., 0:2] = d.view(torch.uint8).view(*d.shape, 2)
+            o[..., 2:4] = m.view(torch.uint8).view(*m.shape, 2)
+            o[..., 4:] = q[..., :16] | (q[..., 16:] << 4)
+        else:
+            raise PellucidError(f"pellucid quantizes float weights to Q8_0 or Q4_1, not {kernels.ROW_TYPES.get(qtype, qtype)}")
+    return out.view(N, -1)
 
 
-class _BlockLinear(nn.Module):
-    """Shared parts: bias, shape, bytes, row concatenation."""
+class BlockLinear(nn.Module):
+    """y = x @ W^T + b with W stored as rows of GGUF blocks (`data`, uint8 (N, row bytes)) of type `qtype`."""
 
-    kind = ""
-    fields: tuple[str, ...] = ()
-
-    def _finish(self, bias: torch.Tensor | None) -> None:
-        self.out_features, self.in_features = self.qs.shape[0], self.qs.shape[1] * (2 if self.kind == "q4" else 1)
+    def __init__(self, data: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None,
+                 out_index: torch.Tensor | None = None):  # fmt: skip
+        super().__init__()
+        if qtype not in kernels.BLOCK_TYPES:
+            raise PellucidError(f"GGML type {qtype} is not a block format the kernels read ({', '.join(kernels.BLOCK_TYPES.values())})")
+        if data.dim() != 2 or data.dtype != torch.uint8 or data.shape[1] != kernels.row_bytes(qtype, in_features):
+            raise PellucidError(f"{kernels.BLOCK_TYPES[qtype]} rows of {in_features} values are "
+                                f"{kernels.row_bytes(qtype, in_features)} bytes; got {tuple(data.shape)} {data.dtype}")  # fmt: skip
+        self.qtype, self.in_features, self.out_features = qtype, in_features, data.shape[0]
+        self.register_buffer("data", data)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("out_index", out_index, persistent=False)
+
+    @classmethod
+    def from_float(cls, w, bias: torch.Tensor | None = None, *, bits: int = 4, group_size: int = 32) -> BlockLinear:
+        """Quantize a float weight (N, K) (or a row source) to Q4_1 (bits=4) or Q8_0 (bits=8) blocks."""
+        qtype = kernels.Q4_1 if bits == 4 else kernels.Q8_0
+        return cls(quantize_blocks(w, qtype, group_size), qtype, w.shape[1], bias)
+
+    @property
+    def kind(self) -> str:
+        return kernels.BLOCK_TYPES[self.qtype]
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return self.data.numel() + (0 if self.bias is None else self.bias.numel() * 4)
 
-    def _out(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            y = y + self.bias
+    def weight_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Our rows (all, or `rows`) of the weight as float32: the stored rows, in output order."""
+        if self.out_index is not None:
+            stored = torch.argsort(self.out_index)  # our row r is stored row stored[r]
+            rows = stored if rows is None else stored[rows]
+        return dequantize_rows(self.data, self.qtype, self.in_features, rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_rows().to(dtype)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 on CPU -> (M, N) float32: the kernel with the bias, nothing else (the fused path)."""
+        return torch.ops.pellucid.block_mm(x, [self.data], [self.qtype], self.bias, self.out_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if _has_ops() and x.device.type == "cpu":
+            y = self.mm(x2)  # (M, N) float32
+        else:
+            y = F.linear(x2, self.dequantize().to(x2.device), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @classmethod
-    def concat_rows(cls, parts: list[_BlockLinear]) -> _BlockLinear:
-        """One layer with `parts`' output rows in order; each part's buffers become views of its own."""
-        if len({p.d.shape[1] for p in parts}) != 1:
-            raise TypeError("cannot fuse layers with different block sizes")
-        has_bias = [p.bias is not None for p in parts]
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for f in cls.fields:
-            fused.register_buffer(f, torch.cat([getattr(p, f) for p in parts]).contiguous())
-        bias = None
-        if any(has_bias):
-            bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts])
-        fused._finish(bias)
-        a = 0
-        for p in parts:
-            n = p.out_features
-            for f in cls.fields:
-                setattr(p, f, getattr(fused, f)[a : a + n])
-            if p.bias is not None:
-                p.bias = fused.bias[a : a + n]
-            a += n
-        return fused
+    def concat_rows(cls, parts: list[BlockLinear]) -> FusedBlockLinear:
+        return FusedBlockLinear(parts)
 
     def extra_repr(self) -> str:
-        bs = self.in_features // self.d.shape[1]
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} blocks of {bs}"
+        where = ", rows reordered" if self.out_index is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}{where}"
 
 
-class Q4Linear(_BlockLinear):
-    """w = d * q + m, 4-bit q, per block of 32. 0.5 + 8 / 32 bytes per parameter."""
+class FusedBlockLinear(nn.Module):
+    """Several BlockLinear layers' outputs side by side from one kernel call (q/k/v, gate/up).
 
-    bits, kind, fields = 4, "q4", ("qs", "d", "m")
+    The parts keep their own bytes (views of the file, of any block types); nothing is copied.
+    """
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, parts: list[BlockLinear]):
         super().__init__()
-        self.register_buffer("qs", qs.contiguous())
-        self.register_buffer("d", d.float().contiguous())
-        self.register_buffer("m", m.float().contiguous())
-        self._finish(bias)
-
-    @classmethod
-    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None,
-                    name: str = "") -> Q4Linear:  # fmt: skip
-        """q (N, K) in 0..15 (unpacked), d and m (N, K / 32)."""
-        _check(name, *q.shape)
-        return cls(pack_q4(q), d, m, bias)
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int = 32,
-                   name: str = "") -> Q4Linear:  # fmt: skip
-        """Min/max asymmetric 4-bit per group (a multiple of 32), stored per block of 32."""
-        N, K = w.shape
-        _check(name, N, K)
-        if group_size % 32 or K % group_size:
-            raise PellucidError(f"int4 group size {group_size}: must be a multiple of 32 that divides {K} ({name})", param="group_size")
-        q, sz = quantize_int4(w, group_size, torch.float32)  # sz (G, N, 2): scale, zero; w = (q - 8) * scale + zero
-        rep = group_size // 32
-        d = sz[..., 0].t().repeat_interleave(rep, dim=1)
-        m = (sz[..., 1] - 8.0 * sz[..., 0]).t().repeat_interleave(rep, dim=1)
-        return cls.from_blocks(q, d, m, bias, name)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        N, K = self.out_features, self.in_features
-        q = unpack_q4(self.qs).float().view(N, K // 32, 32)
-        return (q * self.d[..., None] + self.m[..., None]).reshape(N, K).to(dtype)
+        ks = {p.in_features for p in parts}
+        if len(ks) != 1:
+            raise TypeError(f"cannot fuse layers with different input sizes: {sorted(ks)}")
+        self.__dict__["parts"] = list(parts)  # not submodules: the parts stay owned where they are
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        index, bias, a = [], [], 0
+        for p in parts:
+            index.append(p.out_index + a if p.out_index is not None else torch.arange(a, a + p.out_features))
+            bias.append(p.bias if p.bias is not None else torch.zeros(p.out_features))
+            a += p.out_features
+        reordered = any(p.out_index is not None for p in parts)
+        self.out_index = torch.cat(index) if reordered else None
+        self.bias = torch.cat(bias) if any(p.bias is not None for p in parts) else None
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 on CPU -> (M, N) float32: the kernel and the bias, nothing else (the fused path)."""
-        y = torch.ops.pellucid.q4_mm(x, self.qs, self.d, self.m)
-        return y if self.bias is None else y.add_(self.bias)
+        return torch.ops.pellucid.block_mm(x, [p.data for p in self.parts], [p.qtype for p in self.parts],
+                                           self.bias, self.out_index)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()
-        if _has_ops() and x.device.type == "cpu":
-            y = torch.ops.pellucid.q4_mm(x2, self.qs, self.d, self.m)  # (M, N) float32
-        else:
-            y = x2 @ self.dequantize().t()
-        return self._out(y, x)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-class Q8Linear(_BlockLinear):
-    """w = d * q, int8 q, per block of 32 (16 for Q6_K). 1 + 4 / 32 bytes per parameter."""
+class BlockEmbedding(nn.Module):
+    """Token rows stored as GGUF blocks (a tied head's own bytes when tied), dequantized per lookup."""
 
-    bits, kind, fields = 8, "q8", ("qs", "d")
-
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, data: torch.Tensor, qtype: int, embedding_dim: int, out_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("qs", qs.to(torch.int8).contiguous())
-        self.register_buffer("d", d.float().contiguous())
-        self._finish(bias)
-
-    @classmethod
-    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None, name: str = "") -> Q8Linear:
-        _check(name, *q.shape)
-        return cls(q, d, bias)
-
-    @classmethod
-    def from_float(cls, w, bias: torch.Tensor | None = None, *, name: str = "") -> Q8Linear:
-        """w: an (N, K) tensor or a row source (w[a:b], w.shape)."""
-        _check(name, *w.shape)
-        q, d = quantize_q8(w)  # reads w a block of rows at a time
-        return cls(q, d, bias)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        N, K = self.out_features, self.in_features
-        bs = K // self.d.shape[1]
-        return (self.qs.float().view(N, -1, bs) * self.d[..., None]).reshape(N, K).to(dtype)
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 on CPU -> (M, N) float32: the kernel and the bias, nothing else (the fused path)."""
-        y = torch.ops.pellucid.q8_mm(x, self.qs, self.d)
-        return y if self.bias is None else y.add_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()
-        if _has_ops() and x.device.type == "cpu":
-            y = torch.ops.pellucid.q8_mm(x2, self.qs, self.d)  # (M, N) float32
-        else:
-            y = x2 @ self.dequantize().t()
-        return self._out(y, x)
-
-
-class Q8Embedding(nn.Module):
-    """Token rows stored as Q8 blocks of 32 (a tied head's own buffers when it is Q8), dequantized per lookup."""
-
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, out_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if qs.shape[1] != d.shape[1] * 32:
-            raise PellucidError(f"a Q8 embedding needs blocks of 32; got {qs.shape[1]} values and {d.shape[1]} scales per row")
-        self.register_buffer("qs", qs)
-        self.register_buffer("d", d)
-        self.num_embeddings, self.embedding_dim = qs.shape
+        if qtype not in kernels.ROW_TYPES or data.dim() != 2 or data.shape[1] != kernels.row_bytes(qtype, embedding_dim):
+            raise PellucidError(f"an embedding of {embedding_dim} values per row cannot be read from {tuple(data.shape)} "
+                                f"bytes of GGML type {qtype}")  # fmt: skip
+        self.register_buffer("data", data)
+        self.qtype = qtype
+        self.num_embeddings, self.embedding_dim = data.shape[0], embedding_dim
         self.out_dtype = out_dtype
 
     @property
     def nbytes(self) -> int:
-        return self.qs.numel() + self.d.numel() * 4
+        return self.data.numel()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table as float32 (built on each access: for inspection, not the forward pass)."""
+        return dequantize_rows(self.data, self.qtype, self.embedding_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if _has_ops() and tokens.device.type == "cpu":
-            return torch.ops.pellucid.embedding_q8(tokens, self.qs, self.d).to(self.out_dtype)
-        rows = F.embedding(tokens, self.qs).float()  # (..., E)
-        d = F.embedding(tokens, self.d).repeat_interleave(32, dim=-1)
-        return (rows * d).to(self.out_dtype)
+            return torch.ops.pellucid.block_rows(self.data, self.qtype, self.embedding_dim, tokens).to(self.out_dtype)
+        flat = tokens.reshape(-1).cpu()
+        rows = dequantize_rows(self.data, self.qtype, self.embedding_dim, flat)
+        return rows.reshape(*tokens.shape, self.embedding_dim).to(device=tokens.device, dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, q8 blocks of 32, out {self.out_dtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kernels.ROW_TYPES[self.qtype]}, out {self.out_dtype}"

@@ -3,12 +3,9 @@
 w[n, k] ~= (q[n, k] - 8) * scale[g, n] + zero[g, n] with g = k // group_size and q in
 [0, 15] (min/max asymmetric rounding). Two layouts:
 
-- pellucid's AVX2 kernel (`pellucid.int4_mm`, x86 CPUs with AVX2): nibbles in GGUF's
-  block-of-32 order, w = d * q + m with float32 d and m per group. A GGUF Q4_0/Q4_1
-  tensor maps onto it exactly (same nibbles, same d and m). 0.5 + 8 / group_size bytes
-  per parameter.
-- otherwise `aten._weight_int4pack_mm_for_cpu` (torch's packing, bfloat16 scale and
-  zero, bfloat16 activations). 0.5 + 4 / group_size bytes per parameter.
+`aten._weight_int4pack_mm_for_cpu` (torch's packing, bfloat16 scale and zero, bfloat16
+activations), 0.5 + 4 / group_size bytes per parameter: the layer for devices where
+pellucid's own kernels (pellucid.kernels, quantization/blocks.py) do not run.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pellucid.quantization import cpu
 from pellucid.quantization.kernels import check_linear_shapes, has_kernel
 
 KERNEL = "aten._weight_int4pack_mm_for_cpu"
@@ -79,7 +75,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(G, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.weight_q: torch.Tensor | None = None  # unpacked (N, K) int32, kept only without the kernel
-        self.own_kernel = False
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int = 32,
@@ -100,11 +95,6 @@ class Int4Linear(nn.Module):
         check_linear_shapes("int4", K, N, group_size, name)
         m.in_features, m.out_features, m.group_size, m.compute_dtype = K, N, group_size, dtype
         m.weight_q = None
-        m.own_kernel = q.device.type == "cpu" and group_size % 32 == 0 and cpu.available()
-        if m.own_kernel:
-            sz = sz.float()
-            d, mn = sz[..., 0].t().contiguous(), (sz[..., 1] - 8.0 * sz[..., 0]).t().contiguous()  # (N, G)
-            return m._own(q, d, mn, bias)
         if has_kernel("int4", q.device):
             packed = pack_int4(q)
         else:  # keep the nibbles unpacked; forward dequantizes (correct, not fast)
@@ -115,41 +105,9 @@ class Int4Linear(nn.Module):
         m.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         return m
 
-    @classmethod
-    def from_q4_blocks(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
-                       name: str = "") -> Int4Linear:  # fmt: skip
-        """GGUF Q4_0/Q4_1 blocks of 32 (value = d * q + m) -> the same nibbles, scale d, zero m + 8 d."""
-        N, K = q.shape
-        if q.device.type == "cpu" and cpu.available():  # the file's d and m as they are
-            lin = cls.__new__(cls)
-            nn.Module.__init__(lin)
-            check_linear_shapes("int4", K, N, 32, name)
-            lin.in_features, lin.out_features, lin.group_size, lin.compute_dtype = K, N, 32, dtype
-            lin.weight_q, lin.own_kernel = None, True
-            return lin._own(q, d.float(), m.float(), None)
-        sz = torch.stack([d, m + 8.0 * d], dim=-1).transpose(0, 1).to(dtype)  # (G, N, 2)
-        return cls.from_quantized(q, sz, group_size=32, dtype=dtype, name=name)
-
-    def _own(self, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
-        """Store q (N, K) in [0, 15] in GGUF's block order, d and mn (N, G) float32: w = d * q + mn."""
-        N, K = q.shape
-        blocks = q.to(torch.uint8).view(N, K // 32, 32)
-        self.register_buffer("weight_packed", (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2).contiguous())
-        self.register_buffer("d", d.contiguous())
-        self.register_buffer("mn", mn.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(self.compute_dtype))
-        return self
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (N, K) weight these bytes stand for (through the kernel: x = identity)."""
         dtype = dtype or self.compute_dtype
-        if self.own_kernel:
-            N, K = self.out_features, self.in_features
-            p = self.weight_packed.view(N, K // 32, 16)
-            q = torch.cat([p & 0x0F, p >> 4], dim=-1).reshape(N, K).float()  # (N, K)
-            g = self.group_size
-            w = q.view(N, K // g, g) * self.d[..., None] + self.mn[..., None]
-            return w.reshape(N, K).to(dtype)
         if self.weight_q is not None:
             return dequantize_int4(self.weight_q, self.scales_and_zeros, self.group_size).to(dtype)
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.weight_packed.device)
@@ -162,12 +120,6 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.own_kernel:
-            y = torch.ops.pellucid.int4_mm(x.reshape(-1, self.in_features), self.weight_packed, self.d, self.mn,
-                                           self.group_size)  # (M, N) float32  # fmt: skip
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
         if self.weight_q is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_packed, self.group_size,
@@ -226,9 +178,7 @@ class Int4PairLinear(nn.Module):
         return self.main.nbytes + self.residual.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if not self.main.own_kernel:
-            x2 = x2.to(self.compute_dtype)
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
         y = self.main(x2).float() + self.residual(x2).float()  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

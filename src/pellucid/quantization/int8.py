@@ -1,9 +1,9 @@
 """Weight-only int8, one scale per output channel (row).
 
 w[n, k] ~= q[n, k] * scale[n], q in [-127, 127]. Activations stay in floating point.
-Kernels: pellucid's own on x86 CPUs with AVX2 (`pellucid.int8_mm`: float32 activations,
-float32 scales), else `aten._weight_int8pack_mm` (bfloat16 activations: torch's CPU
-kernel is 16-30x slower with float32 ones). Bytes per parameter: 1 + 4 / in_features.
+Kernel: `aten._weight_int8pack_mm` (bfloat16 activations: torch's CPU kernel is 16-30x
+slower with float32 ones), the layer for devices where pellucid's own kernels
+(pellucid.kernels, quantization/blocks.py) do not run. Bytes per parameter: 1 + 2 / in_features.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pellucid.quantization import cpu
 from pellucid.quantization.kernels import check_linear_shapes, has_kernel
 
 KERNEL = "aten._weight_int8pack_mm"
@@ -45,17 +44,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.use_kernel = True
-        self.own_kernel = False  # pellucid's AVX2 kernel (float32 scales and activations)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
         N, K = w.shape
         m = cls(K, N, bias=bias is not None, dtype=dtype, device=w.device)
-        m.own_kernel = w.device.type == "cpu" and cpu.available()
-        m.weight_q, m.scales = quantize_int8(w, torch.float32 if m.own_kernel else dtype)
+        m.weight_q, m.scales = quantize_int8(w, dtype)
         if bias is not None:
             m.bias = bias.detach().to(dtype)
-        m.use_kernel = m.own_kernel or has_kernel("int8", w.device)
+        m.use_kernel = has_kernel("int8", w.device)
         return m
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -69,11 +66,6 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.own_kernel:
-            y = torch.ops.pellucid.int8_mm(x.reshape(-1, self.in_features), self.weight_q, self.scales)  # (M, N) float32
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
         if self.use_kernel:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.scales)  # (M, N)

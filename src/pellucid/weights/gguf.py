@@ -133,7 +133,9 @@ class GGUFFile:
         if size < 24:
             raise PellucidError(f"{self.path}: {size} bytes is too small to be a GGUF file.")
         try:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # copy-on-write: tensor views are writable numpy arrays (torch wants them so), yet
+            # nothing is ever written, so every page stays the file's own, shared and clean
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
         except (OSError, ValueError) as e:
             raise PellucidError(f"{self.path}: cannot map the file: {e}") from e
         cur = _Cursor(memoryview(self._mm), self.path)
@@ -182,12 +184,18 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
-    def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of a tensor, read into memory of their own.
+    def view(self, name: str) -> torch.Tensor:
+        """A tensor's stored bytes where they lie in the mapped file: uint8 (rows, bytes per row), no copy.
 
-        Read, not mapped: a loaded model then never keeps the file's pages in its resident
-        memory next to the tensors made from them (the map serves the header only).
+        Its pages are read from disk when first touched and are shared with the page cache
+        (and with every process that maps the same file).
         """
+        t = self.tensors[name]
+        rows = t.shape[0] if len(t.shape) >= 2 else 1
+        return torch.from_numpy(self._mm[t.offset : t.offset + t.nbytes]).view(rows, -1)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor, read into memory of their own."""
         t = self.tensors[name]
         return self._read(t.offset, t.nbytes)
 
@@ -221,6 +229,14 @@ class GGUFFile:
         if t.qtype not in SUPPORTED_TYPES:
             ok = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
             raise PellucidError(f"{self.path}: tensor {name!r} is stored as {t.qtype.name}, which pellucid cannot read. Supported: {ok}.")
+        from pellucid import (
+            kernels,  # the C++ lookup reads every block type in place, at memory speed
+        )
+
+        if int(t.qtype) in kernels.ROW_TYPES and len(t.shape) <= 2 and kernels.available():
+            rows = t.shape[0] if len(t.shape) == 2 else 1
+            data = torch.from_numpy(self._mm[t.offset : t.offset + t.nbytes]).view(rows, -1)
+            return kernels.dequantize(data, int(t.qtype), t.shape[-1]).reshape(t.shape).to(dtype)
         data = self._read(t.offset, t.nbytes)
         if t.qtype == GGMLQuantizationType.F32:
             arr = data.view(np.float32)
@@ -231,23 +247,6 @@ class GGUFFile:
         else:  # a fresh array already: no second copy
             return torch.from_numpy(dequantize_blocks(data, t).reshape(t.shape)).to(dtype)
         return torch.from_numpy(arr.reshape(t.shape)).to(dtype)  # our own buffer: no copy needed
-
-    def blocks(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """A 2-D block-quantized tensor as integers and scales, exactly as stored; None for other types.
-
-        ("q4", q, d, m): q (rows, cols) uint8 in 0..15, d and m (rows, cols / 32) float32,
-        value = d * q + m (Q4_0, Q4_1, Q4_K). ("q8", q, d, None): q (rows, cols) int8,
-        d (rows, cols / bs) float32 with bs 32 (Q8_0, Q5_0) or 16 (Q6_K), value = d * q.
-        Every value equals the file's dequantized value bit for bit; no float matrix is built.
-        """
-        t = self.tensors.get(name)
-        if t is None or len(t.shape) != 2 or t.qtype not in _BLOCK_READERS:
-            return None
-        rows, cols = t.shape
-        kind, q, d, m = _BLOCK_READERS[t.qtype](self.raw(name))
-        q = q.reshape(rows, cols)
-        d = d.reshape(rows, -1)
-        return kind, q, d, None if m is None else m.reshape(rows, -1)
 
 
 def dequantize_blocks(data: np.ndarray, t: TensorInfo) -> np.ndarray:
@@ -303,82 +302,4 @@ _TORCH_DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
     GGMLQuantizationType.Q4_1: _dequant_q4_1,
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
-}
-
-
-# Integer readers: block bytes -> (kind, q, d, m) with q flat in element order.
-# Layouts (ggml-common.h): Q5_0 = fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles
-# (value d * (q - 16)); Q4_K = 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
-# mins for 8 sub-blocks of 32, 128 bytes of nibbles (each 64 values: 32 low, then 32 high);
-# Q6_K = 256 values: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales (one
-# per 16 values), fp16 d (value d * scale * (q - 32)).
-_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
-_Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])
-_Q6_K = np.dtype([("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")])
-
-
-def _f32(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a).astype(np.float32))
-
-
-def _int_q4_01(b: np.ndarray, with_min: bool):
-    s = b.view(_Q4_1 if with_min else _Q4_0)
-    qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (n, 16): element j low nibble, j + 16 high
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1)
-    d = _f32(s["d"])
-    return "q4", q, d, _f32(s["m"]) if with_min else -8.0 * d
-
-
-def _int_q8_0(b: np.ndarray):
-    s = b.view(_Q8_0)
-    return "q8", torch.from_numpy(np.ascontiguousarray(s["qs"])), _f32(s["d"]), None
-
-
-def _int_q5_0(b: np.ndarray):
-    s = b.view(_Q5_0)
-    qs = torch.from_numpy(np.ascontiguousarray(s["qs"])).to(torch.int16)  # (n, 16)
-    qh = torch.from_numpy(s["qh"].astype(np.int64))[:, None]  # (n, 1)
-    bit = (qh >> torch.arange(32)) & 1  # (n, 32): the fifth bit of element j
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1) | (bit << 4).to(torch.int16)
-    return "q8", (q - 16).to(torch.int8), _f32(s["d"]), None
-
-
-def _int_q4_k(b: np.ndarray):
-    s = b.view(_Q4_K)
-    n = s.shape[0]
-    sc = torch.from_numpy(np.ascontiguousarray(s["scales"])).to(torch.int32)  # (n, 12)
-    scale = torch.empty(n, 8, dtype=torch.int32)
-    mins = torch.empty(n, 8, dtype=torch.int32)
-    scale[:, :4], mins[:, :4] = sc[:, 0:4] & 63, sc[:, 4:8] & 63
-    scale[:, 4:] = (sc[:, 8:12] & 0x0F) | ((sc[:, 0:4] >> 6) << 4)
-    mins[:, 4:] = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
-    qs = torch.from_numpy(np.ascontiguousarray(s["qs"])).view(n, 4, 32)  # 4 chunks of 64 values
-    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(n, 256)  # chunk c: 32 low nibbles, then 32 high
-    d, dmin = _f32(s["d"])[:, None], _f32(s["dmin"])[:, None]
-    return "q4", q, d * scale.float(), -(dmin * mins.float())
-
-
-def _int_q6_k(b: np.ndarray):
-    s = b.view(_Q6_K)
-    n = s.shape[0]
-    ql = torch.from_numpy(np.ascontiguousarray(s["ql"])).view(n, 2, 2, 32).to(torch.int16)  # half, (l, l + 32)
-    qh = torch.from_numpy(np.ascontiguousarray(s["qh"])).view(n, 2, 32).to(torch.int16)
-    parts = [  # each half of 128 values: [0:32), [32:64), [64:96), [96:128)
-        (ql[:, :, 0] & 0x0F) | ((qh & 3) << 4),
-        (ql[:, :, 1] & 0x0F) | (((qh >> 2) & 3) << 4),
-        (ql[:, :, 0] >> 4) | (((qh >> 4) & 3) << 4),
-        (ql[:, :, 1] >> 4) | (((qh >> 6) & 3) << 4),
-    ]
-    q = torch.stack(parts, dim=2).reshape(n, 256) - 32
-    scales = torch.from_numpy(np.ascontiguousarray(s["scales"])).float()  # (n, 16): one per 16 values
-    return "q8", q.to(torch.int8), _f32(s["d"])[:, None] * scales, None
-
-
-_BLOCK_READERS = {
-    GGMLQuantizationType.Q4_0: lambda b: _int_q4_01(b, False),
-    GGMLQuantizationType.Q4_1: lambda b: _int_q4_01(b, True),
-    GGMLQuantizationType.Q4_K: _int_q4_k,
-    GGMLQuantizationType.Q8_0: _int_q8_0,
-    GGMLQuantizationType.Q5_0: _int_q5_0,
-    GGMLQuantizationType.Q6_K: _int_q6_k,
 }

@@ -15,7 +15,6 @@
 //       per token: optional per-head RMSNorm of q and k, rotary (rotate-half layout), k and
 //       v written at cache[slots[b], :, pos[b, t]]; then per query head, softmax attention
 //       over cache positions j <= pos (and pos - j < window when window > 0), GQA.
-//   pellucid::embedding_q8(ids (...), qs (V, E) int8, d (V, E / 32) f32) -> (..., E)
 //
 // Row invariance: every output row (a token's norm, a (b, t, h) attention head) is computed
 // by one code path with one summation order that depends only on that row's own sizes and
@@ -630,45 +629,6 @@ at::Tensor attention(const at::Tensor& qkv_, at::Tensor& k_cache, at::Tensor& v_
   return z;
 }
 
-// ---------------------------------------------------------------- Q8 embedding
-
-at::Tensor embedding_q8(const at::Tensor& ids_, const at::Tensor& qs_, const at::Tensor& d_) {
-  TORCH_CHECK(ids_.scalar_type() == at::kLong, "pellucid::embedding_q8: ids must be int64, got ", ids_.scalar_type());
-  TORCH_CHECK(qs_.dim() == 2 && qs_.scalar_type() == at::kChar, "pellucid::embedding_q8: qs must be (V, E) int8, got ",
-              qs_.sizes(), " ", qs_.scalar_type());
-  const int64_t V = qs_.size(0), E = qs_.size(1);
-  TORCH_CHECK(E % 32 == 0, "pellucid::embedding_q8: qs's row length E must be a multiple of 32, got ", E);
-  TORCH_CHECK(d_.dim() == 2 && d_.size(0) == V && d_.size(1) == E / 32 && d_.scalar_type() == at::kFloat,
-              "pellucid::embedding_q8: d must be (V, E / 32) = (", V, ", ", E / 32, ") float32, got ", d_.sizes(), " ",
-              d_.scalar_type());
-  auto ids = ids_.contiguous();
-  auto qs = qs_.contiguous();
-  auto d = d_.contiguous();
-  const int64_t N = ids.numel();
-  const int64_t* I = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i)
-    TORCH_CHECK(I[i] >= 0 && I[i] < V, "pellucid::embedding_q8: ids must be in [0, ", V, "), found ", I[i]);
-  auto shape = ids.sizes().vec();
-  shape.push_back(E);
-  auto y = at::empty(shape, d.options());
-  const int8_t* Q = qs.data_ptr<int8_t>();
-  const float* DS = d.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  for_rows(N, E, [&](int64_t i) {
-    const int8_t* q = Q + I[i] * E;
-    const float* ds = DS + I[i] * (E / 32);
-    float* out = Y + i * E;
-    for (int64_t g = 0; g < E / 32; ++g) {
-      const __m256 dv = _mm256_set1_ps(ds[g]);
-      for (int u = 0; u < 4; ++u) {
-        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + 8 * u));
-        _mm256_storeu_ps(out + g * 32 + 8 * u, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
-      }
-    }
-  });
-  return y;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pellucid, m) {
@@ -679,7 +639,6 @@ TORCH_LIBRARY_FRAGMENT(pellucid, m) {
       "attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor pos, Tensor cos, "
       "Tensor sin, int n_heads, int n_kv_heads, float scale, int window, Tensor? q_norm, Tensor? k_norm, "
       "float norm_eps, float norm_offset) -> Tensor");
-  m.def("embedding_q8(Tensor ids, Tensor qs, Tensor d) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pellucid, CPU, m) {
@@ -687,5 +646,4 @@ TORCH_LIBRARY_IMPL(pellucid, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("glu", &glu);
   m.impl("attention", &attention);
-  m.impl("embedding_q8", &embedding_q8);
 }

@@ -1,6 +1,6 @@
-"""pellucid's fused CPU ops (cpu_ops.cpp) against the reference compositions they replace:
+"""pellucid's fused CPU ops (kernels/ops.cpp) against the reference compositions they replace:
 norms (RMSNorm, GemmaRMSNorm), the gated MLP's activation, rotary + cache write + masked
-softmax attention (layers.py, kv_cache.py), the Q8 embedding; rows that keep their bits
+softmax attention (layers.py, kv_cache.py); rows that keep their bits
 whatever the batch, the chunking and the thread; bad arguments named in the error."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pellucid import kernels
 from pellucid.engine.kv_cache import KVCache
 from pellucid.models.gemma3 import GemmaRMSNorm
 from pellucid.models.layers import ForwardContext, ModelConfig, RMSNorm, apply_rope, rope_table
-from pellucid.quantization import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="pellucid's CPU ops need an x86 CPU with AVX2, g++ and ninja")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="pellucid's CPU ops need an x86 CPU with AVX2, g++ and ninja")
 
-ops = torch.ops.pellucid if cpu.available() else None
+ops = torch.ops.pellucid if kernels.available() else None
 D = 64
 
 
@@ -107,17 +107,6 @@ def test_norm_and_glu_rows_keep_their_bits_in_any_batch():
         assert torch.equal(ops.rms_norm(x[i : i + 1], w, 1e-6, 1.0)[0], many[0][i])
         assert torch.equal(ops.glu(gu[i : i + 1], 1)[0], many[1][i])
         assert torch.equal(ops.add_rms_norm(x[i : i + 1].clone(), a[i : i + 1], w, 1e-5, 0.0)[0], many[2][i])
-
-
-def test_embedding_q8_looks_up_dequantized_rows():
-    torch.manual_seed(0)
-    V, E = 50, 96
-    qs = torch.randint(-127, 128, (V, E), dtype=torch.int8)
-    d = torch.rand(V, E // 32) * 0.01
-    table = (qs.float().view(V, E // 32, 32) * d[..., None]).view(V, E)
-    ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
-    out = ops.embedding_q8(ids, qs, d)
-    assert out.shape == (2, 3, E) and torch.equal(out, table[ids])
 
 
 # ------------------------------------------------------------------ attention
@@ -293,8 +282,3 @@ def test_other_ops_bad_arguments_are_named():
         ops.glu(torch.randn(2, 7), 0)
     with pytest.raises(RuntimeError, match="act must be"):
         ops.glu(x, 2)
-    qs, d = torch.zeros(10, 64, dtype=torch.int8), torch.ones(10, 2)
-    with pytest.raises(RuntimeError, match=r"ids must be in \[0, 10\), found 10"):
-        ops.embedding_q8(torch.tensor([1, 10]), qs, d)
-    with pytest.raises(RuntimeError, match="d must be"):
-        ops.embedding_q8(torch.tensor([1]), qs, torch.ones(10, 3))

@@ -1,0 +1,1134 @@
+// Matmuls and row lookups on GGUF's block formats, read where they lie (x86: AVX2 + FMA
+// baseline, AVX-512 / VNNI chosen at run time).
+//
+//   pellucid::block_mm(x (M, K) f32, ws uint8[] (N_i, row bytes), types int[], bias (sum N_i,)?,
+//                      out_index (sum N_i,) int64?) -> (M, sum N_i) f32
+//       y[m, c(n)] = sum_k x[m, k] * W[n, k] (+ bias[c(n)]), W the rows of every w in order,
+//       each dequantized as ggml does (dequantize_row_*), c(n) = out_index[n] or n. Types
+//       (ggml's ids): Q4_0 2, Q4_1 3, Q5_0 6, Q8_0 8, Q4_K 12, Q6_K 14.
+//   pellucid::block_rows(w uint8 (N, row bytes), type, K, ids int64 (...)) -> (..., K) f32
+//       rows ids of W, each value equal to ggml's dequantized value bit for bit (also for F32 0,
+//       F16 1, BF16 30).
+//   pellucid::cpu_isa() -> str: "avx512_vnni", "avx512" or "avx2", the path block_mm takes
+//   pellucid::read_bytes(buf uint8) -> int: a sum over every byte, read with all threads (a
+//       probe of the machine's read bandwidth)
+//
+// Arithmetic of block_mm: per row of x and block of 32, amax = max |x|, dx = amax / 32767,
+// xq = nearbyint(x / dx) as int16 (all 0 with dx = 0 when amax is 0). Per output and weight
+// scale group (32 values; 16 for Q6_K): isum = sum q * xq exactly in int32 (madd / VPDPWSSD),
+// acc += float(isum) * (dw * dx) and, for formats with an offset (w = dw * q + mw: Q4_0 with
+// mw = -8 dw, Q4_1, Q5_0 with -16 dw, Q4_K), acc += mw * (dx * sum xq); dw and mw are the
+// file's scales multiplied out in float32 exactly as ggml's dequantizer does (d * sc for
+// Q4_K and Q6_K: exact products). One fused multiply-add per vector lane; lanes summed once
+// at the end. Every output runs the same instruction sequence whatever M, the tile that
+// holds it, the thread or the other rows are (no split-K), so a row's result is
+// bit-identical batched or alone. AVX2 and AVX-512 paths differ in lane layout (and so in
+// the last bits); PELLUCID_ISA=avx2|avx512 (read when the library is loaded) forces a
+// lower path.
+//
+// Layout: a unit is GPU scale groups (4 on AVX-512, 2 on AVX2), one per 128-bit lane:
+// operand j (of gs / 8) holds, in lane g, elements 8j..8j+7 of group g. Each format's
+// decoder turns the file's bytes into that order in registers (nibble unpacks, lane
+// permutes); the activations are quantized into the same order once per call.
+
+#ifndef PELLUCID_KERNEL_BODY
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+
+struct TypeInfo {
+  int64_t block;  // values per block
+  int64_t bytes;  // bytes per block
+};
+
+bool type_info(int64_t t, TypeInfo* out) {
+  switch (t) {
+    case F32: *out = {1, 4}; return true;
+    case F16: *out = {1, 2}; return true;
+    case BF16: *out = {1, 2}; return true;
+    case Q4_0: *out = {32, 18}; return true;
+    case Q4_1: *out = {32, 20}; return true;
+    case Q5_0: *out = {32, 22}; return true;
+    case Q8_0: *out = {32, 34}; return true;
+    case Q4_K: *out = {256, 144}; return true;
+    case Q6_K: *out = {256, 210}; return true;
+    default: return false;
+  }
+}
+
+const char* type_name(int64_t t) {
+  switch (t) {
+    case F32: return "F32";
+    case F16: return "F16";
+    case BF16: return "BF16";
+    case Q4_0: return "Q4_0";
+    case Q4_1: return "Q4_1";
+    case Q5_0: return "Q5_0";
+    case Q8_0: return "Q8_0";
+    case Q4_K: return "Q4_K";
+    case Q6_K: return "Q6_K";
+    default: return "an unsupported type";
+  }
+}
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline uint32_t load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Q4_K's 12 bytes of 6-bit scales and mins for 8 sub-blocks -> sc[8], mn[8].
+inline void q4k_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+// One row of K values, exactly as ggml's dequantize_row_* computes them.
+void dequant_row(int64_t t, const uint8_t* p, int64_t K, float* y) {
+  switch (t) {
+    case F32:
+      std::memcpy(y, p, K * 4);
+      return;
+    case F16:
+      for (int64_t k = 0; k < K; ++k) y[k] = fp16(p + 2 * k);
+      return;
+    case BF16:
+      for (int64_t k = 0; k < K; ++k) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * k, 2);
+        const uint32_t u = static_cast<uint32_t>(h) << 16;
+        std::memcpy(y + k, &u, 4);
+      }
+      return;
+    case Q4_0:
+      for (int64_t b = 0; b < K / 32; ++b, p += 18, y += 32) {
+        const float d = fp16(p);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = static_cast<float>((p[2 + j] & 0x0F) - 8) * d;
+          y[j + 16] = static_cast<float>((p[2 + j] >> 4) - 8) * d;
+        }
+      }
+      return;
+    case Q4_1:
+      for (int64_t b = 0; b < K / 32; ++b, p += 20, y += 32) {
+        const float d = fp16(p), m = fp16(p + 2);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = static_cast<float>(p[4 + j] & 0x0F) * d + m;
+          y[j + 16] = static_cast<float>(p[4 + j] >> 4) * d + m;
+        }
+      }
+      return;
+    case Q5_0:
+      for (int64_t b = 0; b < K / 32; ++b, p += 22, y += 32) {
+        const float d = fp16(p);
+        const uint32_t qh = load32(p + 2);
+        for (int j = 0; j < 16; ++j) {
+          const int x0 = (p[6 + j] & 0x0F) | static_cast<int>(((qh >> j) << 4) & 0x10);
+          const int x1 = (p[6 + j] >> 4) | static_cast<int>((qh >> (j + 12)) & 0x10);
+          y[j] = static_cast<float>(x0 - 16) * d;
+          y[j + 16] = static_cast<float>(x1 - 16) * d;
+        }
+      }
+      return;
+    case Q8_0:
+      for (int64_t b = 0; b < K / 32; ++b, p += 34, y += 32) {
+        const float d = fp16(p);
+        for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(static_cast<int8_t>(p[2 + j])) * d;
+      }
+      return;
+    case Q4_K:
+      for (int64_t b = 0; b < K / 256; ++b, p += 144) {
+        const float d = fp16(p), dmin = fp16(p + 2);
+        uint8_t sc[8], mn[8];
+        q4k_scales(p + 4, sc, mn);
+        const uint8_t* q = p + 16;
+        for (int c = 0; c < 4; ++c, q += 32) {  // 64 values: 32 low nibbles, then 32 high
+          const float d1 = d * sc[2 * c], m1 = dmin * mn[2 * c];
+          const float d2 = d * sc[2 * c + 1], m2 = dmin * mn[2 * c + 1];
+          for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0x0F) - m1;
+          for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
+        }
+      }
+      return;
+    case Q6_K:
+      for (int64_t b = 0; b < K / 256; ++b, p += 210) {
+        const float d = fp16(p + 208);
+        const uint8_t* ql = p;
+        const uint8_t* qh = p + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+        for (int h = 0; h < 2; ++h, ql += 64, qh += 32, sc += 8, y += 128) {
+          for (int l = 0; l < 32; ++l) {
+            const int is = l / 16;
+            const int q1 = static_cast<int8_t>((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = static_cast<int8_t>((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = static_cast<int8_t>((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = static_cast<int8_t>((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = d * sc[is + 0] * q1;
+            y[l + 32] = d * sc[is + 2] * q2;
+            y[l + 64] = d * sc[is + 4] * q3;
+            y[l + 96] = d * sc[is + 6] * q4;
+          }
+        }
+      }
+      return;
+    default:
+      TORCH_CHECK(false, "pellucid: cannot read GGML type ", t);
+  }
+}
+
+enum class Isa : int { avx2 = 0, avx512 = 1, avx512_vnni = 2 };
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::avx512_vnni: return "avx512_vnni";
+    case Isa::avx512: return "avx512";
+    default: return "avx2";
+  }
+}
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  Isa best = Isa::avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    best = __builtin_cpu_supports("avx512vnni") ? Isa::avx512_vnni : Isa::avx512;
+  }
+  if (const char* e = std::getenv("PELLUCID_ISA")) {  // only ever a lower path than the CPU's
+    const std::string s(e);
+    Isa want = best;
+    if (s == "avx2") want = Isa::avx2;
+    else if (s == "avx512") want = Isa::avx512;
+    else if (s == "avx512_vnni") want = Isa::avx512_vnni;
+    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+  }
+  return best;
+}
+
+const Isa kIsa = detect_isa();  // chosen once, when the library is loaded
+
+// One weight matrix's share of a call, the activations already quantized for its layout.
+struct Job {
+  int64_t M, K;
+  int64_t ldy;        // floats per row of y
+  int64_t KP;         // int16 per row of xq (whole units)
+  int64_t LP;         // floats per row of dxl / sxl (one per lane of every unit)
+  int64_t wrow;       // bytes per weight row
+  const int16_t* xq;  // (M, KP) quantized activations in unit order
+  const float* dxl;   // (M, LP) each lane's activation scale dx
+  const float* sxl;   // (M, LP) dx * sum(xq) of the lane's block in its first float, 0 in the others
+  const uint8_t* w;   // (N, wrow) the file's blocks
+  const float* bias;  // (ldy,) in output order, or null
+  const int64_t* col; // output column of each row, or null (column = n0 + row)
+  int64_t col0;       // first output column of this matrix when col is null
+  float* y;           // (M, ldy)
+};
+
+// Quantize one row of x to int16 per block of 32 and write it in the unit order of a path
+// with `gpu` scale groups of `gs` elements per unit. Plain IEEE max / divide / round to
+// nearest even: the same bits whatever the path or vector width.
+void prep_row(const float* x, int64_t K, int gs, int gpu, int16_t* xq, int64_t KP, float* dxl, float* sxl,
+              int64_t LP) {
+  const int64_t B = K / 32, unit = static_cast<int64_t>(gpu) * gs, lanes = 4 * gpu;
+  std::memset(xq + KP - unit, 0, unit * sizeof(int16_t));  // the last unit may be part empty
+  std::memset(dxl, 0, LP * sizeof(float));
+  if (sxl) std::memset(sxl, 0, LP * sizeof(float));
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  alignas(32) int16_t q[32];
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + 32 * b;
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    float dx = amax / 32767.0f;
+    int32_t qsum = 0;
+    if (_mm256_movemask_ps(bad) != 0 || !std::isfinite(amax)) {  // NaN / inf in: NaN out
+      dx = std::numeric_limits<float>::quiet_NaN();
+      std::memset(q, 0, sizeof(q));
+    } else if (dx > 0.0f) {
+      const __m256 dv = _mm256_set1_ps(dx);
+      // |x / dx| <= 32767 but for a subnormal dx (amax < ~4e-34): clamp, so xq and its sum agree
+      const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
+      __m256i s = _mm256_setzero_si256();
+      for (int i = 0; i < 4; i += 2) {  // cvtps: the MXCSR rounding, to nearest even
+        __m256i a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(v[i], dv))));
+        __m256i c = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], dv))));
+        s = _mm256_add_epi32(s, _mm256_add_epi32(a, c));
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), p);
+      }
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+      qsum = _mm_cvtsi128_si32(t);
+    } else {  // amax == 0 (or so small that dx underflows)
+      dx = 0.0f;
+      std::memset(q, 0, sizeof(q));
+    }
+    for (int c = 0; c < 4; ++c) {  // 8-element chunks to (unit, operand j, lane group g)
+      const int64_t e = 32 * b + 8 * c, g = e / gs, j = (e % gs) / 8, u = g / gpu, gg = g % gpu;
+      std::memcpy(xq + u * unit + j * (8 * gpu) + gg * 8, q + 8 * c, 16);
+    }
+    for (int64_t g = 32 * b / gs; g < 32 * (b + 1) / gs; ++g) {
+      float* p = dxl + (g / gpu) * lanes + (g % gpu) * 4;
+      p[0] = p[1] = p[2] = p[3] = dx;
+      if (sxl) sxl[(g / gpu) * lanes + (g % gpu) * 4] = dx * static_cast<float>(qsum);
+    }
+  }
+}
+
+}  // namespace
+
+// The kernel body, compiled three times: AVX2 (baseline flags), AVX-512BW and AVX-512 VNNI
+// (GCC target pragmas, chosen at run time). It uses no templates or inline functions from
+// headers, so nothing compiled for AVX-512 can be shared with (and picked by the linker
+// for) baseline code.
+#define PELLUCID_KERNEL_BODY 1
+
+#define PK_NS k_avx2
+#define PK_WIDTH 256
+#define PK_VNNI 0
+#include __FILE__
+#undef PK_NS
+#undef PK_WIDTH
+#undef PK_VNNI
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#define PK_NS k_avx512
+#define PK_WIDTH 512
+#define PK_VNNI 0
+#include __FILE__
+#undef PK_NS
+#undef PK_WIDTH
+#undef PK_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#define PK_NS k_avx512_vnni
+#define PK_WIDTH 512
+#define PK_VNNI 1
+#include __FILE__
+#undef PK_NS
+#undef PK_WIDTH
+#undef PK_VNNI
+#pragma GCC pop_options
+
+#undef PELLUCID_KERNEL_BODY
+
+namespace {
+
+using KernelFn = void (*)(const Job&, int64_t, int64_t);
+
+KernelFn pick(Isa isa, int64_t t) {
+#define PK_PICK(ns)                   \
+  switch (t) {                        \
+    case Q4_0: return ns::q4_0;       \
+    case Q4_1: return ns::q4_1;       \
+    case Q5_0: return ns::q5_0;       \
+    case Q8_0: return ns::q8_0;       \
+    case Q4_K: return ns::q4_k;       \
+    case Q6_K: return ns::q6_k;       \
+    default: return nullptr;          \
+  }
+  switch (isa) {
+    case Isa::avx512_vnni: PK_PICK(k_avx512_vnni)
+    case Isa::avx512: PK_PICK(k_avx512)
+    default: PK_PICK(k_avx2)
+  }
+#undef PK_PICK
+}
+
+bool has_offset(int64_t t) { return t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q4_K; }
+int group_size(int64_t t) { return t == Q6_K ? 16 : 32; }
+
+std::string dtype_name(at::ScalarType t) {  // torch's Python names
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+int64_t row_bytes(int64_t t, int64_t K) {
+  TypeInfo ti{};
+  type_info(t, &ti);
+  return K / ti.block * ti.bytes;
+}
+
+void check_weight(const char* op, const at::Tensor& w, int64_t t, int64_t K, size_t i) {
+  TypeInfo ti{};
+  TORCH_CHECK(type_info(t, &ti), op, ": weight ", i, " has GGML type ", t, ", which pellucid cannot read");
+  TORCH_CHECK(K % ti.block == 0, op, ": ", type_name(t), " rows hold blocks of ", ti.block, " values; K = ", K,
+              " is not a multiple");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, op, ": weight ", i, " must be (N, row bytes) uint8, got ",
+              dtype_name(w.scalar_type()), " of shape ", w.sizes());
+  TORCH_CHECK(w.size(1) == K / ti.block * ti.bytes, op, ": weight ", i, " (", type_name(t), ") rows must be ",
+              K / ti.block * ti.bytes, " bytes for K = ", K, ", got ", w.size(1));
+  TORCH_CHECK(w.stride(1) == 1 && w.stride(0) == w.size(1), op, ": weight ", i, " must be contiguous");
+}
+
+// Activations quantized for one layout (scale groups of gs), shared by the matrices that use it.
+struct Prepared {
+  int gs = 0;
+  int64_t KP = 0, LP = 0;
+  at::Tensor xq, dxl, sxl;
+};
+
+Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool offsets, const at::TensorOptions& opt) {
+  const int gpu = kIsa == Isa::avx2 ? 2 : 4;  // scale groups per unit (one per 128-bit lane)
+  Prepared p;
+  p.gs = gs;
+  const int64_t unit = static_cast<int64_t>(gpu) * gs, U = (K + unit - 1) / unit;
+  p.KP = U * unit, p.LP = U * 4 * gpu;
+  p.xq = at::empty({M, p.KP}, opt.dtype(at::kShort));
+  p.dxl = at::empty({M, p.LP}, opt.dtype(at::kFloat));
+  if (offsets) p.sxl = at::empty({M, p.LP}, opt.dtype(at::kFloat));
+  int16_t* xq = p.xq.data_ptr<int16_t>();
+  float* dxl = p.dxl.data_ptr<float>();
+  float* sxl = offsets ? p.sxl.data_ptr<float>() : nullptr;
+  const int64_t KP = p.KP, LP = p.LP;
+  auto body = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      prep_row(X + m * K, K, gs, gpu, xq + m * KP, KP, dxl + m * LP, sxl ? sxl + m * LP : nullptr, LP);
+  };
+  if (M * K < (1 << 15)) body(0, M);
+  else at::parallel_for(0, M, 16, body);
+  return p;
+}
+
+at::Tensor block_mm(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef types, const std::optional<at::Tensor>& bias_,
+                    const std::optional<at::Tensor>& out_index_) {
+  const char* op = "pellucid::block_mm";
+  TORCH_CHECK(x_.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat, op, ": x must be float32, got ", dtype_name(x_.scalar_type()));
+  TORCH_CHECK(ws.size() >= 1 && ws.size() == types.size(), op, ": one type per weight (", ws.size(), " weights, ",
+              types.size(), " types)");
+  const int64_t M = x_.size(0), K = x_.size(1);
+  TORCH_CHECK(K > 0 && K % 32 == 0, op, ": x (M, K) needs K a positive multiple of 32, got K = ", K);
+  int64_t N = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_weight(op, ws[i], types[i], K, i);
+    TORCH_CHECK(types[i] != F32 && types[i] != F16 && types[i] != BF16, op, ": weight ", i, " is ",
+                type_name(types[i]), "; block_mm reads block formats only");
+    N += ws[i].size(0);
+  }
+  const float* bias = nullptr;
+  at::Tensor bias_c;
+  if (bias_.has_value()) {
+    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == N && bias_->scalar_type() == at::kFloat, op,
+                ": bias must be (", N, ",) float32, got ", dtype_name(bias_->scalar_type()), " of shape ", bias_->sizes());
+    bias_c = bias_->contiguous();
+    bias = bias_c.data_ptr<float>();
+  }
+  const int64_t* col = nullptr;
+  at::Tensor index_c;
+  if (out_index_.has_value()) {
+    TORCH_CHECK(out_index_->dim() == 1 && out_index_->size(0) == N && out_index_->scalar_type() == at::kLong, op,
+                ": out_index must be (", N, ",) int64, got ", dtype_name(out_index_->scalar_type()), " of shape ",
+                out_index_->sizes());
+    index_c = out_index_->contiguous();
+    col = index_c.data_ptr<int64_t>();
+    std::vector<char> seen(N, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(col[n] >= 0 && col[n] < N && !seen[col[n]], op, ": out_index must be a permutation of 0..", N - 1);
+      seen[col[n]] = 1;
+    }
+  }
+  auto y = at::empty({M, N}, x_.options());
+  if (M == 0 || N == 0) return y;
+  auto x = x_.contiguous();
+  const float* X = x.data_ptr<float>();
+
+  Prepared preps[2];  // gs 32, gs 16
+  std::vector<Job> jobs(ws.size());
+  std::vector<KernelFn> fns(ws.size());
+  std::vector<int64_t> rows(ws.size()), cost(ws.size());
+  int64_t n0 = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const int gs = group_size(types[i]);
+    Prepared& p = preps[gs == 32 ? 0 : 1];
+    const bool off = has_offset(types[i]);
+    if (p.gs == 0 || (off && !p.sxl.defined())) {
+      bool need_off = off;  // one preparation with offsets serves every matrix of this layout
+      for (size_t k = 0; k < ws.size(); ++k) need_off |= group_size(types[k]) == gs && has_offset(types[k]);
+      p = prepare(X, M, K, gs, need_off, x.options());
+    }
+    Job& J = jobs[i];
+    J.M = M, J.K = K, J.ldy = N, J.KP = p.KP, J.LP = p.LP;
+    J.wrow = ws[i].size(1);
+    J.xq = p.xq.data_ptr<int16_t>();
+    J.dxl = p.dxl.data_ptr<float>();
+    J.sxl = p.sxl.defined() ? p.sxl.data_ptr<float>() : nullptr;
+    J.w = ws[i].data_ptr<uint8_t>();
+    J.bias = bias;
+    J.col = col ? col + n0 : nullptr;
+    J.col0 = n0;
+    J.y = y.data_ptr<float>();
+    fns[i] = pick(kIsa, types[i]);
+    rows[i] = ws[i].size(0);
+    cost[i] = J.wrow;
+    n0 += rows[i];
+  }
+  // Threads take contiguous shares of all the rows, weighted by their bytes; a small product
+  // stays on one thread (a parallel region costs 5-7 us).
+  int64_t total = 0;
+  for (size_t i = 0; i < ws.size(); ++i) total += rows[i] * cost[i];
+  const int64_t work = total * std::max<int64_t>(M, 1);
+  const int64_t T = work < (int64_t{1} << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), N);
+  auto share = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = total * t / T, hi = total * (t + 1) / T;  // byte range of this share
+      int64_t at = 0;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        const int64_t a = at, b = at + rows[i] * cost[i];
+        at = b;
+        const int64_t s = std::max(a, lo), e = std::min(b, hi);
+        if (s >= e) continue;
+        // rows whose first byte lies in [s, e)
+        const int64_t r0 = (s - a + cost[i] - 1) / cost[i], r1 = (e - a + cost[i] - 1) / cost[i];
+        if (r0 < r1) fns[i](jobs[i], r0, r1);
+      }
+    }
+  };
+  if (T == 1) share(0, 1);
+  else at::parallel_for(0, T, 1, share);
+  return y;
+}
+
+at::Tensor block_rows(const at::Tensor& w_, int64_t t, int64_t K, const at::Tensor& ids_) {
+  const char* op = "pellucid::block_rows";
+  TORCH_CHECK(ids_.scalar_type() == at::kLong, op, ": ids must be int64, got ", dtype_name(ids_.scalar_type()));
+  check_weight(op, w_, t, K, 0);
+  const int64_t V = w_.size(0), rb = w_.size(1);
+  auto ids = ids_.contiguous();
+  const int64_t n = ids.numel();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  auto y = at::empty(shape, ids.options().dtype(at::kFloat));
+  const int64_t* I = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(I[i] >= 0 && I[i] < V, op, ": ids must be in [0, ", V, "), found ", I[i]);
+  const uint8_t* W = w_.data_ptr<uint8_t>();
+  float* Y = y.data_ptr<float>();
+  auto body = [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) dequant_row(t, W + I[i] * rb, K, Y + i * K);
+  };
+  if (n * K < (1 << 16)) body(0, n);
+  else at::parallel_for(0, n, std::max<int64_t>(1, (1 << 15) / K), body);
+  return y;
+}
+
+// Sum of the bytes of [p, p + n): two sequential streams (the halves), as block_mm reads its weights.
+int64_t sum_bytes(const uint8_t* p, int64_t n) {
+  const int64_t half = n / 2 / 128 * 128;
+  const uint8_t* q = p + half;
+  const __m256i z = _mm256_setzero_si256();
+  __m256i s0 = z, s1 = z, s2 = z, s3 = z;
+  for (int64_t i = 0; i < half; i += 128) {  // sums of bytes per 8-byte lane: cheap, keeps every load live
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 4096), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 4096 + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + i + 4096), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + i + 4096 + 64), _MM_HINT_T0);
+    s0 = _mm256_add_epi64(s0, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), z));
+    s1 = _mm256_add_epi64(s1, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)), z));
+    s2 = _mm256_add_epi64(s2, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)), z));
+    s3 = _mm256_add_epi64(s3, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 32)), z));
+    s0 = _mm256_add_epi64(s0, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)), z));
+    s1 = _mm256_add_epi64(s1, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)), z));
+    s2 = _mm256_add_epi64(s2, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 64)), z));
+    s3 = _mm256_add_epi64(s3, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 96)), z));
+  }
+  alignas(32) int64_t v[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+  int64_t s = v[0] + v[1] + v[2] + v[3];
+  for (int64_t i = 2 * half; i < n; ++i) s += p[i];
+  return s;
+}
+
+int64_t read_bytes(const at::Tensor& buf) {
+  TORCH_CHECK(buf.scalar_type() == at::kByte && buf.is_contiguous(), "pellucid::read_bytes: a contiguous uint8 tensor");
+  const int64_t n = buf.numel();
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> part(T, 0);
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t a = n * t / T, b = n * (t + 1) / T;
+      part[t] = sum_bytes(p + a, b - a);
+    }
+  });
+  int64_t s = 0;
+  for (int64_t v : part) s += v;
+  return s;
+}
+
+std::string cpu_isa() { return isa_name(kIsa); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pellucid, m) {
+  m.def("block_mm(Tensor x, Tensor[] ws, int[] types, Tensor? bias=None, Tensor? out_index=None) -> Tensor");
+  m.def("block_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
+  m.def("read_bytes(Tensor buf) -> int");
+  m.def("cpu_isa() -> str", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(pellucid, CPU, m) {
+  m.impl("block_mm", &block_mm);
+  m.impl("block_rows", &block_rows);
+  m.impl("read_bytes", &read_bytes);
+}
+
+#else  // PELLUCID_KERNEL_BODY
+// ---------------------------------------------------------------------------------------
+// Kernel body: namespace PK_NS, units of PK_WIDTH bits, VPDPWSSD if PK_VNNI.
+
+namespace {
+namespace PK_NS {
+
+typedef __m256i iv2;
+typedef __m256 fv2;
+
+inline iv2 ldi2(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i ldi1(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline float hsum2(fv2 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// 32 bytes: 0xFF where bit i of x is set, 0 elsewhere (byte i <- bit i).
+inline iv2 bits_to_bytes(uint32_t x) {
+  const iv2 t = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)),
+                                    _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                                       0x0303030303030303));
+  const iv2 bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(t, bit), bit);
+}
+// four fp16 at p, p + s, p + 2s, p + 3s (the first r; zeros after) as floats
+inline __m128 fp16x4(const uint8_t* p, int64_t s, int r) {
+  uint16_t h[4] = {0, 0, 0, 0};
+  for (int k = 0; k < r; ++k) std::memcpy(h + k, p + k * s, 2);
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
+}
+
+#if PK_WIDTH == 512
+
+typedef __m512i iv;
+typedef __m512 fv;
+constexpr int GPU = 4;  // scale groups per unit: one per 128-bit lane
+constexpr int MR = 4;   // activation rows per tile
+constexpr int NR = 2;   // weight rows per tile
+
+inline iv ldi(const void* p) { return _mm512_loadu_si512(p); }
+inline fv ldf(const float* p) { return _mm512_loadu_ps(p); }
+inline fv fzero() { return _mm512_setzero_ps(); }
+inline fv fmul(fv a, fv b) { return _mm512_mul_ps(a, b); }
+inline fv ffma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
+inline fv i2f(iv a) { return _mm512_cvtepi32_ps(a); }
+inline iv madd(iv w, iv x) { return _mm512_madd_epi16(w, x); }
+inline iv dot(iv acc, iv w, iv x) {
+#if PK_VNNI
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+inline float hsum(fv v) {
+  const fv2 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum2(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+// 4 floats -> each over the 4 floats of its lane
+inline fv per_lane(__m128 v) {
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(v));
+}
+// floats i..i+3 of v, each over its lane
+inline fv per_lane_at(fv v, int i) {
+  return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i), _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1,
+                                                                                       1, 1, 0, 0, 0, 0)),
+                               v);
+}
+// 16 bytes at p + k s into lane k, for the first r lanes (zeros after)
+inline iv lanes16(const uint8_t* p, int64_t s, int r) {
+  if (r == 4) {
+    const iv a = _mm512_castsi128_si512(ldi1(p));
+    const iv b = _mm512_inserti32x4(a, ldi1(p + s), 1);
+    const iv c = _mm512_inserti32x4(b, ldi1(p + 2 * s), 2);
+    return _mm512_inserti32x4(c, ldi1(p + 3 * s), 3);
+  }
+  iv v = _mm512_setzero_si512();
+  if (r > 0) v = _mm512_inserti32x4(v, ldi1(p), 0);
+  if (r > 1) v = _mm512_inserti32x4(v, ldi1(p + s), 1);
+  if (r > 2) v = _mm512_inserti32x4(v, ldi1(p + 2 * s), 2);
+  return v;
+}
+// lo / hi: in lane g, the 16 bytes of elements 0..15 / 16..31 of group g (unsigned values) -> operands
+inline void widen_u(iv lo, iv hi, iv* W) {
+  const iv z = _mm512_setzero_si512();
+  W[0] = _mm512_unpacklo_epi8(lo, z);
+  W[1] = _mm512_unpackhi_epi8(lo, z);
+  W[2] = _mm512_unpacklo_epi8(hi, z);
+  W[3] = _mm512_unpackhi_epi8(hi, z);
+}
+inline iv sext_lo(iv v) { return _mm512_srai_epi16(_mm512_unpacklo_epi8(v, v), 8); }
+inline iv sext_hi(iv v) { return _mm512_srai_epi16(_mm512_unpackhi_epi8(v, v), 8); }
+
+// Q4_0 / Q4_1 / Q5_0 / Q8_0: a unit is 4 file blocks of 32 (r of them present).
+template <int64_t BB, int64_t QOFF>
+inline void nibbles32(const uint8_t* p, int r, iv* W) {
+  const iv raw = lanes16(p + QOFF, BB, r), m = _mm512_set1_epi8(0x0F);
+  widen_u(_mm512_and_si512(raw, m), _mm512_and_si512(_mm512_srli_epi16(raw, 4), m), W);
+}
+
+struct FQ4_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 128, CB = 4 * 18;  // elements, bytes per chunk
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    nibbles32<18, 2>(p, r, W);
+    dw = per_lane(fp16x4(p, 18, r));
+    mw = fmul(dw, _mm512_set1_ps(-8.0f));
+  }
+};
+struct FQ4_1 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 128, CB = 4 * 20;
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    nibbles32<20, 4>(p, r, W);
+    dw = per_lane(fp16x4(p, 20, r));
+    mw = per_lane(fp16x4(p + 2, 20, r));
+  }
+};
+struct FQ5_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 128, CB = 4 * 22;
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    const iv raw = lanes16(p + 6, 22, r), m = _mm512_set1_epi8(0x0F), b5 = _mm512_set1_epi8(0x10);
+    uint64_t klo = 0, khi = 0;  // fifth bits: bit 16 g + i of the masks = element i (lo) / 16 + i (hi) of block g
+    for (int g = 0; g < r; ++g) {
+      const uint32_t qh = load32(p + g * 22 + 2);
+      klo |= static_cast<uint64_t>(qh & 0xFFFF) << (16 * g);
+      khi |= static_cast<uint64_t>(qh >> 16) << (16 * g);
+    }
+    const iv l = _mm512_mask_add_epi8(_mm512_and_si512(raw, m), klo, _mm512_and_si512(raw, m), b5);
+    const iv h4 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
+    const iv h = _mm512_mask_add_epi8(h4, khi, h4, b5);
+    widen_u(l, h, W);
+    dw = per_lane(fp16x4(p, 22, r));
+    mw = fmul(dw, _mm512_set1_ps(-16.0f));
+  }
+};
+struct FQ8_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 128, CB = 4 * 34;
+  static constexpr bool OFF = false;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv&) {
+    const iv lo = lanes16(p + 2, 34, r), hi = lanes16(p + 18, 34, r);
+    W[0] = sext_lo(lo);
+    W[1] = sext_hi(lo);
+    W[2] = sext_lo(hi);
+    W[3] = sext_hi(hi);
+    dw = per_lane(fp16x4(p, 34, r));
+  }
+};
+
+// Q4_K: a chunk is one super-block of 256 (144 bytes), two units of 4 sub-blocks.
+struct FQ4_K {
+  static constexpr int GS = 32, NOPS = 4, UPC = 2;
+  static constexpr int64_t CE = 256, CB = 144;
+  static constexpr bool OFF = true;
+  struct Chunk {
+    fv v;  // d * sc[0..7], -dmin * mn[0..7]
+    const uint8_t* q;
+  };
+  static inline Chunk begin(const uint8_t* p) {
+    const uint32_t u0 = load32(p + 4), u1 = load32(p + 8), u2 = load32(p + 12);
+    const uint32_t s_lo = u0 & 0x3F3F3F3F, m_lo = u1 & 0x3F3F3F3F;
+    const uint32_t s_hi = (u2 & 0x0F0F0F0F) | ((u0 >> 2) & 0x30303030);
+    const uint32_t m_hi = ((u2 >> 4) & 0x0F0F0F0F) | ((u1 >> 2) & 0x30303030);
+    const __m128i b = _mm_setr_epi32(static_cast<int>(s_lo), static_cast<int>(s_hi), static_cast<int>(m_lo),
+                                     static_cast<int>(m_hi));
+    const fv s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+    const fv f = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16(p)), _mm512_set1_ps(-fp16(p + 2)));
+    return {fmul(s, f), p + 16};
+  }
+  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv& mw) {
+    const iv raw = ldi(c.q + 64 * k), m = _mm512_set1_epi8(0x0F);
+    const iv lo = _mm512_and_si512(raw, m), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
+    // lo: lanes = sub-blocks A[0:16], A[16:32], C[0:16], C[16:32]; hi the same for B, D
+    const iv P = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), hi);
+    const iv Q = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2), hi);
+    widen_u(P, Q, W);
+    dw = per_lane_at(c.v, 4 * k);
+    mw = per_lane_at(c.v, 8 + 4 * k);
+  }
+};
+
+// Q6_K: a chunk is one super-block of 256 (210 bytes), four units of 4 groups of 16.
+struct FQ6_K {
+  static constexpr int GS = 16, NOPS = 2, UPC = 4;
+  static constexpr int64_t CE = 256, CB = 210;
+  static constexpr bool OFF = false;
+  struct Chunk {
+    fv v;  // d * sc[0..15]
+    const uint8_t* p;
+  };
+  static inline Chunk begin(const uint8_t* p) {
+    const fv s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ldi1(p + 192)));
+    return {fmul(s, _mm512_set1_ps(fp16(p + 208))), p};
+  }
+  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv&) {
+    const int h = k >> 1, hi = k & 1;
+    const iv L = ldi(c.p + 64 * h);
+    const iv H = _mm512_broadcast_i64x4(ldi2(c.p + 128 + 32 * h));
+    const iv m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x03);
+    // lanes 0, 1: ql bytes 0..31 with qh bits (2 hi) * 2; lanes 2, 3: ql 32..63 with bits 2 + that
+    const iv sh = hi ? _mm512_set_epi64(6 * 0x0001000100010001LL, 6 * 0x0001000100010001LL, 6 * 0x0001000100010001LL,
+                                        6 * 0x0001000100010001LL, 4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL,
+                                        4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL)
+                     : _mm512_set_epi64(2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL,
+                                        2 * 0x0001000100010001LL, 0, 0, 0, 0);
+    const iv nib = hi ? _mm512_and_si512(_mm512_srli_epi16(L, 4), m4) : _mm512_and_si512(L, m4);
+    const iv top = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh), m2), 4);
+    const iv q = _mm512_sub_epi8(_mm512_or_si512(nib, top), _mm512_set1_epi8(32));
+    W[0] = sext_lo(q);
+    W[1] = sext_hi(q);
+    dw = per_lane_at(c.v, 4 * k);
+  }
+};
+
+#else  // PK_WIDTH == 256: every unit is 2 groups
+
+typedef iv2 iv;
+typedef fv2 fv;
+constexpr int GPU = 2;
+constexpr int MR = 4;
+constexpr int NR = 1;
+
+inline iv ldi(const void* p) { return ldi2(p); }
+inline fv ldf(const float* p) { return _mm256_loadu_ps(p); }
+inline fv fzero() { return _mm256_setzero_ps(); }
+inline fv fmul(fv a, fv b) { return _mm256_mul_ps(a, b); }
+inline fv ffma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
+inline fv i2f(iv a) { return _mm256_cvtepi32_ps(a); }
+inline iv madd(iv w, iv x) { return _mm256_madd_epi16(w, x); }
+inline iv dot(iv acc, iv w, iv x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+inline float hsum(fv v) { return hsum2(v); }
+inline fv per_lane2(float a, float b) { return _mm256_setr_ps(a, a, a, a, b, b, b, b); }
+inline fv per_lane(__m128 v) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+inline iv lanes16(const uint8_t* p, int64_t s, int r) {
+  const __m128i a = ldi1(p);
+  return r == 2 ? _mm256_inserti128_si256(_mm256_castsi128_si256(a), ldi1(p + s), 1) : _mm256_zextsi128_si256(a);
+}
+inline void widen_u(iv lo, iv hi, iv* W) {
+  const iv z = _mm256_setzero_si256();
+  W[0] = _mm256_unpacklo_epi8(lo, z);
+  W[1] = _mm256_unpackhi_epi8(lo, z);
+  W[2] = _mm256_unpacklo_epi8(hi, z);
+  W[3] = _mm256_unpackhi_epi8(hi, z);
+}
+inline iv sext_lo(iv v) { return _mm256_srai_epi16(_mm256_unpacklo_epi8(v, v), 8); }
+inline iv sext_hi(iv v) { return _mm256_srai_epi16(_mm256_unpackhi_epi8(v, v), 8); }
+
+template <int64_t BB, int64_t QOFF>
+inline void nibbles32(const uint8_t* p, int r, iv* W) {
+  const iv raw = lanes16(p + QOFF, BB, r), m = _mm256_set1_epi8(0x0F);
+  widen_u(_mm256_and_si256(raw, m), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m), W);
+}
+
+struct FQ4_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 64, CB = 2 * 18;
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    nibbles32<18, 2>(p, r, W);
+    dw = per_lane(fp16x4(p, 18, r));
+    mw = fmul(dw, _mm256_set1_ps(-8.0f));
+  }
+};
+struct FQ4_1 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 64, CB = 2 * 20;
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    nibbles32<20, 4>(p, r, W);
+    dw = per_lane(fp16x4(p, 20, r));
+    mw = per_lane(fp16x4(p + 2, 20, r));
+  }
+};
+struct FQ5_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 64, CB = 2 * 22;
+  static constexpr bool OFF = true;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv& mw) {
+    const iv raw = lanes16(p + 6, 22, r), m = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
+    const uint32_t qh0 = load32(p + 2), qh1 = r == 2 ? load32(p + 24) : 0;
+    const iv blo = _mm256_and_si256(bits_to_bytes((qh0 & 0xFFFF) | (qh1 << 16)), b5);
+    const iv bhi = _mm256_and_si256(bits_to_bytes((qh0 >> 16) | (qh1 & 0xFFFF0000u)), b5);
+    widen_u(_mm256_or_si256(_mm256_and_si256(raw, m), blo),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m), bhi), W);
+    dw = per_lane(fp16x4(p, 22, r));
+    mw = fmul(dw, _mm256_set1_ps(-16.0f));
+  }
+};
+struct FQ8_0 {
+  static constexpr int GS = 32, NOPS = 4, UPC = 1;
+  static constexpr int64_t CE = 64, CB = 2 * 34;
+  static constexpr bool OFF = false;
+  static inline void unit(const uint8_t* p, int, int r, iv* W, fv& dw, fv&) {
+    const iv lo = lanes16(p + 2, 34, r), hi = lanes16(p + 18, 34, r);
+    W[0] = sext_lo(lo);
+    W[1] = sext_hi(lo);
+    W[2] = sext_lo(hi);
+    W[3] = sext_hi(hi);
+    dw = per_lane(fp16x4(p, 34, r));
+  }
+};
+
+struct FQ4_K {
+  static constexpr int GS = 32, NOPS = 4, UPC = 4;
+  static constexpr int64_t CE = 256, CB = 144;
+  static constexpr bool OFF = true;
+  struct Chunk {
+    float d[8], m[8];
+    const uint8_t* q;
+  };
+  static inline Chunk begin(const uint8_t* p) {
+    Chunk c;
+    uint8_t sc[8], mn[8];
+    q4k_scales(p + 4, sc, mn);
+    const float d = fp16(p), dmin = fp16(p + 2);
+    for (int j = 0; j < 8; ++j) c.d[j] = d * sc[j], c.m[j] = -(dmin * mn[j]);
+    c.q = p + 16;
+    return c;
+  }
+  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv& mw) {
+    const iv raw = ldi(c.q + 32 * k), m = _mm256_set1_epi8(0x0F);
+    const iv lo = _mm256_and_si256(raw, m), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+    widen_u(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31), W);
+    dw = per_lane2(c.d[2 * k], c.d[2 * k + 1]);
+    mw = per_lane2(c.m[2 * k], c.m[2 * k + 1]);
+  }
+};
+
+struct FQ6_K {
+  static constexpr int GS = 16, NOPS = 2, UPC = 8;
+  static constexpr int64_t CE = 256, CB = 210;
+  static constexpr bool OFF = false;
+  struct Chunk {
+    float d[16];
+    const uint8_t* p;
+  };
+  static inline Chunk begin(const uint8_t* p) {
+    Chunk c;
+    const float d = fp16(p + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    for (int j = 0; j < 16; ++j) c.d[j] = d * sc[j];
+    c.p = p;
+    return c;
+  }
+  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv&) {
+    const int h = k >> 2, qq = k & 3;  // half, quarter of the half
+    const iv L = ldi(c.p + 64 * h + 32 * (qq & 1));
+    const iv H = ldi(c.p + 128 + 32 * h);
+    const iv m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    const iv nib = qq >= 2 ? _mm256_and_si256(_mm256_srli_epi16(L, 4), m4) : _mm256_and_si256(L, m4);
+    const iv top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(H, _mm_cvtsi32_si128(2 * qq)), m2), 4);
+    const iv q = _mm256_sub_epi8(_mm256_or_si256(nib, top), _mm256_set1_epi8(32));
+    W[0] = sext_lo(q);
+    W[1] = sext_hi(q);
+    dw = per_lane2(c.d[2 * k], c.d[2 * k + 1]);
+  }
+};
+
+#endif
+
+constexpr int L = 4 * GPU;           // float lanes
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in a weight stream that software prefetch asks for
+
+// Formats whose chunk is GPU file blocks of 32 decode a unit straight from the row; super-block
+// formats read the chunk's scales once (begin) and decode UPC units from them.
+template <class F>
+struct IsSuper {
+  template <class G>
+  static auto test(int) -> decltype(G::begin(nullptr), std::true_type());
+  template <class>
+  static std::false_type test(...);
+  static constexpr bool value = decltype(test<F>(0))::value;
+};
+
+// One unit of an mr x nr tile: each output's sequence is an integer dot over the unit, one
+// convert, one scale product, one fused add (and one more for the offset).
+template <class F, int mr, int nr>
+__attribute__((always_inline)) inline void unit_step(fv (&acc)[mr][nr], const iv (&W)[nr][F::NOPS],
+                                                     const fv (&dw)[nr], const fv (&mw)[nr],
+                                                     const int16_t* const* xp, const float* const* xd,
+                                                     const float* const* xs, int64_t u) {
+  for (int mm = 0; mm < mr; ++mm) {
+    const int16_t* x = xp[mm] + u * (GPU * F::GS);
+    iv X[F::NOPS];
+    for (int j = 0; j < F::NOPS; ++j) X[j] = ldi(x + j * (8 * GPU));
+    const fv dxm = ldf(xd[mm] + u * L);
+    fv sxm = fzero();
+    if constexpr (F::OFF) sxm = ldf(xs[mm] + u * L);
+    for (int nn = 0; nn < nr; ++nn) {
+      iv s = madd(W[nn][0], X[0]);
+      for (int j = 1; j < F::NOPS; ++j) s = dot(s, W[nn][j], X[j]);
+      acc[mm][nn] = ffma(i2f(s), fmul(dw[nn], dxm), acc[mm][nn]);
+      if constexpr (F::OFF) acc[mm][nn] = ffma(mw[nn], sxm, acc[mm][nn]);
+    }
+  }
+}
+
+// Chunk c of an mr x nr tile (r of its file blocks present: 32-formats only).
+template <class F, int mr, int nr, bool PF>
+__attribute__((always_inline)) inline void chunk_step(fv (&acc)[mr][nr], const uint8_t* const* wp,
+                                                      const int16_t* const* xp, const float* const* xd,
+                                                      const float* const* xs, int64_t c, int r) {
+  const uint8_t* p[nr];
+  for (int nn = 0; nn < nr; ++nn) {
+    p[nn] = wp[nn] + c * F::CB;
+    if constexpr (PF)  // decode reads the weights once, from memory: ask for them ahead
+      for (int64_t o = 0; o < F::CB; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p[nn] + kPrefetch + o), _MM_HINT_T0);
+  }
+  if constexpr (IsSuper<F>::value) {
+    typename F::Chunk ch[nr];
+    for (int nn = 0; nn < nr; ++nn) ch[nn] = F::begin(p[nn]);
+    for (int k = 0; k < F::UPC; ++k) {
+      iv W[nr][F::NOPS];
+      fv dw[nr], mw[nr];
+      for (int nn = 0; nn < nr; ++nn) F::unit(ch[nn], k, W[nn], dw[nn], mw[nn]);
+      unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, c * F::UPC + k);
+    }
+  } else {
+    iv W[nr][F::NOPS];
+    fv dw[nr], mw[nr];
+    for (int nn = 0; nn < nr; ++nn) F::unit(p[nn], 0, r, W[nn], dw[nn], mw[nn]);
+    unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, c);
+  }
+}
+
+// Outputs y[m0 + i, n0 + j * ns] for i < mr, j < nr.
+template <class F, int mr, int nr, bool PF>
+void tile(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
+  const uint8_t* wp[nr];
+  const int16_t* xp[mr];
+  const float* xd[mr];
+  const float* xs[mr];
+  int64_t n[nr];
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + nn * ns, wp[nn] = J.w + n[nn] * J.wrow;
+  for (int mm = 0; mm < mr; ++mm) {
+    xp[mm] = J.xq + (m0 + mm) * J.KP, xd[mm] = J.dxl + (m0 + mm) * J.LP;
+    xs[mm] = J.sxl ? J.sxl + (m0 + mm) * J.LP : nullptr;
+  }
+  fv acc[mr][nr];
+  for (int mm = 0; mm < mr; ++mm)
+    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+  const int64_t full = J.K / F::CE;
+  const int rem = static_cast<int>((J.K % F::CE) / 32);  // 32-formats only: blocks in the last chunk
+  for (int64_t c = 0; c < full; ++c) chunk_step<F, mr, nr, PF>(acc, wp, xp, xd, xs, c, GPU);
+  if (rem) chunk_step<F, mr, nr, false>(acc, wp, xp, xd, xs, full, rem);
+  for (int nn = 0; nn < nr; ++nn) {
+    const int64_t col = J.col ? J.col[n[nn]] : J.col0 + n[nn];
+    const float b = J.bias ? J.bias[col] : 0.0f;
+    for (int mm = 0; mm < mr; ++mm) {
+      const float s = hsum(acc[mm][nn]);
+      J.y[(m0 + mm) * J.ldy + col] = J.bias ? s + b : s;
+    }
+  }
+}
+
+// Weight rows [n0, n1) against activation rows [m0, m0 + mr). A tile's nr weight rows are
+// taken from nr equal parts of the range, so the weights are read as nr sequential streams.
+template <class F, int mr, int nr, bool PF>
+void rows(const Job& J, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t part = (n1 - n0) / nr;
+  for (int64_t i = 0; i < part; ++i) tile<F, mr, nr, PF>(J, m0, n0 + i, part);
+  for (int64_t n = n0 + nr * part; n < n1; ++n) tile<F, mr, 1, PF>(J, m0, n, 1);
+}
+
+// Weight rows [n_begin, n_end). A few activation rows (decode): one pass over the weights,
+// from memory, with software prefetch ahead. More rows: blocks of weight rows that stay in
+// L2 while every tile of MR activation rows passes over them.
+template <class F>
+void run(const Job& J, int64_t n_begin, int64_t n_end) {
+  switch (J.M) {
+    case 1: return rows<F, 1, NR, true>(J, 0, n_begin, n_end);
+    case 2: return rows<F, 2, NR, true>(J, 0, n_begin, n_end);
+    case 3: return rows<F, 3, NR, true>(J, 0, n_begin, n_end);
+    default: break;
+  }
+  int64_t nb = (int64_t{256} << 10) / J.wrow;
+  nb = nb < 8 ? 8 : nb - nb % 8;
+  for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
+    const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
+    for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
+      const int64_t left = J.M - m0;
+      switch (left >= MR ? MR : left) {
+        case 1: rows<F, 1, NR, false>(J, m0, b0, b1); break;
+        case 2: rows<F, 2, NR, false>(J, m0, b0, b1); break;
+        case 3: rows<F, 3, NR, false>(J, m0, b0, b1); break;
+        default: rows<F, MR, NR, false>(J, m0, b0, b1); break;
+      }
+    }
+  }
+}
+
+void q4_0(const Job& J, int64_t n0, int64_t n1) { run<FQ4_0>(J, n0, n1); }
+void q4_1(const Job& J, int64_t n0, int64_t n1) { run<FQ4_1>(J, n0, n1); }
+void q5_0(const Job& J, int64_t n0, int64_t n1) { run<FQ5_0>(J, n0, n1); }
+void q8_0(const Job& J, int64_t n0, int64_t n1) { run<FQ8_0>(J, n0, n1); }
+void q4_k(const Job& J, int64_t n0, int64_t n1) { run<FQ4_K>(J, n0, n1); }
+void q6_k(const Job& J, int64_t n0, int64_t n1) { run<FQ6_K>(J, n0, n1); }
+
+}  // namespace PK_NS
+}  // namespace
+
+#endif  // PELLUCID_KERNEL_BODY
