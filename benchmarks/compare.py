@@ -70,7 +70,9 @@ def main() -> None:
     from pellucid.weights.gguf import GGUFFile
 
     tok = Tokenizer.from_gguf(GGUFFile(gguf).metadata)
-    ids = prompt_ids(tok, args.prompt)
+    # the prompts pellucid bench runs (one variant per run: a cold one, a warm-up, then `repeat`), so every
+    # engine prefills the same distinct prompts and none is answered from a cache
+    ids = [prompt_ids(tok, args.prompt, k) for k in range(args.repeat + 2)]
     ids_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump(ids, ids_file)
     ids_file.close()

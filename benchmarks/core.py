@@ -1,8 +1,8 @@
 """The shared workload and the peer workers for benchmarks/compare.py.
 
-Workload: the same 128 prompt token ids (pellucid's tokenizer on a fixed text), then 128
-greedy tokens with EOS ignored, 2 threads, batch 1, a warm-up run and 3 measured runs.
-Every engine gets the token ids themselves, so all see the same input.
+Workload: 128 prompt token ids (pellucid's tokenizer on a fixed text, a distinct variant per
+run: a cold run, a warm-up, then 3 measured runs), then 128 greedy tokens with EOS ignored,
+2 threads, batch 1. Every engine gets the token ids themselves, so all see the same input.
 
 - prefill tok/s = 128 / time to the first token (prompt forward + first draw)
 - decode tok/s = tokens after the first / time from the first to the last token
@@ -39,7 +39,7 @@ def _summary(name: str, load_s: float, ttfts: list[float], decode_lats: list[lis
     }  # fmt: skip
 
 
-def run_transformers(gguf: str, ids: list[int], gen: int, dtype: str, threads: int, repeat: int) -> dict:
+def run_transformers(gguf: str, prompts: list[list[int]], gen: int, dtype: str, threads: int, repeat: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -53,7 +53,7 @@ def run_transformers(gguf: str, ids: list[int], gen: int, dtype: str, threads: i
     load_s = time.perf_counter() - t
 
     @torch.inference_mode()
-    def once(n: int) -> tuple[float, list[float], list[int]]:
+    def once(n: int, ids: list[int]) -> tuple[float, list[float], list[int]]:
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         out = model(x, use_cache=True)
@@ -69,14 +69,14 @@ def run_transformers(gguf: str, ids: list[int], gen: int, dtype: str, threads: i
             toks.append(tok)
         return ttft, lats, toks
 
-    first_s = once(1)[0]
-    once(16)
-    runs = [once(gen) for _ in range(repeat)]
-    return _summary(f"transformers {dtype}", load_s, [r[0] for r in runs], [r[1] for r in runs], runs[-1][2], len(ids),
+    first_s = once(1, prompts[0])[0]
+    once(16, prompts[1 % len(prompts)])
+    runs = [once(gen, prompts[(2 + k) % len(prompts)]) for k in range(repeat)]
+    return _summary(f"transformers {dtype}", load_s, [r[0] for r in runs], [r[1] for r in runs], runs[-1][2], len(prompts[0]),
                     first_s, {"transformers": transformers.__version__, "torch": torch.__version__})  # fmt: skip
 
 
-def run_llama_cpp(gguf: str, ids: list[int], gen: int, threads: int, repeat: int, n_ctx: int) -> dict:
+def run_llama_cpp(gguf: str, prompts: list[list[int]], gen: int, threads: int, repeat: int, n_ctx: int) -> dict:
     import llama_cpp
     import numpy as np
 
@@ -90,7 +90,7 @@ def run_llama_cpp(gguf: str, ids: list[int], gen: int, threads: int, repeat: int
     def argmax_last() -> int:  # llm.scores stays zero unless logits_all: read the context's last row
         return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))))
 
-    def once(n: int) -> tuple[float, list[float], list[int]]:
+    def once(n: int, ids: list[int]) -> tuple[float, list[float], list[int]]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -105,12 +105,12 @@ def run_llama_cpp(gguf: str, ids: list[int], gen: int, threads: int, repeat: int
             toks.append(tok)
         return ttft, lats, toks
 
-    first_s = once(1)[0]
-    once(16)
-    runs = [once(gen) for _ in range(repeat)]
+    first_s = once(1, prompts[0])[0]
+    once(16, prompts[1 % len(prompts)])
+    runs = [once(gen, prompts[(2 + k) % len(prompts)]) for k in range(repeat)]
     info = llama_cpp.llama_print_system_info()
     info = info.decode() if isinstance(info, bytes) else str(info)
-    return _summary("llama.cpp", load_s, [r[0] for r in runs], [r[1] for r in runs], runs[-1][2], len(ids), first_s,
+    return _summary("llama.cpp", load_s, [r[0] for r in runs], [r[1] for r in runs], runs[-1][2], len(prompts[0]), first_s,
                     {"llama_cpp_python": llama_cpp.__version__, "system_info": info.strip()})  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine", choices=["transformers", "llama.cpp"])
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--ids", required=True, help="JSON file with the prompt token ids")
+    ap.add_argument("--ids", required=True, help="JSON file: the prompt token ids, or a list of prompts (one per run)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
@@ -127,6 +127,8 @@ def main() -> None:
     a = ap.parse_args()
     with open(a.ids) as f:
         ids = json.load(f)
+    if ids and isinstance(ids[0], int):  # one prompt for every run
+        ids = [ids]
     if a.engine == "transformers":
         res = run_transformers(a.gguf, ids, a.gen, a.dtype, a.threads, a.repeat)
     else:

@@ -85,8 +85,11 @@ class BenchResult:
     versions: dict = field(default_factory=dict)
 
 
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    ids = tokenizer.encode(PROMPT_TEXT * (1 + n // 60), add_bos=False)
+def prompt_ids(tokenizer, n: int, variant: int = 0) -> list[int]:
+    """n token ids of the fixed text; each `variant` starts differently ("(1) The river...", "(2) ..."),
+    so runs with different variants share no prefix and the prefix cache answers none of them."""
+    head = f"({variant}) " if variant else ""
+    ids = tokenizer.encode(head + PROMPT_TEXT * (1 + n // 60), add_bos=False)
     return ids[:n]
 
 
@@ -135,15 +138,19 @@ def measure(cfg: BenchConfig, t_start: float | None = None) -> BenchResult:
     llm = LLM(cfg.model, dtype=cfg.dtype, quant=cfg.quant, max_batch=cfg.batch,
               max_len=cfg.max_len, use_cache=cfg.use_cache)  # fmt: skip
     res = BenchResult(asdict(cfg), load_seconds=llm.loaded.load_seconds, import_seconds=import_s)
-    ids = prompt_ids(llm.tokenizer, cfg.prompt_tokens)
-    rows = [ids] * cfg.batch
+    # Every run's prompts are their own variants of the text: prefill is measured, never a prefix-cache hit.
+    variants = iter(range(10_000))
+
+    def rows() -> list[list[int]]:
+        return [prompt_ids(llm.tokenizer, cfg.prompt_tokens, next(variants)) for _ in range(cfg.batch)]
+
     # cold: the first request after the load (what a user waits for)
-    res.first_token_seconds, _, _ = _run_once(llm, [ids], 1)
-    _run_once(llm, rows, min(cfg.gen_tokens, 16))  # warm-up
+    res.first_token_seconds, _, _ = _run_once(llm, rows()[:1], 1)
+    _run_once(llm, rows(), min(cfg.gen_tokens, 16))  # warm-up
     ttfts, lats, decode_rates = [], [], []
     tokens: list[int] = []
     for _ in range(cfg.repeat):
-        ttft, lat, tokens = _run_once(llm, rows, cfg.gen_tokens)
+        ttft, lat, tokens = _run_once(llm, rows(), cfg.gen_tokens)
         ttfts.append(ttft)
         lats += lat
         if lat:

@@ -668,6 +668,7 @@ inline fv fmul(fv a, fv b) { return _mm512_mul_ps(a, b); }
 inline fv ffma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
 inline fv i2f(iv a) { return _mm512_cvtepi32_ps(a); }
 inline iv madd(iv w, iv x) { return _mm512_madd_epi16(w, x); }
+inline iv iadd(iv a, iv b) { return _mm512_add_epi32(a, b); }
 inline iv dot(iv acc, iv w, iv x) {
 #if PK_VNNI
   return _mm512_dpwssd_epi32(acc, w, x);
@@ -856,6 +857,7 @@ inline fv fmul(fv a, fv b) { return _mm256_mul_ps(a, b); }
 inline fv ffma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
 inline fv i2f(iv a) { return _mm256_cvtepi32_ps(a); }
 inline iv madd(iv w, iv x) { return _mm256_madd_epi16(w, x); }
+inline iv iadd(iv a, iv b) { return _mm256_add_epi32(a, b); }
 inline iv dot(iv acc, iv w, iv x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
 inline float hsum(fv v) { return hsum2(v); }
 inline fv per_lane2(float a, float b) { return _mm256_setr_ps(a, a, a, a, b, b, b, b); }
@@ -1018,8 +1020,9 @@ __attribute__((always_inline)) inline void unit_step(fv (&acc)[mr][nr], const iv
     fv sxm = fzero();
     if constexpr (F::OFF) sxm = ldf(xs[mm] + u * L);
     for (int nn = 0; nn < nr; ++nn) {
-      iv s = madd(W[nn][0], X[0]);
-      for (int j = 1; j < F::NOPS; ++j) s = dot(s, W[nn][j], X[j]);
+      iv s;  // exact integer sums: two short chains instead of one long one, the same result
+      if constexpr (F::NOPS == 4) s = iadd(dot(madd(W[nn][0], X[0]), W[nn][1], X[1]), dot(madd(W[nn][2], X[2]), W[nn][3], X[3]));
+      else s = iadd(madd(W[nn][0], X[0]), madd(W[nn][1], X[1]));
       acc[mm][nn] = ffma(i2f(s), fmul(dw[nn], dxm), acc[mm][nn]);
       if constexpr (F::OFF) acc[mm][nn] = ffma(mw[nn], sxm, acc[mm][nn]);
     }
@@ -1055,26 +1058,8 @@ __attribute__((always_inline)) inline void chunk_step(fv (&acc)[mr][nr], const u
   }
 }
 
-// Outputs y[m0 + i, n0 + j * ns] for i < mr, j < nr.
-template <class F, int mr, int nr, bool PF>
-void tile(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
-  const uint8_t* wp[nr];
-  const int16_t* xp[mr];
-  const float* xd[mr];
-  const float* xs[mr];
-  int64_t n[nr];
-  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + nn * ns, wp[nn] = J.w + n[nn] * J.wrow;
-  for (int mm = 0; mm < mr; ++mm) {
-    xp[mm] = J.xq + (m0 + mm) * J.KP, xd[mm] = J.dxl + (m0 + mm) * J.LP;
-    xs[mm] = J.sxl ? J.sxl + (m0 + mm) * J.LP : nullptr;
-  }
-  fv acc[mr][nr];
-  for (int mm = 0; mm < mr; ++mm)
-    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
-  const int64_t full = J.K / F::CE;
-  const int rem = static_cast<int>((J.K % F::CE) / 32);  // 32-formats only: blocks in the last chunk
-  for (int64_t c = 0; c < full; ++c) chunk_step<F, mr, nr, PF>(acc, wp, xp, xd, xs, c, GPU);
-  if (rem) chunk_step<F, mr, nr, false>(acc, wp, xp, xd, xs, full, rem);
+template <int mr, int nr>
+__attribute__((always_inline)) inline void store_tile(const Job& J, fv (&acc)[mr][nr], int64_t m0, const int64_t* n) {
   for (int nn = 0; nn < nr; ++nn) {
     const int64_t col = J.col ? J.col[n[nn]] : J.col0 + n[nn];
     const float b = J.bias ? J.bias[col] : 0.0f;
@@ -1083,6 +1068,35 @@ void tile(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
       J.y[(m0 + mm) * J.ldy + col] = J.bias ? s + b : s;
     }
   }
+}
+
+template <int mr>
+__attribute__((always_inline)) inline void act_rows(const Job& J, int64_t m0, const int16_t** xp, const float** xd,
+                                                    const float** xs) {
+  for (int mm = 0; mm < mr; ++mm) {
+    xp[mm] = J.xq + (m0 + mm) * J.KP, xd[mm] = J.dxl + (m0 + mm) * J.LP;
+    xs[mm] = J.sxl ? J.sxl + (m0 + mm) * J.LP : nullptr;
+  }
+}
+
+// Outputs y[m0 + i, n0 + j * ns] for i < mr, j < nr, decoding the weights from the row itself.
+template <class F, int mr, int nr, bool PF>
+void tile(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
+  const uint8_t* wp[nr];
+  const int16_t* xp[mr];
+  const float* xd[mr];
+  const float* xs[mr];
+  int64_t n[nr];
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + nn * ns, wp[nn] = J.w + n[nn] * J.wrow;
+  act_rows<mr>(J, m0, xp, xd, xs);
+  fv acc[mr][nr];
+  for (int mm = 0; mm < mr; ++mm)
+    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+  const int64_t full = J.K / F::CE;
+  const int rem = static_cast<int>((J.K % F::CE) / 32);  // 32-formats only: blocks in the last chunk
+  for (int64_t c = 0; c < full; ++c) chunk_step<F, mr, nr, PF>(acc, wp, xp, xd, xs, c, GPU);
+  if (rem) chunk_step<F, mr, nr, false>(acc, wp, xp, xd, xs, full, rem);
+  store_tile<mr, nr>(J, acc, m0, n);
 }
 
 // Weight rows [n0, n1) against activation rows [m0, m0 + mr). A tile's nr weight rows are
@@ -1094,9 +1108,91 @@ void rows(const Job& J, int64_t m0, int64_t n0, int64_t n1) {
   for (int64_t n = n0 + nr * part; n < n1; ++n) tile<F, mr, 1, PF>(J, m0, n, 1);
 }
 
+// Many activation rows: a block of weight rows is decoded once into a panel of ready
+// operands (int16 in unit order, dw and mw per lane), which every tile of activation rows
+// then reads from cache. The arithmetic after decoding is unit_step's, as for a few rows,
+// so a row's result is the same bits either way.
+template <class F>
+constexpr int64_t panel_unit() {  // bytes of one decoded unit
+  return (F::NOPS + (F::OFF ? 2 : 1)) * static_cast<int64_t>(sizeof(iv));
+}
+
+template <class F>
+void decode_rows(const Job& J, int64_t n0, int64_t n1, int64_t U, char* panel) {
+  const int64_t S = panel_unit<F>();
+  const int64_t full = J.K / F::CE;
+  const int rem = static_cast<int>((J.K % F::CE) / 32);
+  auto put = [&](char* out, const iv* W, const fv& dw, const fv& mw) {
+    for (int j = 0; j < F::NOPS; ++j) std::memcpy(out + j * sizeof(iv), &W[j], sizeof(iv));
+    std::memcpy(out + F::NOPS * sizeof(iv), &dw, sizeof(fv));
+    if constexpr (F::OFF) std::memcpy(out + (F::NOPS + 1) * sizeof(iv), &mw, sizeof(fv));
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = J.w + n * J.wrow;
+    char* out = panel + (n - n0) * U * S;
+    iv W[F::NOPS];
+    fv dw = fzero(), mw = fzero();
+    if constexpr (IsSuper<F>::value) {
+      for (int64_t c = 0; c < full; ++c) {
+        const typename F::Chunk ch = F::begin(w + c * F::CB);
+        for (int k = 0; k < F::UPC; ++k) {
+          F::unit(ch, k, W, dw, mw);
+          put(out + (c * F::UPC + k) * S, W, dw, mw);
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < full; ++c) {
+        F::unit(w + c * F::CB, 0, GPU, W, dw, mw);
+        put(out + c * S, W, dw, mw);
+      }
+      if (rem) {
+        F::unit(w + full * F::CB, 0, rem, W, dw, mw);
+        put(out + full * S, W, dw, mw);
+      }
+    }
+  }
+}
+
+// Outputs y[m0 + i, n0 + r + j] for i < mr, j < nr from the panel of rows n0...
+template <class F, int mr, int nr>
+void panel_tile(const Job& J, const char* panel, int64_t U, int64_t n0, int64_t r, int64_t m0) {
+  const int64_t S = panel_unit<F>();
+  const int16_t* xp[mr];
+  const float* xd[mr];
+  const float* xs[mr];
+  act_rows<mr>(J, m0, xp, xd, xs);
+  int64_t n[nr];
+  const char* pp[nr];
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + r + nn, pp[nn] = panel + (r + nn) * U * S;
+  fv acc[mr][nr];
+  for (int mm = 0; mm < mr; ++mm)
+    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+  for (int64_t u = 0; u < U; ++u) {
+    iv W[nr][F::NOPS];
+    fv dw[nr], mw[nr];
+    for (int nn = 0; nn < nr; ++nn) {
+      const char* q = pp[nn] + u * S;
+      for (int j = 0; j < F::NOPS; ++j) W[nn][j] = ldi(q + j * sizeof(iv));
+      dw[nn] = ldf(reinterpret_cast<const float*>(q + F::NOPS * sizeof(iv)));
+      if constexpr (F::OFF) mw[nn] = ldf(reinterpret_cast<const float*>(q + (F::NOPS + 1) * sizeof(iv)));
+      else mw[nn] = fzero();
+    }
+    unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, u);
+  }
+  store_tile<mr, nr>(J, acc, m0, n);
+}
+
+inline char* panel_buffer(int64_t bytes) {  // one per thread, grown as needed, 64-byte aligned
+  thread_local std::vector<char> buf;
+  if (static_cast<int64_t>(buf.size()) < bytes + 64) buf.resize(bytes + 64);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<char*>((p + 63) / 64 * 64);
+}
+
 // Weight rows [n_begin, n_end). A few activation rows (decode): one pass over the weights,
 // from memory, with software prefetch ahead. More rows: blocks of weight rows that stay in
-// L2 while every tile of MR activation rows passes over them.
+// L2 while every tile of MR activation rows passes over them, decoded once into a panel when
+// their rows are short (measured: faster for K up to ~2,000, slower for K = 8,960).
 template <class F>
 void run(const Job& J, int64_t n_begin, int64_t n_end) {
   switch (J.M) {
@@ -1105,17 +1201,49 @@ void run(const Job& J, int64_t n_begin, int64_t n_end) {
     case 3: return rows<F, 3, NR, true>(J, 0, n_begin, n_end);
     default: break;
   }
-  int64_t nb = (int64_t{256} << 10) / J.wrow;
-  nb = nb < 8 ? 8 : nb - nb % 8;
+  const int64_t U = J.KP / (GPU * F::GS), S = panel_unit<F>();
+  if (U * S > (int64_t{8} << 10)) {  // long rows (K of several thousand): decoded rows would crowd L2; decode in place
+    int64_t nb = (int64_t{256} << 10) / J.wrow;
+    nb = nb < 8 ? 8 : nb - nb % 8;
+    for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
+      const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
+      for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
+        const int64_t left = J.M - m0;
+        switch (left >= MR ? MR : left) {
+          case 1: rows<F, 1, NR, false>(J, m0, b0, b1); break;
+          case 2: rows<F, 2, NR, false>(J, m0, b0, b1); break;
+          case 3: rows<F, 3, NR, false>(J, m0, b0, b1); break;
+          default: rows<F, MR, NR, false>(J, m0, b0, b1); break;
+        }
+      }
+    }
+    return;
+  }
+  int64_t nb = (int64_t{256} << 10) / (U * S);
+  nb = nb < 2 ? 2 : nb - nb % 2;
+  char* panel = panel_buffer(nb * U * S);
   for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
     const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
+    decode_rows<F>(J, b0, b1, U, panel);
     for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
       const int64_t left = J.M - m0;
-      switch (left >= MR ? MR : left) {
-        case 1: rows<F, 1, NR, false>(J, m0, b0, b1); break;
-        case 2: rows<F, 2, NR, false>(J, m0, b0, b1); break;
-        case 3: rows<F, 3, NR, false>(J, m0, b0, b1); break;
-        default: rows<F, MR, NR, false>(J, m0, b0, b1); break;
+      const int mr = left >= MR ? MR : static_cast<int>(left);
+      int64_t r = 0;
+      for (; r + NR <= b1 - b0; r += NR) {
+        switch (mr) {
+          case 1: panel_tile<F, 1, NR>(J, panel, U, b0, r, m0); break;
+          case 2: panel_tile<F, 2, NR>(J, panel, U, b0, r, m0); break;
+          case 3: panel_tile<F, 3, NR>(J, panel, U, b0, r, m0); break;
+          default: panel_tile<F, MR, NR>(J, panel, U, b0, r, m0); break;
+        }
+      }
+      for (; r < b1 - b0; ++r) {
+        switch (mr) {
+          case 1: panel_tile<F, 1, 1>(J, panel, U, b0, r, m0); break;
+          case 2: panel_tile<F, 2, 1>(J, panel, U, b0, r, m0); break;
+          case 3: panel_tile<F, 3, 1>(J, panel, U, b0, r, m0); break;
+          default: panel_tile<F, MR, 1>(J, panel, U, b0, r, m0); break;
+        }
       }
     }
   }

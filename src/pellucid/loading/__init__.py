@@ -50,7 +50,6 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
     dtype "auto" is decided by pellucid.runtime for this format and device.
     """
     t0 = time.perf_counter()
-    _return_big_blocks()
     quant, why = runtime.resolve_quant(quant, str(name_or_path))
     if why:
         log.warning("%s", why)
@@ -130,29 +129,6 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
     tok, chat = gguf_text(f, mod)
     return LoadedModel(model, tok, chat, cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
-
-
-_MALLOC_SET = False
-
-
-def _return_big_blocks() -> None:
-    """glibc: serve blocks of 1 MiB and more from their own mappings, returned on free.
-
-    Loading makes many short-lived buffers of a few MiB; glibc's adaptive threshold would
-    keep them in the heap, where the freed pages stay resident (a quarter GiB of peak memory
-    for a 135M model). Small allocations, all a decode step makes, are untouched.
-    """
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _trim_heap() -> None:

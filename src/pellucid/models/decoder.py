@@ -54,10 +54,10 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # (B, T, E)
         self.fusable = False  # set by pack_for_cpu_ops
         self._post_norms = post_attention_norm is not None
-        self._hook_points: list[HookPoint] = []
+        self._hook_lists: tuple[list, ...] = ()  # each hook point's `fns` (set by pack_for_cpu_ops)
 
     def forward(self, x: torch.Tensor, rope: Rope | None, ctx: ForwardContext) -> torch.Tensor:
-        if self.fusable and ctx.cache is not None and not any(h.fns for h in self._hook_points):
+        if self.fusable and ctx.cache is not None and not any(self._hook_lists):
             return self.fused(x, rope, ctx)
         x = self.hook_resid_pre(x)
         a = self.attn(self.attention_norm(x), rope, ctx)
@@ -147,7 +147,7 @@ class Decoder(HookedMixin, nn.Module):
 
     def runs_fused(self) -> bool:
         """Every block runs pellucid's fused ops (packed, and no hook attached in it)."""
-        return all(b.fusable and not any(h.fns for h in b._hook_points) for b in self.blocks)
+        return all(b.fusable and not any(b._hook_lists) for b in self.blocks)
 
     def batch_invariant(self) -> bool:
         """A token's results do not depend on the other rows of its batch: fused blocks whose projections
@@ -201,7 +201,7 @@ def pack_for_cpu_ops(model: nn.Module) -> int:
             continue
         attn.__dict__["qkv_proj"] = qkv  # outside the module tree: the parts keep owning the weights
         mlp.__dict__["gate_up_proj"] = gate_up
-        block._hook_points = [m for m in block.modules() if isinstance(m, HookPoint)]
+        block._hook_lists = tuple(m.fns for m in block.modules() if isinstance(m, HookPoint))
         block.fusable = True
         n += 1
     return n

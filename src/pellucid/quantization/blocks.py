@@ -124,7 +124,8 @@ class BlockLinear(nn.Module):
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 on CPU -> (M, N) float32: the kernel with the bias, nothing else (the fused path)."""
-        return torch.ops.pellucid.block_mm(x, [self.data], [self.qtype], self.bias, self.out_index)
+        b = self._buffers  # plain dict reads: this runs once per layer and step
+        return torch.ops.pellucid.block_mm(x, [b["data"]], [self.qtype], b["bias"], b["out_index"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
@@ -165,10 +166,11 @@ class FusedBlockLinear(nn.Module):
         reordered = any(p.out_index is not None for p in parts)
         self.out_index = torch.cat(index) if reordered else None
         self.bias = torch.cat(bias) if any(p.bias is not None for p in parts) else None
+        self._ws, self._types = [p.data for p in parts], [p.qtype for p in parts]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.pellucid.block_mm(x, [p.data for p in self.parts], [p.qtype for p in self.parts],
-                                           self.bias, self.out_index)  # fmt: skip
+        d = self.__dict__
+        return torch.ops.pellucid.block_mm(x, d["_ws"], d["_types"], d["bias"], d["out_index"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
