@@ -7,7 +7,8 @@ virtualenv that has llama-cpp-python (never a pellucid dependency):
     CMAKE_BUILD_PARALLEL_LEVEL=2 /work/peer-venv/bin/pip install llama-cpp-python==0.3.36
     /work/peer-venv/bin/python benchmarks/make_tokenizer_cases.py \\
         --sdist llama_cpp_python-0.3.36.tar.gz \\
-        --smollm2 SmolLM2-135M-Instruct.Q4_1.gguf --gemma3 gemma-3-270m-q4_k_m.gguf
+        --smollm2 SmolLM2-135M-Instruct.Q4_1.gguf --gemma3 gemma-3-270m-q4_k_m.gguf \\
+        --qwen2.5-coder qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 
 The corpus is the union (deduplicated, first occurrence kept) of
 1. llama.cpp's own tokenizer test inputs, `vendor/llama.cpp/models/ggml-vocab-NAME.gguf.inp`
@@ -87,6 +88,9 @@ OWN_CASES = [
     "def f(x):\n\treturn x\n",
     "    if x:\n        return [i for i in range(10) if i % 2 == 0]\n",
     '{"name": "pellucid", "version": "0.1.0", "tags": ["llm", "inference"], "ok": true}',
+    '{"città": "Zürich", "数量": [1, 2.5e-3, null], "emoji": "😀", "nested": {"a": {"b": [true, false]}}}',
+    "def größe(länge: int) -> float:\n    π = 3.14159\n    return länge * π  # 面积\n",
+    "let Δx = x₁ - x₀; const имя = 'значение'; var 変数 = 42;",
     "<div class=\"a\"><p>Hello&nbsp;world</p></div>",
     "# Title\n\n- item one\n- item two\n\n```python\nprint('hi')\n```\n",
     "SELECT id, name FROM users WHERE age >= 18 ORDER BY name;",
@@ -284,6 +288,7 @@ def main() -> None:
     ap.add_argument("--sdist", type=Path, required=True, help="llama_cpp_python-*.tar.gz")
     ap.add_argument("--smollm2", type=Path, required=True)
     ap.add_argument("--gemma3", type=Path, required=True)
+    ap.add_argument("--qwen2.5-coder", dest="qwen", type=Path, required=True)
     ap.add_argument("--wikitext", type=Path, default=WIKITEXT)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "data")
     args = ap.parse_args()
@@ -299,7 +304,7 @@ def main() -> None:
         "detokenize(ids, special=True)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    for key, model in (("smollm2", args.smollm2), ("gemma3", args.gemma3)):
+    for key, model in (("smollm2", args.smollm2), ("gemma3", args.gemma3), ("qwen2.5-coder", args.qwen)):
         doc = tokenize_all(model, cases, meta)
         path = args.out / f"tokenizer_cases_{key}.json"
         write_json(path, doc)

@@ -3,7 +3,8 @@
 Every import counts, at the top of a module or inside a function (a function-local import
 is still a dependency). The rules: models never import engine, server, cli or loading;
 weights (file readers) never import models, quantization, loading, engine, server or cli;
-engine never imports server or cli; nothing below the front doors imports cli.
+engine never imports server or cli; kernels (the C++ ops and their build) import no other
+layer; nothing below the front doors imports cli.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RULES = {  # package -> packages it must never import
     "quantization": {"engine", "server", "cli"},
     "loading": {"engine", "server", "cli", "api"},
     "server": {"cli"},
+    "kernels": {"models", "quantization", "loading", "engine", "server", "cli", "api", "weights", "text", "sampling"},
 }
 
 
@@ -60,3 +62,16 @@ def test_the_checker_sees_function_local_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from pellucid.engine.engine import Engine\n    import pellucid.cli\n")
     assert imports(f) == {"engine", "cli"}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["count", "hello world"], ["render", "hi"], ["prompt", "list"],
+                                  ["models"], ["generate", "--help"]])  # fmt: skip
+def test_commands_that_need_no_weights_import_no_torch(argv):
+    """torch costs about a second to import: a command that reads no weights never pays it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pellucid.cli import main\nsys.argv = ['pellucid', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "False", (argv, r.stderr[-2000:])

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 DEFAULT_QUANT = "auto"  # per model: the first of FORMAT_ORDER that passes the quality rule (resolve_quant)
 DEFAULT_DTYPE = "auto"
 FORMAT_ORDER = ("int4", "int8")  # fastest first; when none passes, float weights ("none")
+# weight formats: quantized ones (pellucid.quantization) and float ones
+QUANT_FORMATS = ("int8", "int4")
+FLOAT_FORMATS = ("float32", "float16", "bfloat16")
+FORMATS = FLOAT_FORMATS + QUANT_FORMATS
 
 # The quality rule: a quantized format is a model's default only if its mean KL from float32
 # is no worse than llama.cpp's on the same file. Measured with `pellucid quantize-report MODEL
@@ -55,14 +57,6 @@ def physical_cores() -> int:
     return max(1, n // max(1, per_core))
 
 
-def set_threads(n: int | None = None) -> int:
-    """Use `n` threads (default: the physical cores) for intra-op parallelism."""
-    n = n or physical_cores()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -74,6 +68,8 @@ def cpu_flags() -> set[str]:
 def native_bf16(device: str = "cpu") -> bool:
     """bfloat16 matrix arithmetic in hardware (AVX-512 BF16 / AMX on CPU; Ampere+ on CUDA)."""
     if device != "cpu":
+        import torch  # runtime stays torch-free to import: weightless commands never load torch
+
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 

@@ -2,7 +2,7 @@
 
 render, count and budget need only the model's tokenizer and chat template, which they
 read from the model file's metadata: no weights are loaded. They render with the same
-template as the engine (pellucid.loading.gguf_text), so they show what the model receives.
+template as the engine (pellucid.text.gguf.gguf_text), so they show what the model receives.
 
 pellucid.prompts (pydantic, yaml: about 0.3 s) and pellucid.text (jinja2) are imported
 inside the commands, so that `pellucid --help` and the other commands do not pay for them.

@@ -6,7 +6,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 import typer
 from rich.progress import Progress
 
@@ -15,9 +14,8 @@ from pellucid.cli import app
 from pellucid.cli.display import Col, SizedAtUse, show_table
 from pellucid.cli.display import console as out_console
 from pellucid.errors import PellucidError
-from pellucid.quantization import report as qr
-from pellucid.quantization.apply import FORMATS, model_nbytes
 from pellucid.registry import DEFAULT_MODEL
+from pellucid.runtime import FORMATS
 
 console = SizedAtUse(stderr=True)
 
@@ -49,8 +47,12 @@ def quantize_report(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Bytes per parameter, memory, perplexity, KL and top-1 agreement vs float32, per format."""
-    # (imported here: every `pellucid` start imports this module; the loaders cost ~0.1 s)
+    # (imported here: every `pellucid` start imports this module, and weightless commands never import torch)
+    import torch
+
     from pellucid.loading import load_model
+    from pellucid.quantization import report as qr
+    from pellucid.quantization.apply import model_nbytes
 
     torch.set_num_threads(threads)
     text = Path(text or qr.default_text())

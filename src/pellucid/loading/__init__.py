@@ -20,8 +20,10 @@ from pellucid.loading.common import (
     DTYPES,
     LoadedModel,
     build_empty,
+    build_meta,
     keep_float32_buffers,
     layer_index,
+    materialize,
     no_random_init,
     parse_dtype,
     template_key,
@@ -31,8 +33,7 @@ from pellucid.models import architecture
 from pellucid.models.decoder import pack_for_cpu_ops
 from pellucid.models.layers import ModelConfig
 from pellucid.quantization.apply import parse_quant, quantize_model
-from pellucid.text.chat_template import ChatTemplate
-from pellucid.text.tokenizer import Tokenizer
+from pellucid.text.gguf import gguf_text
 from pellucid.weights.gguf import GGUFFile
 
 log = logging.getLogger("pellucid")
@@ -76,7 +77,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
     arch = cfg.arch
-    model = build_empty(mod, cfg, device, max_len, dt)
+    model = build_meta(mod, cfg, max_len, dt)  # given memory after the layers are swapped (materialize)
     storage, shapes = {}, {}
 
     last: dict[str, torch.Tensor] = {}  # a tied head asks for the embedding just before the embedding itself
@@ -115,6 +116,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
     with torch.no_grad():
         if quant:  # swap the linear layers before any float weight of theirs is touched
             quantize_model(model, quant, source=source, source_blocks=source_blocks)
+        materialize(model, device)
         for name, p in dict(model.named_parameters()).items():  # tied weights appear once
             w = source(name)
             if tuple(w.shape) != tuple(p.shape):
@@ -126,7 +128,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
                 p.copy_(w)
     model.eval()  # built in `dt` already (quantized layers keep their own types)
     keep_float32_buffers(model)
-    tok, chat = gguf_text(f, mod)
+    tok, chat = gguf_text(f.metadata)
     return LoadedModel(model, tok, chat, cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip
 
@@ -179,20 +181,6 @@ def gguf_architecture(f) -> tuple[object, ModelConfig]:
         raise PellucidError(f"{path}: metadata key {e.args[0]!r} is missing for architecture {arch!r}") from None
     cfg.tied_embeddings = "output.weight" not in f.tensors
     return mod, cfg
-
-
-def gguf_text(f, mod) -> tuple[Tokenizer, ChatTemplate]:
-    """A parsed GGUFFile's tokenizer and chat template; no tensors are read.
-
-    The one place that decides a GGUF model's template: the file's own, else its
-    architecture's (Gemma 3 270M's file carries none). load_model and the weightless
-    readers (pellucid.prompts.counting) both use it, so they render the same prompt.
-    """
-    tok = Tokenizer.from_gguf(f.metadata)
-    bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
-    eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
-    source = f.get("tokenizer.chat_template") or getattr(mod, "CHAT_TEMPLATE", None)
-    return tok, ChatTemplate(source, bos_token=bos, eos_token=eos)
 
 
 def gguf_tensor_name(mod, f, name: str) -> str:

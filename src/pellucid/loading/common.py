@@ -58,15 +58,43 @@ def layer_index(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Instantiate without spending time on random init, then compute the buffers."""
-    with torch.device("meta"), no_random_init(mod.MODEL):
-        model = mod.MODEL(cfg, max_len=max_len)
-    if dtype is not None:
-        model = model.to(dtype)  # on meta: no memory, and no float32 copy to convert later
-    model = model.to_empty(device=device)
+def build_meta(mod, cfg: ModelConfig, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture's modules on the meta device (shapes and types, no memory), in `dtype`."""
+    default = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)  # built in its type: no conversion pass over the parameters later
+        with torch.device("meta"), no_random_init(mod.MODEL):
+            model = mod.MODEL(cfg, max_len=max_len)
+        model.tie_weights()  # before any layer is swapped: a tied head and its table stay one
+        return model
+    finally:
+        torch.set_default_dtype(default)
+
+
+def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Give every parameter and buffer still on the meta device uninitialised memory on `device`
+    (a tied parameter once), then compute the model's own buffers (rotary tables).
+
+    Direct allocations: nn.Module.to_empty goes through torch's Python reference ops, whose
+    first use imports sympy (about 0.5 s of every load)."""
+    made: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+                mod._parameters[name] = made[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
     model.init_buffers()
     return model
+
+
+def build_empty(mod, cfg: ModelConfig, device: str, max_len: int | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Instantiate without spending time on random init, then compute the buffers."""
+    return materialize(build_meta(mod, cfg, max_len, dtype), device)
 
 
 @contextlib.contextmanager

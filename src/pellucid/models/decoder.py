@@ -133,11 +133,15 @@ class Decoder(HookedMixin, nn.Module):
         return self.lm_head(x).float()
 
     # -- shared ------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """A tied output head reads the embedding's own table (quantized layers share their bytes instead)."""
+        if self.cfg.tied_embeddings and isinstance(self.lm_head, nn.Linear) and isinstance(self.embed, nn.Embedding):
+            self.lm_head.weight = self.embed.weight
+
     def init_buffers(self) -> None:
         """Tie the output head and compute the rotary tables (neither is in a checkpoint)."""
-        if self.cfg.tied_embeddings:
-            self.lm_head.weight = self.embed.weight
-        device = self.embed.weight.device
+        self.tie_weights()
+        device = self.norm.weight.device  # (not the embedding's: a block table has no float weight)
         if device.type == "meta":
             device = None
         for name, (base, scale) in self.rotary().items():

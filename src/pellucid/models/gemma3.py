@@ -16,6 +16,7 @@ import torch
 from pellucid.errors import PellucidError
 from pellucid.models.decoder import Block, Decoder
 from pellucid.models.layers import Attention, GatedMLP, ModelConfig, RMSNorm, gguf_getter
+from pellucid.text.gguf import ARCH_TEMPLATES
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Gemma3(Decoder):
 
     def init_buffers(self) -> None:
         super().init_buffers()
-        device = self.embed.weight.device
+        device = self.norm.weight.device
         # float32 here; rounded to the model dtype at use, as the reference does
         self.register_buffer("embed_scale", torch.tensor(self.cfg.d_model**0.5, device=None if device.type == "meta" else device),
                              persistent=False)  # fmt: skip
@@ -192,14 +193,7 @@ def config_from_hf(c: dict) -> Gemma3Config:
 
 ROPE_TYPES = ("default", "linear")  # config.json rotary variants config_from_hf handles
 
-# Gemma's turn format, for files that carry no template (the GGUF of Gemma 3 270M has none).
-# No system turn: ChatTemplate folds a system message into the first user turn.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ raise_exception('Gemma has no system turn') }}{% endif %}"
-    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + (m['content'] | trim) + '<end_of_turn>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = ARCH_TEMPLATES["gemma3"]  # for a folder or file that carries no template
 
 MODEL = Gemma3
 CONFIG = Gemma3Config

@@ -22,6 +22,7 @@ from pellucid import registry
 from pellucid.errors import PellucidError
 from pellucid.prompts.budget import ContextBudget
 from pellucid.text.chat_template import ChatTemplate, validate_messages
+from pellucid.text.gguf import gguf_context_length, gguf_text
 from pellucid.text.tokenizer import Tokenizer
 
 Message = dict[str, Any]
@@ -97,22 +98,27 @@ class TokenCounter:
 
         A GGUF file is read for its metadata only; other formats load the model.
         """
-        # imported here: the loaders and the GGUF reader bring in torch (about 2 s), which a
-        # counter built from a tokenizer and a template never needs
-        from pellucid.loading import gguf_architecture, gguf_text, load_model
-        from pellucid.weights.gguf import GGUFFile
+        from pellucid.weights.gguf import GGUFFile  # the header reader: numpy, no torch
 
         path = registry.resolve(str(name_or_path))
         if path.is_dir():
+            from pellucid.loading import (
+                load_model,  # (torch: an HF folder's tokenizer comes with its model)
+            )
+
             return cls.from_loaded(load_model(path, dtype="float32"), name=str(name_or_path))
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         if key not in _GGUF_TEXT:
             f = GGUFFile(path)
-            mod, cfg = gguf_architecture(f)
-            tok, template = gguf_text(f, mod)  # the loader's own choice of template
+            tok, template = gguf_text(f.metadata)  # the loader's own choice of template
+            n_ctx = gguf_context_length(f.metadata)
+            if n_ctx is None:  # the architecture's default (loading it imports torch)
+                from pellucid.loading import gguf_architecture
+
+                n_ctx = gguf_architecture(f)[1].context_length
             _GGUF_TEXT.clear()  # one model's tokenizer at a time
-            _GGUF_TEXT[key] = (tok, template, cfg.context_length)
+            _GGUF_TEXT[key] = (tok, template, n_ctx)
         tok, template, n_ctx = _GGUF_TEXT[key]
         return cls(tok, template, context_length=n_ctx, name=str(name_or_path))
 

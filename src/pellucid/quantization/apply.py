@@ -21,10 +21,7 @@ from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import Int4Linear, Int4PairLinear
 from pellucid.quantization.int8 import Int8Linear
 from pellucid.quantization.kernels import check_linear_shapes, kernel_dtype
-
-QUANT_FORMATS = ("int8", "int4")
-FLOAT_FORMATS = ("float32", "float16", "bfloat16")
-FORMATS = FLOAT_FORMATS + QUANT_FORMATS
+from pellucid.runtime import FLOAT_FORMATS, FORMATS, QUANT_FORMATS  # noqa: F401  (the format names live in runtime)
 
 
 def parse_quant(quant: str | None) -> tuple[str | None, int]:

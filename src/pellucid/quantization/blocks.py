@@ -193,10 +193,9 @@ class BlockEmbedding(nn.Module):
     def nbytes(self) -> int:
         return self.data.numel()
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The whole table as float32 (built on each access: for inspection, not the forward pass)."""
-        return dequantize_rows(self.data, self.qtype, self.embedding_dim)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table as `dtype` (built on each call: for inspection, not the forward pass)."""
+        return dequantize_rows(self.data, self.qtype, self.embedding_dim).to(dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if _has_ops() and tokens.device.type == "cpu":

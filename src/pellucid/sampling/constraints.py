@@ -31,6 +31,7 @@ bound still validate; a schema's own maxLength / maxItems always wins.
 
 from __future__ import annotations
 
+import functools
 import json as _json
 import re
 import threading
@@ -38,10 +39,9 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
-import torch
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.json_schema import (
@@ -52,8 +52,20 @@ from pellucid.sampling.json_schema import (
     subschemas,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+# Building and checking a constraint needs no torch (the CLI checks a schema before any model
+# loads, and weightless commands never import torch); the masks import it where they are made.
+
 KINDS = ("json", "json_schema", "regex", "choice", "grammar")
-_SHIFTS = torch.arange(32, dtype=torch.int32)  # bit i of each int32 word of the bitmask
+
+
+@functools.cache
+def _shifts():
+    import torch
+
+    return torch.arange(32, dtype=torch.int32)  # bit i of each int32 word of the bitmask
 
 
 # -- the vocabulary, as llguidance sees it ------------------------------------------------
@@ -129,6 +141,8 @@ class Constraint:
     def allowed_mask(self) -> torch.Tensor:
         """(V,) bool: True where the grammar allows the token; cached until the next accept."""
         if self._mask is None:
+            import torch
+
             bits = torch.empty((1, mask_words(self.vocab_size)), dtype=torch.int32)  # (1, W)
             self.fill_bitmask(bits, 0)
             self._mask = unpack_bitmask(bits, self.vocab_size)[0]
@@ -146,7 +160,7 @@ class Constraint:
         """Write the allowed tokens as bits into row `row` of an int32 (B, W) tensor (W >= V/32)."""
         v = bits[row]  # (W,)
         words = mask_words(self.tokenizer_vocab)
-        assert bits.dtype == torch.int32 and v.is_contiguous() and v.numel() >= words, (bits.dtype, bits.shape, words)
+        assert bits.dtype.itemsize == 4 and not bits.dtype.is_floating_point and v.is_contiguous() and v.numel() >= words, (bits.dtype, bits.shape, words)
         if v.numel() > words:
             v[words:] = 0  # ids past the tokenizer's vocabulary are never allowed
         self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), words * 4)
@@ -179,7 +193,7 @@ def mask_words(vocab_size: int) -> int:
 
 def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 (B, W) bitmask -> bool (B, V)."""
-    return ((bits[:, :, None] >> _SHIFTS) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab_size]  # (B, V)
+    return ((bits[:, :, None] >> _shifts()) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab_size]  # (B, V)
 
 
 def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor | None:
@@ -187,6 +201,8 @@ def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torc
     None when no row has a constraint. Cheaper than B calls of `allowed_mask()`."""
     if all(c is None for c in constraints):
         return None
+    import torch
+
     bits = torch.full((len(constraints), mask_words(vocab_size)), -1, dtype=torch.int32)  # (B, W)
     for i, c in enumerate(constraints):
         if c is not None:

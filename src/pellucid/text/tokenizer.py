@@ -165,9 +165,11 @@ class Tokenizer:
             add_bos_default = True
         else:
             raise PellucidError(f"Unsupported tokenizer model {model!r} (tokenizer.ggml.model). Supported: gpt2 (byte-level BPE), llama (SentencePiece BPE).")
-        special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
-        # llama.cpp makes end-of-generation texts (Gemma's user-defined "</s>") control tokens
-        control = {i for i in special if types[i] == CONTROL or tokens[i] in END_OF_GENERATION_TEXTS}
+        eog_texts = {i for i, t in enumerate(tokens) if t in END_OF_GENERATION_TEXTS}
+        special = sorted({i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)} | eog_texts)
+        # llama.cpp makes end-of-generation texts control tokens, whatever their type (Gemma's
+        # user-defined "</s>", Qwen2.5's normal one)
+        control = {i for i in special if types[i] == CONTROL or i in eog_texts}
         tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special if i in control])
         # user-defined tokens are matched even with parse_special=False (add_special_tokens would hide them)
         tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in special if i not in control])

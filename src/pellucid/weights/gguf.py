@@ -1,25 +1,28 @@
 """GGUF reader: metadata, tensor directory, and dequantized tensors.
 
 The header is parsed here with `struct` and numpy because `gguf.GGUFReader` spends about
-5 s building Python objects for a 49k-token vocabulary; block dequantization is left to
-llama.cpp's own `gguf` package. The file is untrusted input: every count, length and
+5 s building Python objects for a 49k-token vocabulary. Tensors are views of the mapped
+file (`view`), read in place by pellucid's kernels; `load` dequantizes through the
+kernels too, or through llama.cpp's own `gguf` package without them. Reading the header
+imports no torch (commands that only count tokens never load it). The file is untrusted input: every count, length and
 offset is checked against limits and against the file's size before it is used.
 This module knows nothing about architectures.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as _gguf_dequantize
 
 from pellucid.errors import PellucidError
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"GGUF"
 MAX_STRING = 64 << 20  # one metadata string (a chat template is a few KiB)
@@ -35,6 +38,66 @@ _SCALARS = {
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+
+class GGMLQuantizationType(enum.IntEnum):
+    """ggml's tensor types (ids as in ggml.h and gguf-py), kept here: importing the gguf package
+    costs ~0.12 s of every start, and only a type the kernels cannot read needs it."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+    NVFP4 = 40
+    Q1_0 = 41
+
+
+_T = GGMLQuantizationType
+# type -> (values per block, bytes per block), ggml's sizes (checked against gguf-py's in the tests)
+GGML_QUANT_SIZES = {
+    _T.F32: (1, 4), _T.F16: (1, 2), _T.Q4_0: (32, 18), _T.Q4_1: (32, 20), _T.Q5_0: (32, 22), _T.Q5_1: (32, 24),
+    _T.Q8_0: (32, 34), _T.Q8_1: (32, 40), _T.Q2_K: (256, 84), _T.Q3_K: (256, 110), _T.Q4_K: (256, 144),
+    _T.Q5_K: (256, 176), _T.Q6_K: (256, 210), _T.Q8_K: (256, 292), _T.IQ2_XXS: (256, 66), _T.IQ2_XS: (256, 74),
+    _T.IQ3_XXS: (256, 98), _T.IQ1_S: (256, 50), _T.IQ4_NL: (32, 18), _T.IQ3_S: (256, 110), _T.IQ2_S: (256, 82),
+    _T.IQ4_XS: (256, 136), _T.I8: (1, 1), _T.I16: (1, 2), _T.I32: (1, 4), _T.I64: (1, 8), _T.F64: (1, 8),
+    _T.IQ1_M: (256, 56), _T.BF16: (1, 2), _T.TQ1_0: (256, 54), _T.TQ2_0: (256, 66), _T.MXFP4: (32, 17),
+    _T.NVFP4: (64, 36), _T.Q1_0: (128, 18),
+}  # fmt: skip
+
+
+def _gguf_dequantize(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    from gguf import GGMLQuantizationType as GgufType
+    from gguf.quants import dequantize
+
+    return dequantize(rows, GgufType(int(qtype)))
+
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[n]
@@ -190,6 +253,8 @@ class GGUFFile:
         Its pages are read from disk when first touched and are shared with the page cache
         (and with every process that maps the same file).
         """
+        import torch
+
         t = self.tensors[name]
         rows = t.shape[0] if len(t.shape) >= 2 else 1
         return torch.from_numpy(self._mm[t.offset : t.offset + t.nbytes]).view(rows, -1)
@@ -208,7 +273,7 @@ class GGUFFile:
             raise PellucidError(f"{self.path}: short read ({got} of {n} bytes at offset {offset}); is the file truncated?")
         return buf
 
-    def load_rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def load_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, dequantized (rows are contiguous in the file)."""
         t = self.tensors[name]
         rows, cols = t.shape
@@ -218,21 +283,24 @@ class GGUFFile:
         part = TensorInfo(name, (stop - start, cols), t.qtype, t.offset + start * row_bytes, (stop - start) * row_bytes)
         return self._load_info(part, dtype)
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantize one tensor to `dtype`, shaped rows-first like PyTorch."""
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dequantize one tensor to `dtype` (default float32), shaped rows-first like PyTorch."""
         if name not in self.tensors:
             raise PellucidError(f"{self.path}: tensor {name!r} is missing.")
         return self._load_info(self.tensors[name], dtype)
 
-    def _load_info(self, t: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-        name = t.name
-        if t.qtype not in SUPPORTED_TYPES:
-            ok = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
-            raise PellucidError(f"{self.path}: tensor {name!r} is stored as {t.qtype.name}, which pellucid cannot read. Supported: {ok}.")
+    def _load_info(self, t: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+        import torch
+
         from pellucid import (
             kernels,  # the C++ lookup reads every block type in place, at memory speed
         )
 
+        dtype = dtype or torch.float32
+        name = t.name
+        if t.qtype not in SUPPORTED_TYPES:
+            ok = ", ".join(sorted(x.name for x in SUPPORTED_TYPES))
+            raise PellucidError(f"{self.path}: tensor {name!r} is stored as {t.qtype.name}, which pellucid cannot read. Supported: {ok}.")
         if int(t.qtype) in kernels.ROW_TYPES and len(t.shape) <= 2 and kernels.available():
             rows = t.shape[0] if len(t.shape) == 2 else 1
             data = torch.from_numpy(self._mm[t.offset : t.offset + t.nbytes]).view(rows, -1)
@@ -250,18 +318,16 @@ class GGUFFile:
 
 
 def dequantize_blocks(data: np.ndarray, t: TensorInfo) -> np.ndarray:
-    """Block-quantized bytes -> float32 values (flat)."""
-    fast = _TORCH_DEQUANT.get(t.qtype)
+    """Block-quantized bytes -> float32 values (flat): numpy views for the common layouts, gguf's code for the rest."""
+    fast = _NUMPY_DEQUANT.get(t.qtype)
     if fast is not None:
-        return fast(np.asarray(data)).numpy()
+        return fast(np.asarray(data)).reshape(-1)
     block, type_size = GGML_QUANT_SIZES[t.qtype]
     rows = np.asarray(data).reshape(-1, type_size)
     return _gguf_dequantize(rows, t.qtype).reshape(-1)
 
 
-# The common layouts, read through numpy structured views (no per-block Python, no
-# copies of misaligned slices); everything else goes through the gguf package.
-# Layouts from ggml-common.h:
+# Layouts from ggml-common.h, read through numpy structured views (no per-block Python):
 #   Q8_0: fp16 d, 32 x int8 q                -> d * q
 #   Q4_0: fp16 d, 16 bytes of nibbles        -> d * (q - 8), low nibbles first
 #   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles -> d * q + m, low nibbles first
@@ -270,35 +336,27 @@ _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
 
 
-def _scale(s: np.ndarray, field: str) -> torch.Tensor:
-    return torch.from_numpy(s[field].astype(np.float32))[:, None]  # (N, 1)
+def _nibbles(s: np.ndarray) -> np.ndarray:
+    qs = s["qs"]  # (N, 16) uint8
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (N, 32)
 
 
-def _nibbles(s: np.ndarray) -> torch.Tensor:
-    qs = torch.from_numpy(np.ascontiguousarray(s["qs"]))  # (N, 16) uint8
-    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
-    q[:, :16] = qs & 0x0F
-    q[:, 16:] = qs >> 4
-    return q
-
-
-def _dequant_q8_0(b: np.ndarray) -> torch.Tensor:
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
     s = b.view(_Q8_0)
-    q = torch.from_numpy(np.ascontiguousarray(s["qs"])).float()
-    return q.mul_(_scale(s, "d")).reshape(-1)
+    return s["qs"].astype(np.float32) * s["d"].astype(np.float32)[:, None]
 
 
-def _dequant_q4_0(b: np.ndarray) -> torch.Tensor:
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:
     s = b.view(_Q4_0)
-    return _nibbles(s).sub_(8.0).mul_(_scale(s, "d")).reshape(-1)
+    return (_nibbles(s) - np.float32(8.0)) * s["d"].astype(np.float32)[:, None]
 
 
-def _dequant_q4_1(b: np.ndarray) -> torch.Tensor:
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
     s = b.view(_Q4_1)
-    return _nibbles(s).mul_(_scale(s, "d")).add_(_scale(s, "m")).reshape(-1)
+    return _nibbles(s) * s["d"].astype(np.float32)[:, None] + s["m"].astype(np.float32)[:, None]
 
 
-_TORCH_DEQUANT = {
+_NUMPY_DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
     GGMLQuantizationType.Q4_1: _dequant_q4_1,
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
