@@ -81,6 +81,7 @@ class ServerState:
 
     # -- loading ------------------------------------------------------------------------
     def start_loading(self) -> None:
+        runtime.helper_thread()  # the event loop's thread: the model runs on the engine thread only
         self._thread = threading.Thread(target=self._load, name="pellucid-load", daemon=True)
         self._thread.start()
 
@@ -172,7 +173,7 @@ class ServerState:
             return reqs
 
         try:
-            group = self.engine.add_many(await run_in_threadpool(build))
+            group = self.engine.add_many(await run_in_threadpool(_on_helper, build))
         except PellucidError as e:
             raise ApiError.from_pellucid(e, rename=rename) from None
         self.metrics.requests_received += 1
@@ -259,7 +260,12 @@ def default_loader(config: ServerConfig):
 
 async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) on a worker thread: tokenizing, rendering and grammar work must not hold up the event loop."""
-    return await run_in_threadpool(fn, *args)
+    return await run_in_threadpool(_on_helper, fn, *args)
+
+
+def _on_helper(fn, *args):
+    runtime.helper_thread()  # torch work here must not slow the engine thread (runtime.helper_thread)
+    return fn(*args)
 
 
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused unread (413)

@@ -9,6 +9,11 @@ ranked by the joined piece's score; spaces become U+2581 before it runs.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
@@ -41,6 +46,36 @@ def merges_from_scores(tokens: list[str], scores: np.ndarray, types: list[int]) 
     return [(r[4], r[5]) for r in ranked]
 
 
+def ranked_pairs(tokens: list[str], scores: np.ndarray, types: list[int]) -> np.ndarray:
+    """merges_from_scores as token ids, (n, 2) int32, computed once per vocabulary and kept in
+    $PELLUCID_HOME/cache/spm/ (deriving them takes ~1.8 s for Gemma's 262,144 pieces; reading them back ~0.1 s)."""
+    from pellucid.registry import home
+
+    h = hashlib.sha256()
+    h.update(np.asarray(scores, dtype=np.float32).tobytes())
+    h.update(np.asarray(types, dtype=np.int32).tobytes())
+    h.update("\0".join(tokens).encode("utf-8", "surrogatepass"))
+    path = home() / "cache" / "spm" / f"{h.hexdigest()[:32]}.npy"
+    try:
+        pairs = np.load(path, allow_pickle=False)
+        if pairs.ndim == 2 and pairs.shape[1] == 2 and pairs.dtype == np.int32 and (pairs.size == 0 or 0 <= pairs.min() and pairs.max() < len(tokens)):
+            return pairs
+    except (OSError, ValueError):
+        pass  # no cache yet, or a damaged one: derive again
+    ids = {t: i for i, t in enumerate(tokens)}
+    merges = merges_from_scores(tokens, scores, types)
+    pairs = np.array([(ids[a], ids[b]) for a, b in merges], dtype=np.int32).reshape(-1, 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, pairs, allow_pickle=False)
+        os.replace(tmp, path)  # complete or absent, never half-written
+    except OSError:
+        pass  # a read-only home: derive every time
+    return pairs
+
+
 def sentencepiece_bpe(tokens: list[str], types: list[int], meta: dict) -> tuple[HFTokenizer, list[bytes]]:
     """A `tokenizers` BPE equivalent to the GGUF vocabulary, and each token's bytes.
 
@@ -57,7 +92,7 @@ def sentencepiece_bpe(tokens: list[str], types: list[int], meta: dict) -> tuple[
     has_bytes = any(t == BYTE for t in types)
     model = models.BPE(
         vocab=vocab,
-        merges=merges_from_scores(tokens, np.asarray(scores), types),
+        merges=[(tokens[a], tokens[b]) for a, b in ranked_pairs(tokens, np.asarray(scores), types).tolist()],
         unk_token=tokens[int(unk)] if unk is not None and not has_bytes else None,
         fuse_unk=True,
         byte_fallback=has_bytes,
