@@ -27,7 +27,15 @@ from pellucid.sampling.constraints import (
     pop_constraint,
 )
 from pellucid.sampling.params import SamplingParams, build_params
-from pellucid.text.tools import Tool, add_to_system, parse_answer, parse_tool_choice, parse_tools
+from pellucid.text.tools import (
+    Tool,
+    ToolList,
+    add_to_system,
+    call_format,
+    parse_answer,
+    parse_tool_choice,
+    parse_tools,
+)
 from pellucid.text.tools import constraint as tool_constraint
 
 
@@ -65,7 +73,8 @@ class LLM:
     def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = runtime.DEFAULT_DTYPE, device: str = "cpu",
                  max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
                  loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT, compile: bool = False,
-                 speculative: Any = None, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024):  # fmt: skip
+                 speculative: Any = None, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024,
+                 progress: Any = None):  # fmt: skip
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
         or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
@@ -73,10 +82,11 @@ class LLM:
         compile: accepted for older callers; the eager fast path needs no compile step.
         prefix_cache: reuse the cached keys and values of earlier prompts that start the same
         way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
-        to prefix_cache_mib MiB of finished requests' caches (engine/engine.py)."""
+        to prefix_cache_mib MiB of finished requests' caches (engine/engine.py). progress: a
+        pellucid.progress.Progress told each phase of the load."""
         if compile:
             warnings.warn("compile=True is no longer needed: pellucid's fused CPU path runs eagerly", stacklevel=2)
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant)
+        self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant, progress=progress)
         self.model_name = str(model)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -109,7 +119,8 @@ class LLM:
         """(all tools, the tools to show the model, the constraint) for tools in OpenAI's or
         Anthropic's shape and a tool_choice (pellucid.text.tools); `names` rename the fields
         in errors (tools=, tool_choice=)."""
-        all_tools = parse_tools(tools, param=names.get("tools", "tools"))
+        tmpl = self.chat_template
+        all_tools = ToolList(parse_tools(tools, param=names.get("tools", "tools")), call_format(tmpl.source, tmpl.supports_tools))
         choice = parse_tool_choice(tool_choice, all_tools, parallel=parallel_tool_calls, param=names.get("tool_choice", "tool_choice"))
         c = tool_constraint(self.tokenizer, all_tools, choice, vocab_size=self.config.vocab_size)
         return all_tools, (all_tools if choice.mode != "none" else None), c

@@ -176,7 +176,8 @@ def test_bench_prints_tables_or_json(monkeypatch):
         cli_bench, "run_isolated", lambda cfg, *a, **k: fake_result(cfg.dtype, cfg.quant)
     )
     text = cli("bench", "--formats", "float32,bfloat16,int8").output
-    whole(text, *BENCH_HEADERS, "int8@" + cli_bench.runtime.DEFAULT_DTYPE)
+    whole(text, *BENCH_HEADERS, "int8@float32")  # "auto" said as what it is for this model (issue 31)
+    assert "auto" not in text
     data = json.loads(cli("bench", "--formats", "float32,int8", "--json").stdout)
     assert [d["config"]["quant"] for d in data] == [None, "int8"]
 

@@ -32,7 +32,7 @@ def _declared(group: dict, without: tuple[str, ...] = ()) -> set[str]:
 def test_every_generating_command_takes_the_one_set_of_sampling_flags(command, without):
     flags = _flags(command)
     assert _declared(SAMPLING_OPTIONS, without) <= flags
-    assert "--stop-token-ids" in flags and "--stop-token-id" in flags or command == "next-token"
+    assert "--stop-token-ids" in flags or command == "next-token"
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
@@ -40,15 +40,14 @@ def test_structured_output_flags_are_declared_once(command):
     assert _declared(STRUCTURED_OPTIONS) <= _flags(command)
 
 
-def test_stop_token_ids_is_the_apis_name_and_stop_token_id_an_alias(real_cli, real_llm):
+def test_stop_token_ids_is_the_apis_name(real_cli, real_llm):
     """--stop-token-ids (SamplingParams.stop_token_ids in kebab case) stops where the token is
-    generated; the singular spelling still works."""
+    generated (one name per flag: the singular alias is gone, so help reads at 80 columns)."""
     greedy = real_llm.generate("The capital of France is", max_tokens=8, temperature=0)
     stop_at = greedy.token_ids[3]
-    for flag in ("--stop-token-ids", "--stop-token-id"):
-        r = real_cli("generate", "The capital of France is", "-n", "8", flag, str(stop_at))
-        assert r.exit_code == 0, r.output
-        assert r.stdout.strip() == real_llm.tokenizer.decode(greedy.token_ids[:3]).strip()
+    r = real_cli("generate", "The capital of France is", "-n", "8", "--stop-token-ids", str(stop_at))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == real_llm.tokenizer.decode(greedy.token_ids[:3]).strip()
 
 
 def test_a_logit_bias_by_text_is_checked_before_the_model_loads(real_path, monkeypatch):

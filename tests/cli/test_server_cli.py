@@ -57,6 +57,39 @@ def test_serve_reports_a_model_that_does_not_load(tmp_path):
     assert "error:" in out and "did not load" in out and "Traceback" not in out
 
 
+def test_a_busy_port_is_the_first_thing_said():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(_cmd("--port", str(port)), capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert f"port {port} on 127.0.0.1 is already in use" in out and "--port" in out
+    assert "serving" not in out and "loading" not in out and "Traceback" not in out
+
+
+@pytest.mark.real
+def test_a_model_given_by_path_is_served_under_its_file_stem(real_path):
+    p, url = _start(["--model", str(real_path), "--port", "0", "--max-len", "512"])
+    try:
+        t = time.monotonic()
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert p.poll() is None and time.monotonic() - t < 120
+            time.sleep(0.2)
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in oa.models.list().data] == [real_path.stem]
+        r = oa.chat.completions.create(model=real_path.stem, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert r.model == real_path.stem
+        r = oa.completions.create(model=str(real_path), prompt="Hi", max_tokens=2)  # the path itself still answers
+        assert r.model == real_path.stem
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+
+
 @pytest.mark.real
 def test_serve_with_config_and_key(tmp_path: Path, real_llm, real_path):
     cfg = tmp_path / "serve.yaml"

@@ -195,6 +195,12 @@ def main() -> None:
     from pellucid.errors import PellucidError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Other libraries' warnings (matplotlib's missing glyphs, torch's deprecations) are for their
+    # developers, not for someone running a command; pellucid's own still show.
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"pellucid(\.|$)")
     _register()
     try:
         app()

@@ -63,7 +63,10 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        fmt = f"{self.quant}@{self.dtype}" if self.quant else self.dtype
+        """The format in words, "auto" resolved for this model: int4@float32, bfloat16, ..."""
+        quant = runtime.resolve_quant(self.quant, self.model)[0] if self.quant else None
+        dtype = runtime.resolve_dtype(self.dtype, quant) if self.dtype == "auto" else self.dtype
+        fmt = f"{quant}@{dtype}" if quant else dtype
         return fmt + ("" if self.use_cache else " no-kv-cache")
 
 
@@ -125,8 +128,15 @@ def _run_once(llm, ids: list[list[int]], gen: int) -> tuple[float, list[float], 
     return first or 0.0, lat, list(reqs[0].output_ids)
 
 
+def phase(text: str) -> None:
+    """Tell the parent `pellucid bench` which phase the worker is in (a line on stderr)."""
+    sys.stderr.write(f"@phase {text}\n")
+    sys.stderr.flush()
+
+
 def measure(cfg: BenchConfig, t_start: float | None = None) -> BenchResult:
     """Measure one configuration in this process (call it in a fresh one for a clean RSS)."""
+    phase(f"loading {cfg.model}")
     t_imp = time.perf_counter()
     import torch
 
@@ -145,11 +155,14 @@ def measure(cfg: BenchConfig, t_start: float | None = None) -> BenchResult:
         return [prompt_ids(llm.tokenizer, cfg.prompt_tokens, next(variants)) for _ in range(cfg.batch)]
 
     # cold: the first request after the load (what a user waits for)
+    phase("the first token after the load")
     res.first_token_seconds, _, _ = _run_once(llm, rows()[:1], 1)
+    phase("warm-up")
     _run_once(llm, rows(), min(cfg.gen_tokens, 16))  # warm-up
     ttfts, lats, decode_rates = [], [], []
     tokens: list[int] = []
-    for _ in range(cfg.repeat):
+    for k in range(cfg.repeat):
+        phase(f"run {k + 1} of {cfg.repeat}: {cfg.prompt_tokens}-token prompt, then {cfg.gen_tokens} tokens x {cfg.batch}")
         ttft, lat, tokens = _run_once(llm, rows(), cfg.gen_tokens)
         ttfts.append(ttft)
         lats += lat
@@ -282,15 +295,37 @@ def versions() -> dict:
             "cpu_flags": " ".join(sorted(f for f in runtime.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))}  # fmt: skip
 
 
-def run_isolated(cfg: BenchConfig, mode: str = "measure", timeout: float = 1800, **kw) -> dict:
-    """Run `measure` (or `kv_curve`) in a fresh interpreter and return its JSON result."""
+def run_isolated(cfg: BenchConfig, mode: str = "measure", timeout: float = 1800, on_phase=None, **kw) -> dict:
+    """Run `measure` (or `kv_curve`) in a fresh interpreter and return its JSON result;
+    `on_phase(text)` hears each phase the worker reports."""
+    import threading
+
     payload = json.dumps({"mode": mode, "config": asdict(cfg), "kw": kw})
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(cfg.threads))
-    p = subprocess.run([sys.executable, "-m", "pellucid.cli.bench", "--worker", payload], capture_output=True,
-                       text=True, timeout=timeout, env=env)  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "pellucid.cli.bench", "--worker", payload], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    err_lines: list[str] = []
+
+    def read_err() -> None:
+        for line in p.stderr:
+            if line.startswith("@phase "):
+                if on_phase is not None:
+                    on_phase(line[len("@phase ") :].rstrip("\n"))
+            else:
+                err_lines.append(line)
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    try:
+        out = p.stdout.read()
+        p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    reader.join(5)
     if p.returncode != 0:
-        raise RuntimeError(f"bench worker failed ({cfg.label}):\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"bench worker failed ({cfg.label}):\n{''.join(err_lines)[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _worker(payload: str, t_start: float) -> None:
@@ -378,10 +413,13 @@ def bench(
             f = f.strip()
             q = f if f.startswith("int") else None
             configs.append(BenchConfig(**{**asdict(base), "dtype": base.dtype if q else f, "quant": q}))
+    from pellucid.progress import Progress
+
     results = []
     for c in configs:
-        with console.status(f"measuring {c.label} ({c.prompt_tokens}-token prompt, {c.gen_tokens} tokens, {c.threads} threads)"):
-            results.append(run_isolated(c))
+        shown = Progress(f"bench {c.label} ({c.threads} threads)")
+        results.append(run_isolated(c, on_phase=shown.start))
+        shown.finish()
     if json_out:
         print_json(results if len(results) > 1 else results[0])
         return

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", hel
 RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.", rich_help_panel=S)]
 LogitBias = Annotated[list[str] | None, typer.Option("--logit-bias", help='TOKEN=BIAS, TOKEN a token id or the text of one token: 9=5, " Paris=-100" (repeatable; -100 bans).', rich_help_panel=S)]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text, which is not included (repeatable).", rich_help_panel=S)]
-StopTokenIds = Annotated[list[int] | None, typer.Option("--stop-token-ids", "--stop-token-id", help="Stop at this token id (repeatable).", rich_help_panel=S)]
+StopTokenIds = Annotated[list[int] | None, typer.Option("--stop-token-ids", help="Stop at this token id (repeatable).", rich_help_panel=S)]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-generation tokens.", rich_help_panel=S)]
 
 from pellucid.runtime import DEFAULT_DTYPE, DEFAULT_QUANT  # noqa: E402  (one set of defaults: API, CLI, server)
@@ -132,21 +131,40 @@ def model_name(model: str | None, config) -> str:
 LOADED: dict[tuple[str, str, str | None], Any] = {}
 
 
-def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int = 1, quiet: bool = False):
-    """Load a model with a spinner on stderr (one request at a time: a batch of 1)."""
+def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int = 1, quiet: bool = False,
+             threads: int | None = None):  # fmt: skip
+    """Load a model, its progress on stderr (one request at a time: a batch of 1)."""
 
     from pellucid.api import LLM
+    from pellucid.progress import Progress
 
+    if threads is not None:
+        set_threads(threads)
     quant = None if quant in (None, "", "none") else quant
     if (model, dtype, quant) in LOADED:
         return LOADED[model, dtype, quant]
     err = Console(stderr=True, quiet=quiet)
-    t = time.perf_counter()
-    with err.status(f"loading {model} ({dtype}{', ' + quant if quant else ''})"):
-        llm = LLM(model, dtype=dtype, max_batch=max_batch, quant=quant)
-    err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
+    progress = None if quiet else Progress(f"loading {model}")
+    llm = LLM(model, dtype=dtype, max_batch=max_batch, quant=quant, progress=progress)
+    seconds = progress.finish() if progress is not None else 0.0
+    fmt = llm.loaded.quant or str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+    err.print(f"[dim]loaded {model} ({fmt}) in {seconds:.1f} s[/]")
     LOADED[model, dtype, quant] = llm
     return llm
+
+
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for the model (default: the physical cores).", min=1)]
+
+
+def set_threads(n: int) -> None:
+    """Use `n` threads for the model's work in this process."""
+    import torch
+
+    if n < 1:
+        from pellucid.errors import PellucidError
+
+        raise PellucidError(f"--threads {n}: give 1 or more", param="--threads")
+    torch.set_num_threads(n)
 
 
 def build_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokenizer, *, without_bias: bool = False):

@@ -16,6 +16,7 @@ from pellucid.cli.common import (
     Dtype,
     Model,
     Quant,
+    Threads,
     build_params,
     check_params,
     fit_context,
@@ -60,6 +61,7 @@ def generate(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
+    threads: Threads = None,
     config: ConfigFile = None,
     flags: dict = None,
     structured: dict = None,
@@ -73,13 +75,15 @@ def generate(
     """
 
     defaults = {"max_tokens": 128, "temperature": 0.0}
+    if not prompt.strip():
+        raise PellucidError(f"the prompt {prompt!r} is empty or only whitespace: give the text to continue", param="PROMPT")
     cfg = read_config(config)
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)  # bad values fail before the load
     from_cli(None, **structured)  # a bad schema or grammar fails before the load too
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
-    llm = load_llm(name, dtype, quant)
+    llm = load_llm(name, dtype, quant, threads=threads)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
@@ -90,6 +94,8 @@ def generate(
         sys.stdout.write(out.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if req.finish_reason == "length" and constraint is None:
+        err.print(f"[dim]cut at --max-tokens {params.max_tokens}[/]")
     if is_incomplete(constraint, req.finish_reason, req.stop_reason):
         err.print(f"[yellow]incomplete: the output ended ({req.finish_reason}) before the {constraint.kind} constraint "
                   f"was satisfied; it is not valid. Raise --max-tokens.[/]")  # fmt: skip
@@ -103,6 +109,7 @@ def chat(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
+    threads: Threads = None,
     config: ConfigFile = None,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (default: the config's system_prompt)."),
     prompt_file: PromptFileRef = None,
@@ -130,6 +137,8 @@ def chat(
     """
 
     defaults = {"max_tokens": 512, "temperature": 0.0}
+    if once is not None and not once.strip():
+        raise PellucidError(f"--once {once!r} is empty or only whitespace: give the message to answer", param="--once")
     cfg = read_config(config)
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)
@@ -137,7 +146,7 @@ def chat(
     chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
     from_cli(None, **structured)
     tool_list = _read_tools(tools) if tools else None
-    llm = load_llm(name, dtype, quant)
+    llm = load_llm(name, dtype, quant, threads=threads)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None and cfg is not None and cfg.response_format:

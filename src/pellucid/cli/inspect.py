@@ -10,7 +10,7 @@ Every `pellucid` run imports this module to register the commands, so pellucid.i
 from __future__ import annotations
 
 import json
-import time
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +19,7 @@ import typer
 from rich.text import Text
 
 from pellucid.cli import app
-from pellucid.cli.common import DEFAULT_MODEL, Model
+from pellucid.cli.common import DEFAULT_MODEL, Model, Threads
 from pellucid.cli.display import (
     SECTION,
     Col,
@@ -42,7 +42,10 @@ Chat = Annotated[
     ),
 ]
 InspectDtype = Annotated[
-    str, typer.Option("--dtype", help="float32 (default: exact internals), bfloat16 or float16.")
+    str, typer.Option("--dtype", help="Activations: auto (as generate and serve run the model), float32, bfloat16 or float16.")
+]
+InspectQuant = Annotated[
+    str, typer.Option("--quant", help="Weights: auto (the served format: the file's blocks where they lie), int8, or none (a float copy, at --dtype).")
 ]
 
 # Published parameter counts of the concept note's rows, for comparison with the calculator.
@@ -73,14 +76,17 @@ def _shape(s: tuple[int, ...]) -> str:
     return "×".join(str(d) for d in s)
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, quant: str, threads: int | None = None):
+    from pellucid.cli.common import set_threads
     from pellucid.inspect.subject import load_subject
+    from pellucid.progress import Progress
 
+    if threads is not None:
+        set_threads(threads)
     err = console(stderr=True)
-    t = time.perf_counter()
-    with err.status(f"loading {model} ({dtype})"):
-        subject = load_subject(model, dtype=dtype)
-    err.print(f"[dim]loaded {model} in {time.perf_counter() - t:.1f} s[/]")
+    progress = Progress(f"loading {model}")
+    subject = load_subject(model, dtype=dtype, quant=None if quant in ("", "none") else quant, progress=progress)
+    err.print(f"[dim]loaded {model} in {progress.finish():.1f} s: {subject.format}[/]")
     return subject
 
 
@@ -186,13 +192,50 @@ def inspect_cmd(
 # -- params -----------------------------------------------------------------------------------
 
 
+def _spec_from_model(model: str):
+    """(ParamSpec, parameters the file's tensors hold, label) of a model, built on the meta
+    device: no weights are read."""
+    from pellucid import registry
+    from pellucid.inspect.param_count import spec_from_model
+    from pellucid.inspect.weights_table import weights_report
+
+    path = registry.resolve(model)
+    report = weights_report(model) if path.is_file() else None
+    if report is None:  # an HF folder: config.json, counted from the safetensors headers
+        from pellucid.loading import build_meta
+        from pellucid.loading.hf import architecture_key, read_json
+        from pellucid.models import architecture
+        from pellucid.weights.safetensors import SafetensorsCheckpoint
+
+        config = read_json(path / "config.json", "config.json")
+        mod = architecture(architecture_key(config, path))
+        cfg = mod.config_from_hf(config)
+        meta = build_meta(mod, cfg, None)
+        ckpt = SafetensorsCheckpoint(path)
+        total = sum(math.prod(ckpt.shape(n)) for n in ckpt.keys())
+        return spec_from_model(meta, cfg), total, str(model)
+    from pellucid.loading import build_meta, gguf_architecture
+    from pellucid.weights.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    mod, cfg = gguf_architecture(f)
+    return spec_from_model(build_meta(mod, cfg, None), cfg), report.total_params, str(model)
+
+
 def _spec_from_file(path: Path):
     from pellucid.inspect.param_count import ParamSpec, spec_from_hf_config
 
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PellucidError(f"cannot read config {str(path)!r}: {e}", param="config") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PellucidError(f"cannot read config {str(path)!r}: {e.strerror or e}", param="config") from None
+    if raw[:4] == b"GGUF":
+        raise PellucidError(f"{str(path)!r} is a model file, not a config: count it with `pellucid params {path}`", param="config")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PellucidError(f"config {str(path)!r} is not a JSON file ({type(e).__name__}: {str(e)[:80]}); give a transformers "
+                            "config.json, ParamSpec fields as JSON, or the model itself: `pellucid params MODEL`", param="config") from None  # fmt: skip
     if not isinstance(cfg, dict):
         raise PellucidError(f"config {str(path)!r} must be a JSON object", param="config")
     if "model_type" in cfg:
@@ -206,6 +249,7 @@ def _spec_from_file(path: Path):
 
 @app.command()
 def params(
+    model: str | None = typer.Argument(None, help="Count a model: a registry name, a .gguf file or an HF folder (no weights are loaded)."),
     preset: str | None = typer.Option(
         None, "--preset", "-p", help="gpt2-xl, llama-7b, llama-70b, smollm2-135m, gemma3-270m."
     ),
@@ -216,14 +260,20 @@ def params(
 ) -> None:
     """Parameter count from hyperparameters alone, and memory at FP32 / FP16 / INT8 / INT4.
 
-    Without --preset or --config: the concept note's table, for every preset.
+    With MODEL: its hyperparameters read from the file (no weights loaded), the formula's
+    count beside the count of the tensors the file holds. Without MODEL, --preset or
+    --config: the concept note's table, for every preset.
     """
 
     from pellucid.inspect.param_count import PRESETS, count_params, memory_bytes
 
-    if preset is not None and config is not None:
-        raise PellucidError("give --preset or --config, not both", param="preset")
-    if preset is None and config is None:
+    if sum(x is not None for x in (model, preset, config)) > 1:
+        raise PellucidError("give one of MODEL, --preset or --config", param="preset")
+    file_count = None
+    if model is not None:
+        spec, file_count, source = _spec_from_model(model)
+        preset = None
+    if model is None and preset is None and config is None:
         rows = []
         for name, spec in PRESETS.items():
             c = count_params(spec)
@@ -259,7 +309,9 @@ def params(
             style="dim",
         )
         return
-    if preset is not None:
+    if model is not None:
+        pass
+    elif preset is not None:
         if preset not in PRESETS:
             raise PellucidError(
                 f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", param="preset"
@@ -272,7 +324,7 @@ def params(
     if as_json:
         print_json({"source": source, "spec": asdict(spec), "breakdown": c.breakdown, "per_layer": c.per_layer,
                     "per_layer_total": c.per_layer_total, "coarse": c.coarse(), "total": c.total,
-                    "memory_bytes": memory}, indent=1)  # fmt: skip
+                    "memory_bytes": memory, "file_tensors_total": file_count}, indent=1)  # fmt: skip
         return
     out = console()
     s = spec
@@ -291,6 +343,9 @@ def params(
     show_table(out, [Col("precision"), Col("bytes/param", "right"), Col("memory", "right")],
                [[p.upper(), f"{BYTES_PER_PARAM[p]:g}", f"{human(memory[p])}  ({memory[p] / 2**30:.2f} GiB)"] for p in PRECISIONS],
                title="Weights in memory (no KV cache, no quantization scales)")  # fmt: skip
+    if file_count is not None:
+        same = "equal" if file_count == c.total else f"the formula {c.total - file_count:+,}"
+        paragraph(out, f"the file's tensors: {file_count:,} parameters ({same}; tied tables counted once)")
     pub = PUBLISHED.get(preset or "")
     if pub:
         paragraph(
@@ -315,7 +370,9 @@ def _where(a, layer: int | None, head: int | None) -> str:
 def attention(
     prompt: str = typer.Argument(..., help="Text to look at (raw unless --chat)."),
     model: Model = DEFAULT_MODEL,
-    dtype: InspectDtype = "float32",
+    dtype: InspectDtype = "auto",
+    quant: InspectQuant = "auto",
+    threads: Threads = None,
     layer: int | None = typer.Option(
         None, "--layer", "-l", help="One layer (default: average over layers)."
     ),
@@ -335,14 +392,14 @@ def attention(
     from pellucid.inspect import plots
     from pellucid.inspect.attention import attention_patterns
 
-    subject = _load(model, dtype)
+    subject = _load(model, dtype, quant, threads)
     a = attention_patterns(subject, prompt, chat=chat)
     sel = a.select(layer, head)  # validates layer and head
     where = _where(a, layer, head)
     pictures = []
     if not no_plot:
         pictures.append(plots.attention_grid(a.patterns, a.str_tokens, out_dir / "attention_grid.png",
-                                             f"Attention patterns of {subject.name}, all {a.n_layers} layers x {a.n_heads} heads (row: query, column: key)"))  # fmt: skip
+                                             f"Attention patterns of {subject.name} ({subject.format}), all {a.n_layers} layers x {a.n_heads} heads (row: query, column: key)"))  # fmt: skip
         tag = f"{'L' + str(layer) if layer is not None else 'Lavg'}_{'H' + str(head) if head is not None else 'Havg'}"
         pictures.append(plots.attention_heatmap(sel, a.str_tokens, out_dir / f"attention_{tag}.png",
                                                 f"Attention, {where}"))  # fmt: skip
@@ -370,7 +427,7 @@ def attention(
         console(),
         cols,
         rows,
-        title=f"Attention on {prompt!r} ({len(a.tokens)} tokens), {where}",
+        title=f"Attention on {prompt!r} ({len(a.tokens)} tokens), {where}; {subject.format}",
         side_ok=False,
     )
     _pictures(pictures)
@@ -388,7 +445,9 @@ def _cell(text: str) -> Text:
 def lens(
     prompt: str = typer.Argument(..., help="Text to look at (raw unless --chat)."),
     model: Model = DEFAULT_MODEL,
-    dtype: InspectDtype = "float32",
+    dtype: InspectDtype = "auto",
+    quant: InspectQuant = "auto",
+    threads: Threads = None,
     target: str | None = typer.Option(
         None,
         "--target",
@@ -407,7 +466,7 @@ def lens(
     from pellucid.inspect import plots
     from pellucid.inspect.logit_lens import lens_report
 
-    subject = _load(model, dtype)
+    subject = _load(model, dtype, quant, threads)
     r = lens_report(subject, prompt, target=target, k=max(top, 1), chat=chat)
     pictures = []
     if not no_plot:
@@ -436,7 +495,7 @@ def lens(
         rows.append([label, _cell(tops), f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}", str(int(r.target_rank[s]) + 1), attn,
                      mlp, f"{float(r.resid_norm[s, -1]):.1f}"])  # fmt: skip
     show_table(out, cols, rows, side_ok=False,
-               title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who})")  # fmt: skip
+               title=f"Logit lens at the last token {_token(r.str_tokens[-1])!r} of {prompt!r}; target {tgt!r} ({who}); {subject.format}")  # fmt: skip
     first = r.first_layer_top1()
     paragraph(out, f"{tgt!r} is the top prediction from layer {first} on." if first is not None
               else f"{tgt!r} never becomes the top prediction.")  # fmt: skip
@@ -460,7 +519,9 @@ def lens(
 @app.command()
 def ablate(
     model: Model = DEFAULT_MODEL,
-    dtype: InspectDtype = "float32",
+    dtype: InspectDtype = "auto",
+    quant: InspectQuant = "auto",
+    threads: Threads = None,
     text: str | None = typer.Option(
         None, "--text", help="Text to measure the loss on (default: a built-in paragraph)."
     ),
@@ -493,7 +554,7 @@ def ablate(
         except OSError as e:
             raise PellucidError(f"cannot read {str(file)!r}: {e}", param="file") from None
     text = DEFAULT_TEXT if text is None else text
-    subject = _load(model, dtype)
+    subject = _load(model, dtype, quant, threads)
     n = len(subject.model.blocks)
     components = tuple(component or ("attn", "mlp"))
     with Progress(TextColumn("ablating {task.fields[what]:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -519,7 +580,7 @@ def ablate(
             cells.append(f"[bold red]{d:+.3f}[/]" if (c, i) in worst else f"{d:+.3f}")
         rows.append([str(i), *cells])
     show_table(out, [Col("layer", "right"), *(Col(f"Δ loss, {names[c]}", "right") for c in components)], rows,
-               title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token",
+               title=f"{mode.capitalize()}-ablation on {res.n_tokens} tokens{cut}: baseline loss {res.base_loss:.3f} nats/token; {subject.format}",
                side_ok=False)  # fmt: skip
     paragraph(
         out, "Largest: " + ", ".join(f"{names[c]} {i} ({d:+.3f})" for c, i, d in res.ranking(5))

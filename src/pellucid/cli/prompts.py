@@ -503,11 +503,24 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
             sys.stderr.write(turn.prompt if turn.prompt.endswith("\n") else turn.prompt + "\n")  # exact: no wrapping
             sys.stderr.flush()
             err.rule(style="dim")
-        for piece in session.stream(turn):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        shown, gen = [], session.stream(turn)
+        try:
+            for piece in gen:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                shown.append(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the conversation
+            gen.close()  # the request is aborted
+            session.keep_partial(turn, "".join(shown))
+            if not interactive:
+                raise
+            sys.stdout.write("\n")
+            err.print("[yellow]stopped[/] [dim](the reply so far stays in the conversation; Ctrl-C at the prompt or Ctrl-D ends it)[/]", markup=True)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if turn.finish_reason == "length":
+            err.print(f"[dim]reply cut at {turn.completion_tokens:,} tokens (--max-tokens, or the context window)[/]", markup=True)
         if turn.report is not None:
             for c in turn.report.checks:
                 mark = "[green]ok[/]" if c.ok else "[red]FAIL[/]"

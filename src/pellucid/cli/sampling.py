@@ -15,6 +15,7 @@ from pellucid.cli.common import (
     Dtype,
     Model,
     Quant,
+    Threads,
     build_params,
     check_params,
     load_llm,
@@ -32,6 +33,7 @@ def next_token(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
+    threads: Threads = None,
     config: ConfigFile = None,
     chat: bool = typer.Option(False, "--chat", help="Apply the chat template, PROMPT as the user's message."),
     top: int = typer.Option(10, "--top", help="How many candidate tokens to show.", min=1, max=200),
@@ -49,7 +51,7 @@ def next_token(
     cfg = read_config(config)
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)
-    llm = load_llm(name, dtype, quant, quiet=json_out)
+    llm = load_llm(name, dtype, quant, quiet=json_out, threads=threads)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     stages = explain_next_token(llm, prompt, params, top=top, chat=chat)
     drawn = next(c for c in stages[-1].candidates if c.kept)

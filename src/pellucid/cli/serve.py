@@ -6,6 +6,7 @@ Every `pellucid` run imports this module to register the command, so the server
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -43,7 +44,7 @@ def serve(
     quant: Quant = DEFAULT_QUANT,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", hidden=True, help="No longer needed: the fused CPU path runs eagerly.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
-    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model names clients may send, comma-separated; the first is reported (default: --model as given).")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model names clients may send, comma-separated; the first is reported (default: the registry name, or a file's stem).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     replicas: Annotated[int | None, typer.Option("--replicas", help="Serve with N engine replicas on Ray Serve, each its own process with --threads threads and its own KV cache (needs pellucid[ray]; docs/scale-out.md).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --replicas: join this Ray cluster ('auto', 'ray://HOST:10001') instead of starting a local one.")] = None,
@@ -106,6 +107,7 @@ def serve(
         ray_serve.serve_forever(sc, ray_serve.DeployConfig(**deploy, ray_address=ray_address), ray_serve.ServeLoader(_loader, cfg),
                                 log=lambda m: err.print(m, highlight=False))  # fmt: skip
         return
+    _check_port(host, port)  # before any "serving" line: a busy port is the first thing said
     state = ServerState(sc, loader=_loader(cfg))
     server = _Server(state, uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=3))  # fmt: skip
@@ -124,6 +126,24 @@ def serve(
         pass
     if state.status == "failed":
         raise PellucidError(f"the model did not load: {state.error}")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A clear error when the address cannot be bound (in use, or not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PellucidError(f"--host {host!r} cannot be resolved: {e.strerror or e}", param="--host") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = "is already in use (another server?)" if e.errno == 98 else f"cannot be used: {e.strerror or e}"
+            raise PellucidError(f"port {port} on {host} {why}; choose another with --port", param="--port") from None
 
 
 def _Server(state, config):
@@ -149,7 +169,12 @@ def _loader(cfg):
         dtype = runtime.resolve_dtype(sc.dtype, sc.quant)
         err.print(f"loading {sc.model} ({sc.quant or 'no quantization'}, {dtype} activations) in the background; "
                   "requests get 503 until it is ready", highlight=False)  # fmt: skip
-        llm = default_loader(sc)
+        from pellucid.progress import Progress
+
+        progress = Progress(f"loading {sc.model}")
+        # (a copy: Ray Serve pickles the config it was given, and a Progress holds a stream)
+        llm = default_loader(dataclasses.replace(sc, llm_options={**sc.llm_options, "progress": progress}))
+        progress.finish()
         if cfg is not None and "logit_bias" in sc.defaults:
             # the config may name tokens by text: resolve them with the model's tokenizer
 

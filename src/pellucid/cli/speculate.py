@@ -18,6 +18,7 @@ from pellucid.cli.common import (
     Dtype,
     Model,
     Quant,
+    Threads,
     build_params,
     check_params,
     fit_context,
@@ -82,6 +83,7 @@ def speculate(
     model: Model = None,
     dtype: Dtype = DEFAULT_DTYPE,
     quant: Quant = DEFAULT_QUANT,
+    threads: Threads = None,
     config: ConfigFile = None,
     flags: dict = None,
 ) -> None:
@@ -105,7 +107,7 @@ def speculate(
     cfg = read_config(config)
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)  # bad values fail before the load
-    llm = load_llm(name, dtype, quant)
+    llm = load_llm(name, dtype, quant, threads=threads)
     params = build_params(defaults, cfg, flags, llm.tokenizer)
     text = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = llm.encode_prompt(text)

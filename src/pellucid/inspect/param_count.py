@@ -215,6 +215,29 @@ PRESETS: dict[str, ParamSpec] = {
 }
 
 
+def spec_from_model(model: Any, cfg: Any) -> ParamSpec:
+    """The ParamSpec of a built pellucid model (on the meta device is enough): its
+    hyperparameters from the config, its kind of norm, biases and MLP from its modules."""
+    from torch import nn
+
+    from pellucid.models.layers import GatedMLP, RMSNorm
+
+    block = model.blocks[0]
+    attn, mlp = block.attn, block.mlp
+    norms = [m for k, m in block.named_children() if k.endswith("norm")]
+    has = lambda m: getattr(m, "bias", None) is not None  # noqa: E731
+    attn_bias = "all" if has(attn.o_proj) else ("qkv" if has(attn.q_proj) else "none")
+    pos = getattr(model, "pos_embed", None)
+    return ParamSpec(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, gated_mlp=isinstance(mlp, GatedMLP),
+        tied_embeddings=bool(cfg.tied_embeddings), learned_positions=pos.num_embeddings if isinstance(pos, nn.Embedding) else 0,
+        norm="rms" if all(isinstance(n, RMSNorm) for n in norms) else "layer", attn_bias=attn_bias,
+        mlp_bias=any(has(m) for m in mlp.children() if isinstance(m, nn.Linear)),
+        qk_norm="q_norm" in attn._modules, norms_per_block=len(norms),
+    )  # fmt: skip
+
+
 def _get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
     value = cfg.get(key)
     return default if value is None else value

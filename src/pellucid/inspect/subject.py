@@ -1,7 +1,10 @@
 """What the internals tools look at: a model with its tokenizer, from any of the API's handles.
 
 Every function in pellucid.inspect takes a `source`: an LLM, a LoadedModel, or a registry
-name / file path (loaded in float32, the reference precision for looking inside).
+name / file path, loaded in the default format (the file's quantized blocks where they lie,
+float32 activations: the model as `generate` and `serve` run it). Hooks send every block
+through the readable composition, so every hook point sees its tensor in that format.
+`load_subject(name, quant="none", dtype="float32")` gives the float32 copy instead.
 """
 
 from __future__ import annotations
@@ -23,10 +26,22 @@ class Subject:
     tokenizer: Any  # pellucid.text.tokenizer.Tokenizer
     chat_template: Any  # pellucid.text.chat_template.ChatTemplate
     name: str
+    format: str = ""  # the weights and activations the figures come from, in words
 
 
-def load_subject(source: Any, dtype: str = "float32") -> Subject:
-    """An LLM, a LoadedModel, a Subject, or a name/path -> Subject."""
+def describe_format(lm: Any) -> str:
+    """A LoadedModel's weight format and activation type, in words ("int4 (the file's blocks), float32 activations")."""
+    act = next((str(p.dtype).removeprefix("torch.") for p in lm.model.parameters() if p.is_floating_point()), "float32")
+    if lm.quant:
+        kinds = sorted({type(m).__name__ for m in lm.model.modules() if type(m).__name__ == "BlockLinear"})
+        where = " (the file's blocks)" if kinds and lm.format == "gguf" else ""
+        return f"{lm.quant}{where}, {act} activations"
+    return f"{act} weights and activations"
+
+
+def load_subject(source: Any, dtype: str = "auto", quant: str | None = "auto", progress: Any = None) -> Subject:
+    """An LLM, a LoadedModel, a Subject, or a name/path (loaded as `quant` / `dtype`, the
+    defaults being the served model's format) -> Subject."""
     from pellucid.loading import LoadedModel, load_model
 
     if isinstance(source, Subject):
@@ -35,10 +50,10 @@ def load_subject(source: Any, dtype: str = "float32") -> Subject:
     if isinstance(loaded, LoadedModel):
         source = loaded
     if isinstance(source, LoadedModel):
-        return Subject(source.model, source.tokenizer, source.chat_template, source.path.name)
+        return Subject(source.model, source.tokenizer, source.chat_template, source.path.name, describe_format(source))
     if isinstance(source, (str, Path)):
-        lm = load_model(source, dtype=dtype)
-        return Subject(lm.model, lm.tokenizer, lm.chat_template, str(source))
+        lm = load_model(source, dtype=dtype, quant=quant, progress=progress)
+        return Subject(lm.model, lm.tokenizer, lm.chat_template, str(source), describe_format(lm))
     raise PellucidError(
         f"cannot inspect a {type(source).__name__}; pass an LLM, a LoadedModel or a model name/path",
         param="model",

@@ -32,6 +32,7 @@ from pellucid.loading.hf import load_hf_folder
 from pellucid.models import architecture
 from pellucid.models.decoder import pack_for_cpu_ops
 from pellucid.models.layers import ModelConfig
+from pellucid.progress import Progress
 from pellucid.quantization.apply import parse_quant, quantize_model
 from pellucid.text.gguf import gguf_text
 from pellucid.weights.gguf import GGUFFile
@@ -42,13 +43,15 @@ __all__ = ["DTYPES", "LoadedModel", "build_empty", "gguf_architecture", "gguf_te
            "no_random_init", "parse_dtype"]  # fmt: skip
 
 def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str | torch.dtype = runtime.DEFAULT_DTYPE,
-               device: str = "cpu", max_len: int | None = None, quant: str | None = None) -> LoadedModel:  # fmt: skip
+               device: str = "cpu", max_len: int | None = None, quant: str | None = None,
+               progress: Progress | None = None) -> LoadedModel:  # fmt: skip
     """Load a registry name, a .gguf file or an HF folder into an eval-mode model.
 
     quant ("int8", "int4", "int4-g64", ...) swaps the linear layers for weight-only
     quantized ones (pellucid.quantization), built from each float32 weight as it is read;
     "auto" picks the format by the model's measured quality (pellucid.runtime.resolve_quant).
-    dtype "auto" is decided by pellucid.runtime for this format and device.
+    dtype "auto" is decided by pellucid.runtime for this format and device. `progress`
+    (pellucid.progress.Progress) is told each phase: the tensors, the tokenizer, the kernels.
     """
     t0 = time.perf_counter()
     quant, why = runtime.resolve_quant(quant, str(name_or_path))
@@ -60,25 +63,42 @@ def load_model(name_or_path: str | Path = registry.DEFAULT_MODEL, *, dtype: str 
             quant = None
     path = registry.resolve(name_or_path)
     if path.is_dir():
-        lm = load_hf_folder(path, dt, device, max_len)
+        lm = load_hf_folder(path, dt, device, max_len, progress)
         if quant:
+            if progress is not None:
+                progress.start(f"quantizing to {quant}")
             quantize_model(lm.model, quant)
     else:  # a single file must be GGUF; the reader checks the magic and says so otherwise
-        lm = _load_gguf(path, dt, device, max_len, quant)
+        lm = _load_gguf(path, dt, device, max_len, quant, progress)
     lm.quant = quant
-    if device == "cpu" and kernels.available():  # builds pellucid's CPU kernels on a machine's first load
-        pack_for_cpu_ops(lm.model)
+    if device == "cpu":
+        if progress is not None:
+            progress.start("pellucid's CPU kernels")
+        if kernels.available():  # builds them on a machine's first load
+            pack_for_cpu_ops(lm.model)
     _trim_heap()
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
 
-def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, quant: str | None = None) -> LoadedModel:
+def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, quant: str | None = None,
+               progress: Progress | None = None) -> LoadedModel:  # fmt: skip
+    if progress is not None:
+        progress.start("reading the header")
     f = GGUFFile(path)
     mod, cfg = gguf_architecture(f)
     arch = cfg.arch
     model = build_meta(mod, cfg, max_len, dt)  # given memory after the layers are swapped (materialize)
     storage, shapes = {}, {}
+    seen: set[str] = set()
+    if progress is not None:
+        progress.start("mapping the tensors" if quant else f"reading the tensors as {str(dt).removeprefix('torch.')}",
+                       len(f.tensors))  # fmt: skip
+
+    def tick(src: str) -> None:
+        if progress is not None and src not in seen:
+            seen.add(src)
+            progress.advance()
 
     last: dict[str, torch.Tensor] = {}  # a tied head asks for the embedding just before the embedding itself
 
@@ -86,6 +106,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
         if name in last:
             return last.pop(name)
         src = gguf_tensor_name(mod, f, name)
+        tick(src)
         info = f.tensors[src]
         storage[name], shapes[name] = info.qtype.name, info.shape
         if len(info.shape) == 2 and info.numel >= RowSource.MIN_NUMEL and _row_map(mod, cfg, name, info.shape[0]) is not None \
@@ -99,6 +120,7 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
 
     def source_blocks(name: str):  # the file's bytes for our parameter, used where they lie (see quantize_model)
         src = gguf_tensor_name(mod, f, name)
+        tick(src)
         info = f.tensors[src]
         if int(info.qtype) not in kernels.ROW_TYPES or len(info.shape) != 2:
             return None
@@ -128,6 +150,8 @@ def _load_gguf(path: Path, dt: torch.dtype, device: str, max_len: int | None, qu
                 p.copy_(w)
     model.eval()  # built in `dt` already (quantized layers keep their own types)
     keep_float32_buffers(model)
+    if progress is not None:
+        progress.start(f"the tokenizer ({len(f.get('tokenizer.ggml.tokens') or ()):,} pieces)")
     tok, chat = gguf_text(f.metadata)
     return LoadedModel(model, tok, chat, cfg, path, "gguf",
                        storage, shapes, metadata={k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.ggml.")})  # fmt: skip

@@ -105,7 +105,7 @@ def _eos_ids(*configs: dict) -> set[int]:
     return out
 
 
-def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None):
+def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None, progress=None):
     """An HF folder -> LoadedModel (safetensors memory-mapped, converted to `dt`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -127,8 +127,13 @@ def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None
     model = build_empty(mod, cfg, device, max_len)
     transform = getattr(mod, "from_hf_tensor", None)
     storage, shapes = {}, {}
+    params = dict(model.named_parameters())
+    if progress is not None:
+        progress.start("reading the tensors", len(params))
     with torch.no_grad():
-        for name, p in dict(model.named_parameters()).items():
+        for name, p in params.items():
+            if progress is not None:
+                progress.advance()
             tmpl = mod.HF_NAMES.get(template_key(name))
             if tmpl is None:
                 raise PellucidError(f"{path}: no checkpoint name for parameter {name!r} of {key!r}")
@@ -146,6 +151,8 @@ def load_hf_folder(path: Path, dt: torch.dtype, device: str, max_len: int | None
     model = model.to(dt).eval()
     keep_float32_buffers(model)
 
+    if progress is not None:
+        progress.start("the tokenizer")
     tok = Tokenizer.from_hf_folder(path)
     tok_cfg = read_json(path / "tokenizer_config.json", "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     gen_cfg = read_json(path / "generation_config.json", "generation_config.json") if (path / "generation_config.json").is_file() else {}

@@ -141,6 +141,13 @@ class ChatSession:
             report = self.check_style.check(turn.reply)
             turn.report = report if report.checks else None
 
+    def keep_partial(self, turn: Turn, text: str) -> None:
+        """A reply stopped before its end (Ctrl-C): what was shown stays in the conversation."""
+        if turn.done:
+            return
+        turn.reply, turn.finish_reason, turn.done = text, "interrupted", True
+        self.history += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": text}]
+
     def send(self, user_text: str) -> Turn:
         """One whole exchange; the reply is in `turn.reply`."""
         turn = self.prepare(user_text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import threading
 import time
@@ -56,7 +57,10 @@ class ServerConfig:
     def served_names(self) -> list[str]:
         """The names clients may send as `model`: the first is the one the server reports."""
         names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
-        return names or [self.model]
+        if names:
+            return names
+        p = Path(self.model)  # a file given by path is named by its stem, not the whole local path
+        return [p.stem if p.suffix == ".gguf" or os.sep in self.model else self.model]
 
     @property
     def model_name(self) -> str:

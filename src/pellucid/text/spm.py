@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer

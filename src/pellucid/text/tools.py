@@ -1,15 +1,20 @@
 """Tool calling: tools in the prompt, a grammar for the call, the call parsed back out.
 
-One format for every model, whatever its template knows:
+A call is written in the model's own format where its chat template states one, else in
+pellucid's (`CallFormat`):
 
-    <tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>
+    <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>   (Qwen2.5, Hermes)
+    <tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>            (pellucid's)
 
 (several calls, when parallel calls are allowed, one per line). The call is generated
 under an llguidance grammar built from the tools' schemas, so the name is one of the
-tools and the arguments are compact JSON that follows that tool's parameters schema
-(prepared as for response_format: see pellucid.sampling.constraints). tool_choice:
+tools and the arguments are JSON that follows that tool's parameters schema (prepared as
+for response_format: see pellucid.sampling.constraints). tool_choice:
 
-- "auto": the grammar allows plain text (not starting with "<" or whitespace) or calls;
+- "auto": the grammar allows plain text (not starting with "<" or whitespace), calls, or a
+  call in the fenced form small models fall back to (```json\n{"name": ..., "arguments":
+  ...}\n```), which is parsed as the call it is; once a call has begun its arguments
+  follow the grammar;
 - "required": one call or more; a named tool: calls of that tool only;
 - "none": the tools are not shown to the model, and the answer is plain text (not
   starting with "<" or whitespace, so a small model does not echo call or result markup).
@@ -34,8 +39,9 @@ from pellucid.sampling.constraints import make_constraint
 from pellucid.sampling.json_schema import prepare_schema, schema_error, subschemas
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FENCE_OPEN, FENCE_CLOSE = "```json\n", "\n```"  # the fenced form small models fall back to
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TEXT = r"TEXT: /[^<\s][\s\S]*/"  # a plain-text answer: it cannot open with markup or whitespace
+TEXT = r"TEXT: /[^<\s][\s\S]*/"  # a plain-text answer ("none"): it cannot open with markup or whitespace
 MAX_PARALLEL = 4  # calls in one answer when parallel calls are allowed
 CHOICES = ("auto", "none", "required")
 
@@ -47,6 +53,39 @@ You may call one or more of these tools. Their signatures, as JSON schemas:
 To call a tool, answer with nothing but
 <tool_call>{{"name": <tool name>, "arguments": <arguments as a JSON object>}}</tool_call>
 The result comes back in a <tool_response> message. Answer in plain text when no tool is needed."""
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """How a model writes a call: the text around it and its JSON's separators."""
+
+    name: str
+    open: str
+    close: str
+    compact: bool  # JSON without spaces (else ", " and ": ", as Python's json.dumps and Jinja's tojson write it)
+
+    def call(self, name: str, arguments: Any) -> str:
+        seps = (",", ":") if self.compact else (", ", ": ")
+        return self.open + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=seps) + self.close
+
+
+PELLUCID_FORMAT = CallFormat("pellucid", OPEN, CLOSE, compact=True)
+HERMES_FORMAT = CallFormat("hermes", OPEN + "\n", "\n" + CLOSE, compact=False)  # Qwen2.5's and Hermes' templates ask for this
+
+
+def call_format(template_source: str | None, renders_tools: bool) -> CallFormat:
+    """The format a model's template asks for its calls (pellucid's when it states none)."""
+    if renders_tools and template_source and OPEN in template_source:
+        return HERMES_FORMAT
+    return PELLUCID_FORMAT
+
+
+class ToolList(list):
+    """The tools offered to one model, with the format its calls are written in."""
+
+    def __init__(self, tools, fmt: CallFormat = PELLUCID_FORMAT):
+        super().__init__(tools)
+        self.call_format = fmt
 
 
 @dataclass(frozen=True)
@@ -241,16 +280,18 @@ def _history_calls(calls: Any, i: int) -> list[tuple[dict, str, Any]]:
 
 
 # -- the grammar ---------------------------------------------------------------------------------
-def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None) -> str:
-    """The Lark grammar of an answer under `choice` (not "none"). strict as for response_format,
-    except that by default a keyword the grammar cannot enforce is ignored (strict=False for
-    that tool) rather than refused: each call is validated against the tool's schema after."""
+def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None, fmt: CallFormat = PELLUCID_FORMAT) -> str:
+    """The Lark grammar of an answer under `choice` (not "none"), calls in `fmt`. strict as for
+    response_format, except that by default a keyword the grammar cannot enforce is ignored
+    (strict=False for that tool) rather than refused: each call is validated against the
+    tool's schema after."""
 
     assert choice.mode != "none", choice
     names = [t for t in tools if choice.mode != "named" or t.name == choice.name]
     lines = []
+    colon, comma = (":", ",") if fmt.compact else (": ", ", ")
     for k, t in enumerate(names):
-        head = json.dumps(f'{{"name":{json.dumps(t.name)},"arguments":')
+        head = json.dumps(f'{{"name"{colon}{json.dumps(t.name)}{comma}"arguments"{colon}')
         schema = t.parameters
         mode = strict
         if strict is None:  # a keyword the grammar cannot enforce: ignore it, close every object, check afterwards
@@ -258,22 +299,54 @@ def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None
                 make_constraint(None, json_schema=schema)
             except PellucidError:
                 schema, mode = _closed(schema), False
-        schema = prepare_schema(schema, strict=mode)
+        schema = prepare_schema(schema, strict=mode, compact=fmt.compact)
         lines.append(f"tool_{k}: {head} %json {json.dumps(schema, ensure_ascii=False)} \"}}\"")
+    tool_alts = " | ".join(f"tool_{k}" for k in range(len(names)))
     calls = "call" + (f' ("\\n" call){{0,{MAX_PARALLEL - 1}}}' if choice.parallel else "")
-    top = "start: TEXT | calls" if choice.mode == "auto" else "start: calls"
-    rules = [top, f"calls: {calls}", f"call: {json.dumps(OPEN)} ({' | '.join(f'tool_{k}' for k in range(len(names)))}) {json.dumps(CLOSE)}"]
+    top = "start: TEXT | calls | fenced" if choice.mode == "auto" else "start: calls"
+    rules = [top, f"calls: {calls}", f"call: {json.dumps(fmt.open)} ({tool_alts}) {json.dumps(fmt.close)}"]
     if choice.mode == "auto":
-        rules.append(TEXT)
+        rules.append(f"fenced: {json.dumps(FENCE_OPEN)} ({tool_alts}) {json.dumps(FENCE_CLOSE)}")
+        # plain text may even open like a fenced call, up to the point where it names a tool
+        heads = [FENCE_OPEN + f'{{"name"{colon}"{t.name}"' for t in names]
+        rules.append(f"TEXT: /{not_starting_with(heads)}/")
     return "\n".join(rules + lines) + "\n"
 
 
+def not_starting_with(prefixes: list[str]) -> str:
+    """A regex for plain text: at least one character, not opening with "<" or whitespace, and
+    not opening with any of `prefixes` (text that stops inside one of them is allowed)."""
+    trie: dict = {}
+    for p in prefixes:
+        node = trie
+        for ch in p:
+            node = node.setdefault(ch, {})
+        node[None] = True  # a whole prefix ends here: nothing may follow it
+
+    def esc(c: str) -> str:  # one character, as a regex inside Lark's /.../ writes it
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c) or ("\\" + c if c in "\\^-]/[.*+?(){}|$" else c)
+
+    def alts(node: dict, top: bool) -> str:
+        ban = ("<\\s" if top else "") + "".join(esc(c) for c in node if c is not None)
+        out = ["[^" + ban + "][\\s\\S]*"]
+        if not top:
+            out.append("")  # the text ends inside a prefix
+        for c, child in node.items():
+            if c is not None and None not in child:
+                out.append(esc(c) + "(" + alts(child, False) + ")")
+        return "|".join(out)
+
+    return "(" + alts(trie, True) + ")"
+
+
 def constraint(tokenizer, tools: list[Tool], choice: ToolChoice, *, vocab_size: int | None = None):
-    """The Constraint for an answer under `choice` ("none": text only)."""
+    """The Constraint for an answer under `choice` ("none": text only), calls in the tools' format."""
 
     text = f"start: TEXT\n{TEXT}\n"  # "none": plain text that does not open with call (or result) markup
+    fmt = getattr(tools, "call_format", PELLUCID_FORMAT)
     try:
-        return make_constraint(tokenizer, grammar=text if choice.mode == "none" else grammar(tools, choice), vocab_size=vocab_size)
+        return make_constraint(tokenizer, grammar=text if choice.mode == "none" else grammar(tools, choice, fmt=fmt),
+                               vocab_size=vocab_size)  # fmt: skip
     except PellucidError as e:
         raise PellucidError(f"the tools' parameters could not be made into a grammar: {e.message}", param="tools") from None
 
@@ -290,7 +363,7 @@ def _closed(schema: dict) -> dict:
 
 
 # -- the answer's side -------------------------------------------------------------------------
-_HEAD = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 
 
 @dataclass
@@ -305,6 +378,7 @@ class ToolCallParser:
     text: str = ""
     _buf: str = ""
     _mode: str = "start"  # start | text | head | args | tail
+    _close: str = CLOSE  # what ends the call being read (its format's, or the fence's)
     _depth: int = 0
     _in_str: bool = False
     _esc: bool = False
@@ -336,9 +410,12 @@ class ToolCallParser:
         buf = self._buf
         if self._mode == "start":
             stripped = buf.lstrip("\n")
-            if stripped.startswith(OPEN):
-                self._buf, self._mode = stripped[len(OPEN):], "head"
-            elif not OPEN.startswith(stripped):
+            fmt = getattr(self.tools, "call_format", PELLUCID_FORMAT)
+            for opening, closing in ((fmt.open, fmt.close), (OPEN, CLOSE), (FENCE_OPEN, FENCE_CLOSE)):
+                if stripped.startswith(opening):
+                    self._buf, self._mode, self._close = stripped[len(opening):], "head", closing
+                    return []
+            if not any(o.startswith(stripped) for o in (fmt.open, OPEN, FENCE_OPEN)):
                 self._mode = "text"
             return []
         if self._mode == "text":
@@ -347,9 +424,13 @@ class ToolCallParser:
             return [("text", buf)]
         if self._mode == "head":
             m = _HEAD.match(buf)
-            if m is None:
+            if m is None or m.end() == len(buf):  # (more whitespace may still come before the arguments)
                 return []
             name = json.loads(m.group(1))
+            if self._close == FENCE_CLOSE and not any(t.name == name for t in self.tools):
+                self._mode = "text"  # a fenced block that names no tool is what it looks like: text
+                self._buf = FENCE_OPEN + buf
+                return []
             call = ToolCall(f"{self.id_prefix}{secrets.token_hex(12)}", name, "")
             self.calls.append(call)
             self._buf, self._mode = buf[m.end():], "args"
@@ -364,15 +445,17 @@ class ToolCallParser:
             if end is not None:
                 self._mode = "tail"
             return [("args", len(self.calls) - 1, frag)] if frag else []
-        # tail: the wrapper's "}" and closing tag, then a newline and the next call
-        rest = "}" + CLOSE
-        if len(buf) < len(rest):
+        # tail: the wrapper's "}" and the closing text, then a newline and the next call
+        m = re.match(r"\s*\}" + re.escape(self._close), buf)
+        if m is None:
+            if re.fullmatch(r"\s*(\}.*)?", buf, re.S) and len(buf) < len(self._close) + 8:
+                return []  # the end is still coming
+            self._mode = "text"  # not a call's end after all: what follows is text
             return []
-        assert buf.startswith(rest), buf
         self._complete += 1
         call = self.calls[-1]
         call.error = _check(self.tools, call)
-        self._buf, self._mode = buf[len(rest):], "start"
+        self._buf, self._mode = buf[m.end():], "start"
         return [("end", len(self.calls) - 1)]
 
     def _scan(self, s: str) -> int | None:
