@@ -68,10 +68,28 @@ def test_grammar_accepts_calls_and_only_calls(mode, parallel):
 
     assert accepts(call)
     assert accepts(time) == (mode != "named")
-    assert accepts(call + "\n" + call) == parallel
+    assert accepts(call + "\n" + call) == (parallel and mode != "named")  # a named tool: exactly one call
     assert accepts("It is sunny.") == (mode == "auto")
+    if mode == "auto":  # the fenced form small models fall back to is a call too; a fence naming no tool is text
+        assert accepts('```json\n{"name":"get_weather","arguments":{"city":"Paris"}}\n```')
+        assert accepts('```json\n{"name": "translate"}\n```') and accepts("```python\nprint(1)\n```")
     assert not accepts('<tool_call>{"name":"get_weather","arguments":{"town":"Paris"}}</tool_call>')
     assert not accepts('<tool_call>{"name":"get_weather","arguments":{}}</tool_call>')  # city is required
+
+
+def test_a_repeated_call_is_dropped_whole_or_streamed():
+    """A small model under "required" writes the same call twice: the answer has it once,
+    and a stream never shows the second (its events are held until it differs)."""
+    tools = T.parse_tools(OA)
+    one = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+    other = '<tool_call>{"name":"get_weather","arguments":{"city":"Pau"}}</tool_call>'
+    text = "\n".join([one, one, other])
+    _, calls, complete = T.parse_answer(text, tools)
+    assert complete and [c.args["city"] for c in calls] == ["Paris", "Pau"]
+    p = T.ToolCallParser(tools)
+    events = [e for ch in text for e in p.feed(ch)]
+    assert [e[1] for e in events if e[0] == "call"] == [0, 1]
+    assert "".join(e[2] for e in events if e[0] == "args") == '{"city":"Paris"}{"city":"Pau"}'
 
 
 def test_parser_streamed_equals_whole():

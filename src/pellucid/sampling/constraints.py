@@ -266,6 +266,9 @@ def make_constraint(tokenizer, *, json: bool = False, json_schema: Any = None, r
 def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> Constraint | None:
     """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", ...}.
 
+    {"type": "json_object", "schema": {...}} (llama-server's and vLLM's form) is honoured
+    like json_schema.
+
     {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; strict left out
     is pellucid's default (None: oneOf as anyOf, checked afterwards); OpenAI's False, which
     there means "no guarantee", only loosens what cannot be enforced, since a grammar
@@ -282,6 +285,12 @@ def from_response_format(tokenizer, response_format: dict | None, **kw: Any) -> 
     if t == "text":
         return None
     if t == "json_object":
+        schema = response_format.get("schema")  # llama-server's and vLLM's form (instructor's JSON_SCHEMA mode sends it)
+        if schema is not None:
+            try:
+                return make_constraint(tokenizer, json_schema=schema, **kw)
+            except PellucidError as e:
+                raise PellucidError(e.message, param="response_format.schema") from None
         return make_constraint(tokenizer, json=True, **kw)
     if t == "json_schema":
         js = response_format.get("json_schema")

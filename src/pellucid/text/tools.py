@@ -15,7 +15,9 @@ for response_format: see pellucid.sampling.constraints). tool_choice:
   call in the fenced form small models fall back to (```json\n{"name": ..., "arguments":
   ...}\n```), which is parsed as the call it is; once a call has begun its arguments
   follow the grammar;
-- "required": one call or more; a named tool: calls of that tool only;
+- "required": one call or more; a named tool: exactly one call of that tool;
+  parallel_tool_calls false: at most one call. A call that repeats one already made in the
+  same answer (same tool, same arguments) is dropped, streaming or not;
 - "none": the tools are not shown to the model, and the answer is plain text (not
   starting with "<" or whitespace, so a small model does not echo call or result markup).
 
@@ -290,8 +292,10 @@ def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None
     names = [t for t in tools if choice.mode != "named" or t.name == choice.name]
     lines = []
     colon, comma = (":", ",") if fmt.compact else (": ", ", ")
+    fenced = []
     for k, t in enumerate(names):
-        head = json.dumps(f'{{"name"{colon}{json.dumps(t.name)}{comma}"arguments"{colon}')
+        head_text = f'{{"name"{colon}{json.dumps(t.name)}{comma}"arguments"{colon}'
+        head = json.dumps(head_text)
         schema = t.parameters
         mode = strict
         if strict is None:  # a keyword the grammar cannot enforce: ignore it, close every object, check afterwards
@@ -300,17 +304,22 @@ def grammar(tools: list[Tool], choice: ToolChoice, *, strict: bool | None = None
             except PellucidError:
                 schema, mode = _closed(schema), False
         schema = prepare_schema(schema, strict=mode, compact=fmt.compact)
-        lines.append(f"tool_{k}: {head} %json {json.dumps(schema, ensure_ascii=False)} \"}}\"")
+        args = f"%json {json.dumps(schema, ensure_ascii=False)}"
+        lines.append(f"tool_{k}: {head} {args} \"}}\"")
+        # the fence and the head in one literal: plain text (which may open like a fence) ends where this
+        # one names the tool, while the literal goes on, so the lexer never has to choose between them
+        fenced.append(f"fenced_{k}: {json.dumps(FENCE_OPEN + head_text)} {args} {json.dumps('}' + FENCE_CLOSE)}")
     tool_alts = " | ".join(f"tool_{k}" for k in range(len(names)))
-    calls = "call" + (f' ("\\n" call){{0,{MAX_PARALLEL - 1}}}' if choice.parallel else "")
+    # a named tool: exactly one call (OpenAI's meaning); otherwise more when parallel calls are allowed
+    calls = "call" + (f' ("\\n" call){{0,{MAX_PARALLEL - 1}}}' if choice.parallel and choice.mode != "named" else "")
     top = "start: TEXT | calls | fenced" if choice.mode == "auto" else "start: calls"
     rules = [top, f"calls: {calls}", f"call: {json.dumps(fmt.open)} ({tool_alts}) {json.dumps(fmt.close)}"]
     if choice.mode == "auto":
-        rules.append(f"fenced: {json.dumps(FENCE_OPEN)} ({tool_alts}) {json.dumps(FENCE_CLOSE)}")
+        rules.append("fenced: " + " | ".join(f"fenced_{k}" for k in range(len(names))))
         # plain text may even open like a fenced call, up to the point where it names a tool
         heads = [FENCE_OPEN + f'{{"name"{colon}"{t.name}"' for t in names]
         rules.append(f"TEXT: /{not_starting_with(heads)}/")
-    return "\n".join(rules + lines) + "\n"
+    return "\n".join(rules + lines + (fenced if choice.mode == "auto" else [])) + "\n"
 
 
 def not_starting_with(prefixes: list[str]) -> str:
@@ -383,6 +392,8 @@ class ToolCallParser:
     _in_str: bool = False
     _esc: bool = False
     _complete: int = 0  # calls whose closing tag has come
+    _held: list = field(default_factory=list)  # the current call's events, while it may still repeat an earlier call
+    _dupes: list = field(default_factory=list)  # arguments of earlier complete calls of the current call's tool
 
     def feed(self, piece: str) -> list[tuple]:
         self._buf += piece
@@ -432,10 +443,11 @@ class ToolCallParser:
                 self._buf = FENCE_OPEN + buf
                 return []
             call = ToolCall(f"{self.id_prefix}{secrets.token_hex(12)}", name, "")
+            self._dupes = [c.arguments for c in self.calls if c.name == name]
             self.calls.append(call)
             self._buf, self._mode = buf[m.end():], "args"
             self._depth, self._in_str, self._esc = 0, False, False
-            return [("call", len(self.calls) - 1, call)]
+            return self._hold([("call", len(self.calls) - 1, call)])
         if self._mode == "args":
             end = self._scan(buf)
             frag = buf if end is None else buf[:end]
@@ -444,7 +456,7 @@ class ToolCallParser:
             self._buf = "" if end is None else buf[end:]
             if end is not None:
                 self._mode = "tail"
-            return [("args", len(self.calls) - 1, frag)] if frag else []
+            return self._hold([("args", len(self.calls) - 1, frag)] if frag else [])
         # tail: the wrapper's "}" and the closing text, then a newline and the next call
         m = re.match(r"\s*\}" + re.escape(self._close), buf)
         if m is None:
@@ -452,11 +464,23 @@ class ToolCallParser:
                 return []  # the end is still coming
             self._mode = "text"  # not a call's end after all: what follows is text
             return []
-        self._complete += 1
-        call = self.calls[-1]
-        call.error = _check(self.tools, call)
         self._buf, self._mode = buf[m.end():], "start"
-        return [("end", len(self.calls) - 1)]
+        call = self.calls[-1]
+        if call.arguments in self._dupes:  # the same call again (a small model repeats itself): dropped
+            self.calls.pop()
+            self._held, self._dupes = [], []
+            return []
+        self._complete += 1
+        call.error = _check(self.tools, call)
+        return self._hold([("end", len(self.calls) - 1)])
+
+    def _hold(self, events: list[tuple]) -> list[tuple]:
+        """Events of the current call, held back while its arguments so far are those of an earlier call."""
+        if self._dupes and any(d.startswith(self.calls[-1].arguments) for d in self._dupes) and events[-1:] != [("end", len(self.calls) - 1)]:
+            self._held += events
+            return []
+        out, self._held, self._dupes = self._held + events, [], []
+        return out
 
     def _scan(self, s: str) -> int | None:
         """Index just past the end of the arguments object in `s`, or None if it goes on."""
