@@ -49,6 +49,9 @@ def session(tmp_path_factory):
     loaded_before = set(common.LOADED)
     api.LLM = cached_llm
     write_files(work)
+    for b in RUN:  # every doc's file blocks up front: a later block may run on another xdist worker
+        if b.kind == "file":
+            (work / b.opts["name"]).write_text(b.text)
     s = Session(work)
     try:
         yield s

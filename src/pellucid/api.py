@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pellucid import registry, runtime
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
@@ -139,6 +141,28 @@ class LLM:
         (pellucid.prompts.chat_session: window=, reserve=, params=, limits=)."""
 
         return ChatSession(self, system=system, style=style, **kw)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: str | list[int], top: int = 0, *, chunk: int = 256) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first),
+        with the `top` most likely alternatives: what a completion with echo and logprobs
+        returns, and what evaluation harnesses score answers by. One forward over the prompt
+        (the readable path, float32 log-softmax of the raw logits), the head in `chunk`-row pieces."""
+        ids = self.encode_prompt(prompt)
+        if not 0 <= top <= 20:
+            raise PellucidError(f"top = {top} is out of range; allowed: 0 to 20", param="logprobs")
+        x = torch.tensor([ids], device=self.engine.device)
+        hidden = self.model.final_hidden(x)[0]  # (T, E), after the final norm
+        out: list[TokenLogprob | None] = [None]
+        for a in range(0, len(ids) - 1, chunk):
+            logp = torch.log_softmax(self.model.unembed(hidden[a : min(a + chunk, len(ids) - 1)]).float(), dim=-1)  # (n, V)
+            nxt = torch.tensor(ids[a + 1 : a + 1 + logp.shape[0]], device=logp.device)
+            chosen = logp.gather(1, nxt[:, None])[:, 0].tolist()
+            alts = logp.topk(top, dim=-1) if top else None
+            for i, lp in enumerate(chosen):
+                alt = list(zip(alts.indices[i].tolist(), alts.values[i].tolist(), strict=True)) if alts is not None else []
+                out.append(TokenLogprob(ids[a + 1 + i], lp, alt))
+        return out
 
     def encode_prompt(self, prompt: str | list[int], *, limit: int | None = None) -> list[int]:
         """Token ids of a prompt. With `limit` (the server's context window), a text too long to fit

@@ -54,7 +54,7 @@ def cli(real_lm, monkeypatch_module):
     from pellucid.cli import inspect as cli_inspect
 
     _register()
-    monkeypatch_module.setattr(cli_inspect, "_load", lambda model, dtype: load_subject(real_lm))
+    monkeypatch_module.setattr(cli_inspect, "_load", lambda model, *a, **k: load_subject(real_lm))
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
 

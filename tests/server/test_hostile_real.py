@@ -76,7 +76,9 @@ for prompt, names in (([], "prompt"), ([-1, 5], "prompt"), ([10**12], "prompt"),
                       ([[1, 2], "mixed"], "prompt"), ({"text": "hi"}, "prompt"), ("word " * 5000, "context")):  # fmt: skip
     CASES.append(case("/v1/completions", {**OK_COMPLETION, "prompt": prompt}, names))
 CASES.append(case("/v1/chat/completions", {**OK_CHAT, "max_tokens": 10**9}, "context"))
-CASES.append(case("/v1/completions", {**OK_COMPLETION, "echo": True}, "echo"))
+CASES.append(case("/v1/completions", {**OK_COMPLETION, "echo": True, "stream": True}, "echo"))  # echo works, not streamed
+CASES.append(case("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, "max_tokens"))  # 0 needs echo
+CASES.append(case("/v1/completions", {**OK_COMPLETION, "echo": True, "logprobs": 21}, "logprobs"))
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "suffix": "end"}, "suffix"))
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "best_of": 3}, "best_of"))
 CASES.append(case("/detokenize", {"tokens": [-5]}, "tokens"))

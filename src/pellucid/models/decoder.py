@@ -161,6 +161,17 @@ class Decoder(HookedMixin, nn.Module):
         parts = [m for b in self.blocks for m in (b.attn.qkv_proj, b.attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)]
         return all(hasattr(m, "mm") for m in [*parts, self.lm_head])
 
+    def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the final norm's output (B, T, E) for every position: the whole
+        sequence at once (no cache), what unembed turns into logits a chunk at a time."""
+        ctx = ForwardContext.full(tokens)
+        x = self.embed_positions(self.embed_tokens(tokens), ctx)
+        ropes = {name: Rope(getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin"), ctx.input_pos)
+                 for name in self.rotary()}  # fmt: skip
+        for block in self.blocks:
+            x = block(x, ropes.get(block.rope), ctx)
+        return self.norm(x)
+
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """tokens (B, T) -> logits (B, T, V); (B, V) with `last_only`; (R, V) for `rows` of the flattened (B*T) tokens."""

@@ -7,6 +7,7 @@ ending in `data: [DONE]`; with stream_options.include_usage a last chunk carries
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -327,13 +328,16 @@ async def completions(http: HttpRequest):
     body: CompletionRequest = await parse_body(http, CompletionRequest)
     state.check_model(body.model)
     llm = state.llm
-    if body.echo:
-        raise ApiError(400, "echo is not supported (it needs the prompt's log-probabilities)", param="echo")
+    if body.echo and body.stream:
+        raise ApiError(400, "echo with stream is not supported; send the request without stream", param="echo")
     if body.suffix is not None:
         raise ApiError(400, "suffix is not supported: this model has no fill-in-the-middle format", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise ApiError(400, f"best_of = {body.best_of} is not supported; only best_of = n", param="best_of")
-    values = _sampling_values(body, body.max_tokens)
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens = 0 generates nothing; it needs echo: true (the prompt's log-probabilities)",
+                       param="max_tokens")  # fmt: skip
+    values = _sampling_values(body, None if body.max_tokens == 0 else body.max_tokens)
     if body.logprobs is not None:
         values |= {"logprobs": True, "top_logprobs": body.logprobs}
     # max_tokens 16 is the legacy API's default
@@ -342,6 +346,8 @@ async def completions(http: HttpRequest):
         prompts = await off_loop(_prompts, llm, body.prompt, state.max_len)
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
+    if body.echo:
+        return await _echo(http, state, body, prompts, params, t0)
     constraint = await off_loop(_constraint_factory, state, body.response_format)
     cid = new_id("cmpl-")
     n = params.n
@@ -367,6 +373,53 @@ async def completions(http: HttpRequest):
     return {
         "id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
         "choices": out, "usage": _usage(prompt_tokens, choices, n),
+    }  # fmt: skip
+
+
+async def _echo(http: HttpRequest, state: ServerState, body: CompletionRequest, prompts: list[list[int]], params,
+                t0: float) -> dict[str, Any] | JSONResponse:  # fmt: skip
+    """Completions with echo: each choice's text is its prompt and then its completion (none
+    with max_tokens 0); with logprobs, the prompt's tokens' log-probabilities come first, the
+    first one null (OpenAI's legacy shape, what lm-evaluation-harness scores with). The prompt
+    is scored on the engine thread, between steps."""
+    llm, tok = state.llm, state.llm.tokenizer
+    top = body.logprobs
+    scored = []
+    for ids in prompts:
+        lps = await asyncio.wrap_future(state.engine.call(lambda ids=ids: llm.prompt_logprobs(ids, top or 0))) if top is not None else None
+        scored.append(lps)
+    generated: list[Choice | None] = [None] * (len(prompts) * params.n)
+    cid = new_id("cmpl-")
+    if body.max_tokens != 0:
+        group = await state.submit(prompts, params, n=params.n, prefix=cid, rename={"prompt token": "prompt"})
+        got = await collect(group, http)
+        if got is None:
+            return JSONResponse({}, status_code=499)
+        generated = list(got)
+    state.metrics.observe_latency(time.perf_counter() - t0)
+    out = []
+    for i, c in enumerate(generated):
+        ids = prompts[i // params.n]
+        text = tok.decode(ids)
+        lp_obj = None
+        if top is not None:
+            lp_obj, offset = _legacy_logprobs(tok, [x for x in scored[i // params.n] if x is not None], len(tok.piece(ids[0])))
+            first = tok.piece(ids[0])
+            lp_obj = {"tokens": [first, *lp_obj["tokens"]], "token_logprobs": [None, *lp_obj["token_logprobs"]],
+                      "top_logprobs": [None, *lp_obj["top_logprobs"]], "text_offset": [0, *lp_obj["text_offset"]]}  # fmt: skip
+            if c is not None:  # every generated token, an end-of-generation one too (harnesses drop the last entry)
+                more, _ = _legacy_logprobs(tok, c.logprobs, offset)
+                for k in lp_obj:
+                    lp_obj[k] += more[k]
+        finish = _finish_reason(c.finish_reason) if c is not None else "length"
+        out.append({"index": i, "text": text + (c.text if c is not None else ""), "logprobs": lp_obj, "finish_reason": finish,
+                    "stop_reason": _stop_reason(c.stop_reason) if c is not None else None})  # fmt: skip
+    completion = sum(len(c.token_ids) for c in generated if c is not None)
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "id": cid, "object": "text_completion", "created": int(time.time()), "model": state.config.model_name,
+        "system_fingerprint": FINGERPRINT, "choices": out,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion},
     }  # fmt: skip
 
 

@@ -145,6 +145,22 @@ class Tokenizer:
             i = ids[0]
         return i
 
+    def save_hf(self, folder: str | Path) -> Path:
+        """Write this tokenizer as a Hugging Face tokenizer folder (tokenizer.json and
+        tokenizer_config.json), for tools that load one by path (lm-evaluation-harness,
+        transformers' AutoTokenizer), so they tokenize exactly as pellucid does."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(folder / "tokenizer.json"))
+
+        def text(i: int | None) -> str | None:
+            return self.piece(i) if i is not None else None
+
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id), "eos_token": text(self.eos_id),
+               "add_bos_token": self.add_bos, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}  # fmt: skip
+        (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+        return folder
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: dict) -> Tokenizer:
