@@ -79,7 +79,9 @@ CASES.append(case("/v1/chat/completions", {**OK_CHAT, "max_tokens": 10**9}, "con
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "echo": True, "stream": True}, "echo"))  # echo works, not streamed
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, "max_tokens"))  # 0 needs echo
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "echo": True, "logprobs": 21}, "logprobs"))
-CASES.append(case("/v1/completions", {**OK_COMPLETION, "suffix": "end"}, "suffix"))
+CASES.append(case("/v1/completions", {**OK_COMPLETION, "suffix": "end"}, "suffix"))  # SmolLM2 has no FIM tokens
+CASES.append(case("/infill", {"input_prefix": "def f(", "input_suffix": "    return x"}, "fill-in-the-middle"))
+CASES.append(case("/infill", {"input_prefix": 5}, "input_prefix"))
 CASES.append(case("/v1/completions", {**OK_COMPLETION, "best_of": 3}, "best_of"))
 CASES.append(case("/detokenize", {"tokens": [-5]}, "tokens"))
 CASES.append(case("/detokenize", {"tokens": "abc"}, "tokens"))

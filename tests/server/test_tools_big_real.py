@@ -69,3 +69,34 @@ def test_a_question_the_model_answers_itself_stays_text(oa):
     c = r.choices[0]
     assert not c.message.tool_calls and c.finish_reason in ("stop", "length")
     assert "def " in c.message.content
+
+
+# -- fill in the middle: the coder model's own FIM tokens, through the legacy completions' suffix
+# and llama-server's /infill (how editor plugins ask for the code at the cursor) --------------------
+FIB_PREFIX = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+FIB_SUFFIX = "\n\nprint(fibonacci(10))\n"
+
+
+def test_completions_suffix_fills_the_gap(oa):
+    r = oa.completions.create(model=BIG, prompt=FIB_PREFIX, suffix=FIB_SUFFIX, max_tokens=24, temperature=0)
+    text = r.choices[0].text
+    assert "fibonacci(n - 1)" in text.replace("n-1", "n - 1"), text
+    assert "print(fibonacci(10))" not in text  # the suffix is context, not repeated
+
+
+def test_infill_endpoint_as_llama_server_answers(oa):
+    import httpx
+
+    url = str(oa.base_url).removesuffix("/v1/")
+    body = {"input_prefix": FIB_PREFIX, "input_suffix": FIB_SUFFIX, "n_predict": 24, "temperature": 0,
+            "input_extra": [{"filename": "util.py", "text": "# helpers\n"}]}  # fmt: skip
+    r = httpx.post(f"{url}/infill", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert "fibonacci(n - 1)" in out["content"].replace("n-1", "n - 1"), out
+    assert out["tokens_evaluated"] > 20 and out["tokens_predicted"] >= 1
+    # streamed: the same text in pieces, a last event with stop true
+    with httpx.stream("POST", f"{url}/infill", json={**body, "stream": True}, timeout=300) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == out["content"]

@@ -35,7 +35,7 @@ from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_bod
 
 METRIC_PATHS = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
-    "/tokenize", "/detokenize", "/health", "/metrics",
+    "/tokenize", "/detokenize", "/infill", "/health", "/metrics",
 }  # fmt: skip
 
 

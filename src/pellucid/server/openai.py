@@ -22,7 +22,7 @@ from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import check_output, from_response_format
 from pellucid.server.errors import ApiError, error_body
-from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest
+from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest, InfillRequest
 from pellucid.server.state import (
     Choice,
     ServerState,
@@ -330,8 +330,10 @@ async def completions(http: HttpRequest):
     llm = state.llm
     if body.echo and body.stream:
         raise ApiError(400, "echo with stream is not supported; send the request without stream", param="echo")
-    if body.suffix is not None:
-        raise ApiError(400, "suffix is not supported: this model has no fill-in-the-middle format", param="suffix")
+    if body.suffix is not None and llm.tokenizer.fim_ids is None:
+        raise ApiError(400, "suffix is not supported: this model has no fill-in-the-middle tokens", param="suffix")
+    if body.suffix is not None and not (isinstance(body.prompt, str) or all(isinstance(x, str) for x in body.prompt)):
+        raise ApiError(400, "suffix needs the prompt as text (the part before the gap)", param="prompt")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise ApiError(400, f"best_of = {body.best_of} is not supported; only best_of = n", param="best_of")
     if body.max_tokens == 0 and not body.echo:
@@ -343,7 +345,11 @@ async def completions(http: HttpRequest):
     # max_tokens 16 is the legacy API's default
     params = state.params(values, api_defaults={"max_tokens": 16}, rename={"top_logprobs": "logprobs"})
     try:
-        prompts = await off_loop(_prompts, llm, body.prompt, state.max_len)
+        if body.suffix is not None:  # fill in the middle: prefix, suffix, then the model writes what goes between
+            texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            prompts = [await off_loop(llm.tokenizer.fim_prompt, t, body.suffix) for t in texts]
+        else:
+            prompts = await off_loop(_prompts, llm, body.prompt, state.max_len)
     except PellucidError as e:
         raise ApiError.from_pellucid(e) from None
     if body.echo:
@@ -455,6 +461,59 @@ async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, 
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
         yield "data: [DONE]\n\n"
+    except PellucidError as e:
+        yield _stream_error(e)
+    finally:
+        for rid in group.abort():
+            state.metrics.forget(rid)
+
+
+# -- /infill: llama-server's fill-in-the-middle endpoint, as editor plugins call it ----------------
+@router.post("/infill")
+async def infill(http: HttpRequest):
+    """{"input_prefix", "input_suffix", "input_extra": [{"filename", "text"}], "prompt"} -> {"content", ...}:
+    the code between the prefix (and `prompt`, the text right before the cursor) and the suffix."""
+    t0 = time.perf_counter()
+    state = _state(http)
+    body: InfillRequest = await parse_body(http, InfillRequest)
+    llm = state.llm
+    if llm.tokenizer.fim_ids is None:
+        raise ApiError(400, "this model has no fill-in-the-middle tokens; /infill needs a model trained for it "
+                       "(Qwen2.5-Coder, StarCoder, ...)", param="model")  # fmt: skip
+    extra = [(x.filename, x.text) for x in body.input_extra or []]
+    ids = await off_loop(llm.tokenizer.fim_prompt, body.input_prefix + (body.prompt or ""), body.input_suffix, extra)
+    values = {"max_tokens": None if body.n_predict in (None, -1) else body.n_predict, "temperature": body.temperature,
+              "top_k": body.top_k, "top_p": body.top_p, "stop": body.stop, "seed": body.seed}  # fmt: skip
+    params = state.params({k: v for k, v in values.items() if v is not None}, api_defaults={"max_tokens": 128})
+    group = await state.submit([ids], params, n=1, prefix=new_id("infill-"))
+    if body.stream:
+        return StreamingResponse(_infill_stream(state, group, len(ids), t0), media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(group, http)
+    if choices is None:
+        return JSONResponse({}, status_code=499)
+    state.metrics.observe_latency(time.perf_counter() - t0)
+    c = choices[0]
+    return {"content": c.text, "stop": True, "model": state.config.model_name, "tokens_predicted": len(c.token_ids),
+            "tokens_evaluated": len(ids), "stop_type": "limit" if c.finish_reason == "length" else "eos",
+            "stopping_word": c.stop_reason if isinstance(c.stop_reason, str) else ""}  # fmt: skip
+
+
+async def _infill_stream(state: ServerState, group: RequestGroup, n_prompt: int, t0: float) -> AsyncIterator[str]:
+    """llama-server's stream: {"content": piece, "stop": false} events, then one with "stop": true."""
+    n = 0
+    try:
+        while not group.done:
+            first = await group.get()
+            for outs in _merge_backlog(group, first).values():
+                text = "".join(o.new_text for o in outs)
+                n += sum(len(o.new_token_ids) for o in outs)
+                last = outs[-1]
+                if text:
+                    yield _sse({"content": text, "stop": False})
+                if last.finished:
+                    yield _sse({"content": "", "stop": True, "tokens_predicted": n, "tokens_evaluated": n_prompt,
+                                "stop_type": "limit" if last.finish_reason == "length" else "eos"})  # fmt: skip
+        state.metrics.observe_latency(time.perf_counter() - t0)
     except PellucidError as e:
         yield _stream_error(e)
     finally:

@@ -115,3 +115,26 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class InfillFile(_Body):
+    filename: str = ""
+    text: str
+
+
+class InfillRequest(_Body):
+    """llama-server's /infill: the code before and after the gap, other files for context."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillFile] | None = None
+    prompt: str | None = None  # text right before the cursor, after input_prefix
+    n_predict: int | None = None  # -1 or absent: the default (128)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    model: str | None = None
+    cache_prompt: bool | None = None  # accepted: the prefix cache always applies where exact

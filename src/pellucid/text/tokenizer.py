@@ -145,6 +145,37 @@ class Tokenizer:
             i = ids[0]
         return i
 
+    # Fill-in-the-middle token texts, by family: (prefix, suffix, middle). llama.cpp finds them
+    # by text too where a file does not name them.
+    FIM_FAMILIES = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+
+    @cached_property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """(prefix, suffix, middle) token ids of a model trained to fill in the middle, or None."""
+        for names in self.FIM_FAMILIES:
+            ids = tuple(self._tok.token_to_id(t) for t in names)
+            if all(i is not None for i in ids):
+                return ids  # type: ignore[return-value]
+        return None
+
+    def fim_prompt(self, prefix: str, suffix: str, extra: list[tuple[str, str]] = ()) -> list[int]:
+        """Ids of a fill-in-the-middle prompt (prefix, suffix, then the middle to write); `extra`:
+        (file name, text) of other files, before it, where the vocabulary has a file separator.
+        User text is encoded as text: a special-token string in it stays text."""
+        if self.fim_ids is None:
+            raise PellucidError("this model has no fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>)",
+                                param="suffix")  # fmt: skip
+        pre, suf, mid = self.fim_ids
+        ids: list[int] = []
+        sep = self._tok.token_to_id("<|file_sep|>")
+        for name, text in extra:
+            if sep is None:
+                ids += self.encode(f"{name}\n{text}\n", add_bos=False, parse_special=False)
+            else:
+                ids += [sep, *self.encode(f"{name}\n{text}\n", add_bos=False, parse_special=False)]
+        enc = lambda t: self.encode(t, add_bos=False, parse_special=False) if t else []  # noqa: E731
+        return [*ids, pre, *enc(prefix), suf, *enc(suffix), mid]
+
     def save_hf(self, folder: str | Path) -> Path:
         """Write this tokenizer as a Hugging Face tokenizer folder (tokenizer.json and
         tokenizer_config.json), for tools that load one by path (lm-evaluation-harness,
