@@ -188,6 +188,23 @@ def test_chat_response_format(oa):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_schema_check_said_streamed_as_whole(oa):
+    """A oneOf whose branches overlap is generated as anyOf; an answer matching both is
+    flagged with schema_error, in the whole answer and in a stream's last chunk alike."""
+    schema = {"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "string", "minLength": 2}]}},
+              "required": ["a"]}  # fmt: skip
+    kw = dict(model=MODEL, max_tokens=40, temperature=0, messages=[{"role": "user", "content": "Give me a word in JSON."}],
+              response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})  # fmt: skip
+    whole = oa.chat.completions.create(**kw).choices[0]
+    chunks = list(oa.chat.completions.create(**kw, stream=True))
+    last = chunks[-1].choices[0]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.message.content
+    assert whole.finish_reason == last.finish_reason == "stop"
+    said = getattr(whole.message, "schema_error", None)
+    assert said == getattr(last, "schema_error", None)
+    assert (said is not None) == (len(json.loads(whole.message.content)["a"]) >= 2), (whole.message.content, said)
+
+
 # -- OpenAI completions -----------------------------------------------------------------------
 def test_completions(oa, real_llm):
     kw = dict(temperature=0.6, seed=11, max_tokens=8)

@@ -144,9 +144,6 @@ class Engine:
                 f"lower max_tokens.",
                 param="max_tokens" if budget >= 1 else "messages", code="context_length_exceeded",
             )  # fmt: skip
-        bad_bias = [k for k in params.logit_bias if not 0 <= k < self.cfg.vocab_size]
-        if bad_bias:
-            raise PellucidError(f"logit_bias token id {bad_bias[0]} is not in the vocabulary (0..{self.cfg.vocab_size - 1})", param="logit_bias")
         seq = SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids,
                                      constraint=constraint)  # fmt: skip
         req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint)

@@ -18,21 +18,15 @@ from fastapi import APIRouter
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
-from pellucid.engine.async_engine import RequestGroup
 from pellucid.errors import PellucidError
+from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from pellucid.server.state import ServerState, collect, new_id, off_loop, parse_body
+from pellucid.server.state import ServerState, collect
 from pellucid.text.tools import ToolCallParser, parse_answer
 
 router = APIRouter()
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-def _state(http: HttpRequest) -> ServerState:
-    state: ServerState = http.app.state.server
-    state.require_ready()
-    return state
 
 
 def _text(content: Any, where: str) -> str:
@@ -113,17 +107,31 @@ def render_prompt(state: ServerState, body, tools=None, constraint=None) -> tupl
         raise ApiError.from_pellucid(e) from None
 
 
-def _prepare(state: ServerState, body) -> tuple[list[int], list | None, Any]:
-    """(prompt ids, the request's tools or None, the tool grammar or None)."""
+def _prepare(state: ServerState, body) -> Plan:
+    """The prompt, and the tool grammar when tools are given (count_tokens: nothing to generate)."""
+    state.check_model(body.model)
     if not body.tools:
         if body.tool_choice is not None and body.tool_choice.get("type") != "none":
             raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
-        return render_prompt(state, body)[0], None, None
-    try:
-        tools, shown, c = state.llm.tool_constraint(body.tools, body.tool_choice or {"type": "auto"})
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e) from None
-    return render_prompt(state, body, shown, c)[0], tools, c
+        return Plan([render_prompt(state, body)[0]])
+    tools, shown, c = state.llm.tool_constraint(body.tools, body.tool_choice or {"type": "auto"})
+    return Plan([render_prompt(state, body, shown, c)[0]], constraint=c, tools=tools)
+
+
+def _prepare_messages(state: ServerState, body: AnthropicMessagesRequest) -> Plan:
+    if body.temperature is not None and not (isinstance(body.temperature, int | float) and 0.0 <= body.temperature <= 1.0):
+        raise ApiError(400, f"temperature = {body.temperature} is out of range; allowed: [0.0, 1.0]", param="temperature")
+    values = {
+        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty, "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty, "stop": body.stop_sequences, "stop_token_ids": body.stop_token_ids,
+        "max_tokens": body.max_tokens, "min_tokens": body.min_tokens, "seed": body.seed, "ignore_eos": body.ignore_eos,
+    }  # fmt: skip
+    rename = {"stop": "stop_sequences"}
+    params = state.params(values, rename=rename)
+    plan = _prepare(state, body)
+    plan.params, plan.rename = params, rename
+    return plan
 
 
 def _stop(finish_reason: str | None, stop_reason, calls: bool = False) -> tuple[str, str | None]:
@@ -144,55 +152,36 @@ def _event(name: str, data: dict) -> str:
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(http: HttpRequest):
-    state = _state(http)
-    body: AnthropicCountTokensRequest = await parse_body(http, AnthropicCountTokensRequest)
-    state.check_model(body.model)
-    ids, _, _ = await off_loop(_prepare, state, body)
-    return {"input_tokens": len(ids)}
+    r = await receive(http, AnthropicCountTokensRequest, _prepare, prefix="count-")
+    return {"input_tokens": r.plan.prompt_tokens}
 
 
 @router.post("/v1/messages")
 async def messages(http: HttpRequest):
     t0 = time.perf_counter()
-    state = _state(http)
-    body: AnthropicMessagesRequest = await parse_body(http, AnthropicMessagesRequest)
-    state.check_model(body.model)
-    if body.temperature is not None and not (isinstance(body.temperature, int | float) and 0.0 <= body.temperature <= 1.0):
-        raise ApiError(400, f"temperature = {body.temperature} is out of range; allowed: [0.0, 1.0]", param="temperature")
-    values = {
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "repetition_penalty": body.repetition_penalty, "frequency_penalty": body.frequency_penalty,
-        "presence_penalty": body.presence_penalty, "stop": body.stop_sequences, "stop_token_ids": body.stop_token_ids,
-        "max_tokens": body.max_tokens, "min_tokens": body.min_tokens, "seed": body.seed, "ignore_eos": body.ignore_eos,
-    }  # fmt: skip
-    rename = {"stop": "stop_sequences"}
-    params = state.params(values, rename=rename)
-    ids, tools, grammar = await off_loop(_prepare, state, body)
-    mid = new_id("msg_")
-    factory = (lambda: grammar.copy()) if grammar is not None else None
-    group = await state.submit([ids], params, n=1, prefix=mid, constraint=factory, rename=rename)
+    r = await receive(http, AnthropicMessagesRequest, _prepare_messages, prefix="msg_")
+    state, plan = r.state, r.plan
     model = state.config.model_name
-    if body.stream:
-        return StreamingResponse(_stream(state, group, mid, model, len(ids), t0, tools), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)  # fmt: skip
-    choices = await collect(group, http)
+    if r.body.stream:
+        return StreamingResponse(_stream(r, t0), media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(r.group, http)
     if choices is None:
         return JSONResponse({}, status_code=499)
     state.metrics.observe_latency(time.perf_counter() - t0)
     c = choices[0]
     content: list[dict[str, Any]] = [{"type": "text", "text": c.text}]
     calls = False
-    if tools is not None:
-        text, tool_calls, complete = parse_answer(c.text, tools, id_prefix="toolu_")
+    if plan.tools is not None:
+        text, tool_calls, complete = parse_answer(c.text, plan.tools, id_prefix="toolu_")
         calls = bool(tool_calls) and complete
         if calls:  # (a call cut by max_tokens stays the text it is: its input is not JSON yet)
             content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(t) for t in tool_calls]
     stop_reason, stop_sequence = _stop(c.finish_reason, c.stop_reason, calls)
     return {
-        "id": mid, "type": "message", "role": "assistant", "model": model,
+        "id": r.id, "type": "message", "role": "assistant", "model": model,
         "content": content,
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": _usage(len(ids), c.cached_tokens, c.completion_tokens),
+        "usage": _usage(plan.prompt_tokens, c.cached_tokens, c.completion_tokens),
     }  # fmt: skip
 
 
@@ -202,9 +191,9 @@ def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int
             "output_tokens": output_tokens}  # fmt: skip
 
 
-async def _stream(state: ServerState, group: RequestGroup, mid: str, model: str, input_tokens: int,
-                  t0: float, tools=None) -> AsyncIterator[str]:  # fmt: skip
-    parser = ToolCallParser(tools, "toolu_") if tools is not None else None
+async def _stream(r: Received, t0: float) -> AsyncIterator[str]:
+    state, group, mid, model, input_tokens = r.state, r.group, r.id, r.state.config.model_name, r.plan.prompt_tokens
+    parser = ToolCallParser(r.plan.tools, "toolu_") if r.plan.tools is not None else None
     block = -1  # index of the open content block (-1: none yet)
 
     def start(content_block: dict) -> str:

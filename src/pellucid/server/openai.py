@@ -21,29 +21,15 @@ from pellucid.engine.async_engine import RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import check_output, from_response_format
+from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest, InfillRequest
-from pellucid.server.state import (
-    Choice,
-    ServerState,
-    cached_tokens,
-    collect,
-    new_id,
-    off_loop,
-    parse_body,
-    trim_stop_token,
-)
+from pellucid.server.state import Choice, ServerState, cached_tokens, collect, trim_stop_token
 from pellucid.text.tools import ToolCallParser, parse_answer
 
 router = APIRouter()
 FINGERPRINT = "pellucid"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-def _state(http: HttpRequest) -> ServerState:
-    state: ServerState = http.app.state.server
-    state.require_ready()
-    return state
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -88,16 +74,11 @@ def _sampling_values(body, max_tokens: int | None) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _constraint_factory(state: ServerState, response_format: dict | None):
-    """A function that builds one fresh constraint per engine request (None: unconstrained)."""
+def _response_constraint(state: ServerState, response_format: dict | None):
+    """The constraint a response_format asks for, compiled once (None: unconstrained)."""
     if response_format is None or response_format.get("type") == "text":
         return None
-    tok = state.llm.tokenizer
-    try:
-        from_response_format(tok, response_format)  # check it once, with a clear error
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e) from None
-    return lambda: from_response_format(tok, response_format)
+    return from_response_format(state.llm.tokenizer, response_format)
 
 
 def _finish_reason(reason: str | None, calls: bool = False) -> str | None:
@@ -107,9 +88,17 @@ def _finish_reason(reason: str | None, calls: bool = False) -> str | None:
     return reason if reason in ("stop", "length") else ("stop" if reason else None)
 
 
-def _prepare_chat(state: ServerState, body: ChatCompletionRequest, messages: list[dict[str, Any]]):
-    """(prompt ids, constraint factory, the request's tools, the constraint): the tools or the
-    response_format decide the grammar, and the prompt states it (tools section, "answer in JSON")."""
+def _prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Plan:
+    """The parameters, and the prompt with the grammar it states: the tools or the
+    response_format decide the grammar, and the prompt says so (tools section, "answer in JSON")."""
+    state.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    values = _sampling_values(body, max_tokens) | {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs}
+    rename = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else None
+    params = state.params(values, rename=rename)
+    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
     llm = state.llm
     tools = shown = None
     rf = body.response_format
@@ -117,13 +106,12 @@ def _prepare_chat(state: ServerState, body: ChatCompletionRequest, messages: lis
         if rf is not None and rf.get("type") != "text":
             raise ApiError(400, "give tools or response_format, not both", param="response_format")
         tools, shown, c = llm.tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls)
-        factory = (lambda: c.copy()) if c is not None else None
     else:
         if body.tool_choice not in (None, "none"):
             raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
-        factory = _constraint_factory(state, rf)
-        c = factory() if factory is not None else None
-    return llm.encode_prompt(llm.render_chat(messages, tools=shown, constraint=c), limit=state.max_len), factory, tools, c
+        c = _response_constraint(state, rf)
+    text = llm.render_chat(state.with_system(messages), tools=shown, constraint=c)
+    return Plan([llm.encode_prompt(text, limit=state.max_len)], params, c, tools, rename)
 
 
 def _message(c: Choice, tools, constraint) -> tuple[dict[str, Any], bool]:
@@ -138,10 +126,6 @@ def _message(c: Choice, tools, constraint) -> tuple[dict[str, Any], bool]:
     if calls:
         msg["tool_calls"] = [t.openai() for t in calls]
     return msg, bool(calls) and complete
-
-
-def _stop_reason(stop_reason) -> str | int | None:
-    return stop_reason
 
 
 def _usage(prompt_tokens: int, choices: list[Choice], n: int) -> dict[str, Any]:
@@ -196,62 +180,43 @@ def _stream_error(e: Exception) -> str:
 @router.post("/v1/chat/completions")
 async def chat_completions(http: HttpRequest):
     t0 = time.perf_counter()
-    state = _state(http)
-    body: ChatCompletionRequest = await parse_body(http, ChatCompletionRequest)
-    state.check_model(body.model)
-    llm = state.llm
-    if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    values = _sampling_values(body, max_tokens)
-    values |= {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs}
-    rename = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else None
-    params = state.params(values, rename=rename)
-    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
-    messages = state.with_system(messages)
-    try:
-        prompt_ids, constraint, tools, base = await off_loop(_prepare_chat, state, body, messages)
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e) from None
-    cid = new_id("chatcmpl-")
-    n = params.n
-    group = await state.submit([prompt_ids], params, n=n, prefix=cid, constraint=constraint, rename=rename)
+    r = await receive(http, ChatCompletionRequest, _prepare_chat, prefix="chatcmpl-")
+    state, body, plan = r.state, r.body, r.plan
     created = int(time.time())
-    model = state.config.model_name
-    want_lp = bool(params.logprobs)
-    tok = llm.tokenizer
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _chat_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, len(prompt_ids), t0, tools)
-        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
-    choices = await collect(group, http)
+        return StreamingResponse(_chat_stream(r, created, include_usage, t0), media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(r.group, http)
     if choices is None:
         return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
     state.metrics.observe_latency(time.perf_counter() - t0)
+    tok = state.llm.tokenizer
     out = []
     for i, c in enumerate(choices):
-        lps = _chat_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason)) if want_lp else None
-        msg, calls = _message(c, tools, base)
+        lps = _chat_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason)) if plan.params.logprobs else None
+        msg, calls = _message(c, plan.tools, plan.constraint)
         out.append({"index": i, "message": msg, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason, calls),
-                    "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
+                    "stop_reason": c.stop_reason})  # fmt: skip
     return {
-        "id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
-        "choices": out, "usage": _usage(len(prompt_ids), choices, n),
+        "id": r.id, "object": "chat.completion", "created": created, "model": state.config.model_name,
+        "system_fingerprint": FINGERPRINT, "choices": out, "usage": _usage(plan.prompt_tokens, choices, plan.n),
     }  # fmt: skip
 
 
-async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str, n: int,
-                       include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float,
-                       tools=None) -> AsyncIterator[str]:  # fmt: skip
-    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+async def _chat_stream(r: Received, created: int, include_usage: bool, t0: float) -> AsyncIterator[str]:
+    state, group, plan = r.state, r.group, r.plan
+    n, tools, tok, want_lp = plan.n, plan.tools, state.llm.tokenizer, plan.params.logprobs
+    head = {"id": r.id, "object": "chat.completion.chunk", "created": created, "model": state.config.model_name,
             "system_fingerprint": FINGERPRINT}  # fmt: skip
     if include_usage:
         head["usage"] = None
 
-    def chunk(i: int, delta: dict, logprobs=None, finish=None, stop_reason=None) -> str:
+    def chunk(i: int, delta: dict, logprobs=None, finish=None, stop_reason=None, schema_error=None) -> str:
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
+        if schema_error is not None:
+            choice["schema_error"] = schema_error
         return _sse({**head, "choices": [choice]})
 
     choices = [Choice() for _ in range(n)]
@@ -282,10 +247,12 @@ async def _chat_stream(state: ServerState, group: RequestGroup, cid: str, create
                     yield chunk(i, {"content": text}, _chat_logprobs(tok, lps) if want_lp else None)
                 if last.finished:
                     calls = p is not None and p.complete
-                    yield chunk(i, {}, None, _finish_reason(last.finish_reason, calls), _stop_reason(last.stop_reason))
+                    # the same check as a whole answer's: does the finished output match the real schema?
+                    err = check_output(plan.constraint, c.text) if p is None and last.finish_reason == "stop" else None
+                    yield chunk(i, {}, None, _finish_reason(last.finish_reason, calls), last.stop_reason, err)
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
+            yield _sse({**head, "choices": [], "usage": _usage(plan.prompt_tokens, choices, n)})
         yield "data: [DONE]\n\n"
     except PellucidError as e:
         yield _stream_error(e)
@@ -321,11 +288,7 @@ def _prompts(llm, prompt, limit: int) -> list[list[int]]:
     return [list(x) for x in prompt]
 
 
-@router.post("/v1/completions")
-async def completions(http: HttpRequest):
-    t0 = time.perf_counter()
-    state = _state(http)
-    body: CompletionRequest = await parse_body(http, CompletionRequest)
+def _prepare_completion(state: ServerState, body: CompletionRequest) -> Plan:
     state.check_model(body.model)
     llm = state.llm
     if body.echo and body.stream:
@@ -342,74 +305,74 @@ async def completions(http: HttpRequest):
     values = _sampling_values(body, None if body.max_tokens == 0 else body.max_tokens)
     if body.logprobs is not None:
         values |= {"logprobs": True, "top_logprobs": body.logprobs}
-    # max_tokens 16 is the legacy API's default
-    params = state.params(values, api_defaults={"max_tokens": 16}, rename={"top_logprobs": "logprobs"})
-    try:
-        if body.suffix is not None:  # fill in the middle: prefix, suffix, then the model writes what goes between
-            texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-            prompts = [await off_loop(llm.tokenizer.fim_prompt, t, body.suffix) for t in texts]
-        else:
-            prompts = await off_loop(_prompts, llm, body.prompt, state.max_len)
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e) from None
+    rename = {"top_logprobs": "logprobs", "messages": "prompt", "prompt token": "prompt"}
+    params = state.params(values, api_defaults={"max_tokens": 16}, rename=rename)  # 16: the legacy API's default
+    if body.suffix is not None:  # fill in the middle: prefix, suffix, then the model writes what goes between
+        texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        prompts = [llm.tokenizer.fim_prompt(t, body.suffix) for t in texts]
+    else:
+        prompts = _prompts(llm, body.prompt, state.max_len)
+    c = None if body.echo else _response_constraint(state, body.response_format)
+    return Plan(prompts, params, c, rename=rename, queue=body.max_tokens != 0)
+
+
+@router.post("/v1/completions")
+async def completions(http: HttpRequest):
+    t0 = time.perf_counter()
+    r = await receive(http, CompletionRequest, _prepare_completion, prefix="cmpl-")
+    state, body, plan = r.state, r.body, r.plan
     if body.echo:
-        return await _echo(http, state, body, prompts, params, t0)
-    constraint = await off_loop(_constraint_factory, state, body.response_format)
-    cid = new_id("cmpl-")
-    n = params.n
-    group = await state.submit(prompts, params, n=n, prefix=cid, constraint=constraint, rename={"messages": "prompt", "prompt token": "prompt"})
+        return await _echo(http, r, t0)
     created = int(time.time())
-    model = state.config.model_name
-    want_lp = body.logprobs is not None
-    tok = llm.tokenizer
-    prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _completion_stream(state, group, cid, created, model, n, include_usage, want_lp, tok, prompt_tokens, t0)
+        gen = _completion_stream(r, created, include_usage, body.logprobs is not None, t0)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
-    choices = await collect(group, http)
+    choices = await collect(r.group, http)
     if choices is None:
         return JSONResponse({}, status_code=499)
     state.metrics.observe_latency(time.perf_counter() - t0)
+    tok = state.llm.tokenizer
     out = []
     for i, c in enumerate(choices):
-        lps = _legacy_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason), 0)[0] if want_lp else None
-        out.append({"index": i, "text": c.text, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason),
-                    "stop_reason": _stop_reason(c.stop_reason)})  # fmt: skip
+        lps = _legacy_logprobs(tok, trim_stop_token(c.logprobs, c.stop_reason), 0)[0] if body.logprobs is not None else None
+        choice = {"index": i, "text": c.text, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason),
+                  "stop_reason": c.stop_reason}  # fmt: skip
+        if c.finish_reason == "stop" and (err := check_output(plan.constraint, c.text)) is not None:
+            choice["schema_error"] = err
+        out.append(choice)
     return {
-        "id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT,
-        "choices": out, "usage": _usage(prompt_tokens, choices, n),
+        "id": r.id, "object": "text_completion", "created": created, "model": state.config.model_name,
+        "system_fingerprint": FINGERPRINT, "choices": out, "usage": _usage(plan.prompt_tokens, choices, plan.n),
     }  # fmt: skip
 
 
-async def _echo(http: HttpRequest, state: ServerState, body: CompletionRequest, prompts: list[list[int]], params,
-                t0: float) -> dict[str, Any] | JSONResponse:  # fmt: skip
+async def _echo(http: HttpRequest, r: Received, t0: float) -> dict[str, Any] | JSONResponse:
     """Completions with echo: each choice's text is its prompt and then its completion (none
     with max_tokens 0); with logprobs, the prompt's tokens' log-probabilities come first, the
     first one null (OpenAI's legacy shape, what lm-evaluation-harness scores with). The prompt
     is scored on the engine thread, between steps."""
+    state, body, prompts, n = r.state, r.body, r.plan.prompts, r.plan.n
     llm, tok = state.llm, state.llm.tokenizer
     top = body.logprobs
     scored = []
     for ids in prompts:
         lps = await asyncio.wrap_future(state.engine.call(lambda ids=ids: llm.prompt_logprobs(ids, top or 0))) if top is not None else None
         scored.append(lps)
-    generated: list[Choice | None] = [None] * (len(prompts) * params.n)
-    cid = new_id("cmpl-")
-    if body.max_tokens != 0:
-        group = await state.submit(prompts, params, n=params.n, prefix=cid, rename={"prompt token": "prompt"})
-        got = await collect(group, http)
+    generated: list[Choice | None] = [None] * (len(prompts) * n)
+    if r.group is not None:
+        got = await collect(r.group, http)
         if got is None:
             return JSONResponse({}, status_code=499)
         generated = list(got)
     state.metrics.observe_latency(time.perf_counter() - t0)
     out = []
     for i, c in enumerate(generated):
-        ids = prompts[i // params.n]
+        ids = prompts[i // n]
         text = tok.decode(ids)
         lp_obj = None
         if top is not None:
-            lp_obj, offset = _legacy_logprobs(tok, [x for x in scored[i // params.n] if x is not None], len(tok.piece(ids[0])))
+            lp_obj, offset = _legacy_logprobs(tok, [x for x in scored[i // n] if x is not None], len(tok.piece(ids[0])))
             first = tok.piece(ids[0])
             lp_obj = {"tokens": [first, *lp_obj["tokens"]], "token_logprobs": [None, *lp_obj["token_logprobs"]],
                       "top_logprobs": [None, *lp_obj["top_logprobs"]], "text_offset": [0, *lp_obj["text_offset"]]}  # fmt: skip
@@ -419,19 +382,21 @@ async def _echo(http: HttpRequest, state: ServerState, body: CompletionRequest, 
                     lp_obj[k] += more[k]
         finish = _finish_reason(c.finish_reason) if c is not None else "length"
         out.append({"index": i, "text": text + (c.text if c is not None else ""), "logprobs": lp_obj, "finish_reason": finish,
-                    "stop_reason": _stop_reason(c.stop_reason) if c is not None else None})  # fmt: skip
+                    "stop_reason": c.stop_reason if c is not None else None})  # fmt: skip
     completion = sum(len(c.token_ids) for c in generated if c is not None)
     prompt_tokens = sum(len(p) for p in prompts)
     return {
-        "id": cid, "object": "text_completion", "created": int(time.time()), "model": state.config.model_name,
+        "id": r.id, "object": "text_completion", "created": int(time.time()), "model": state.config.model_name,
         "system_fingerprint": FINGERPRINT, "choices": out,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion},
     }  # fmt: skip
 
 
-async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, created: int, model: str, n: int,
-                             include_usage: bool, want_lp: bool, tok, prompt_tokens: int, t0: float) -> AsyncIterator[str]:  # fmt: skip
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": FINGERPRINT}
+async def _completion_stream(r: Received, created: int, include_usage: bool, want_lp: bool, t0: float) -> AsyncIterator[str]:
+    state, group, plan = r.state, r.group, r.plan
+    tok = state.llm.tokenizer
+    head = {"id": r.id, "object": "text_completion", "created": created, "model": state.config.model_name,
+            "system_fingerprint": FINGERPRINT}  # fmt: skip
     if include_usage:
         head["usage"] = None
     choices = [Choice() for _ in group.requests]
@@ -455,11 +420,11 @@ async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, 
                         lp_obj, offsets[i] = _legacy_logprobs(tok, lps, offsets[i])
                     choice = {"index": i, "text": text, "logprobs": lp_obj, "finish_reason": finish}
                     if finish is not None:
-                        choice["stop_reason"] = _stop_reason(last.stop_reason)
+                        choice["stop_reason"] = last.stop_reason
                     yield _sse({**head, "choices": [choice]})
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices, n)})
+            yield _sse({**head, "choices": [], "usage": _usage(plan.prompt_tokens, choices, plan.n)})
         yield "data: [DONE]\n\n"
     except PellucidError as e:
         yield _stream_error(e)
@@ -469,38 +434,45 @@ async def _completion_stream(state: ServerState, group: RequestGroup, cid: str, 
 
 
 # -- /infill: llama-server's fill-in-the-middle endpoint, as editor plugins call it ----------------
+def _prepare_infill(state: ServerState, body: InfillRequest) -> Plan:
+    tok = state.llm.tokenizer
+    if tok.fim_ids is None:
+        raise ApiError(400, "this model has no fill-in-the-middle tokens; /infill needs a model trained for it "
+                       "(Qwen2.5-Coder, StarCoder, ...)", param="model")  # fmt: skip
+    values = {"max_tokens": None if body.n_predict in (None, -1) else body.n_predict, "temperature": body.temperature,
+              "top_k": body.top_k, "top_p": body.top_p, "stop": body.stop, "seed": body.seed}  # fmt: skip
+    rename = {"max_tokens": "n_predict"}
+    params = state.params(values, api_defaults={"max_tokens": 128}, rename=rename)
+    extra = [(x.filename, x.text) for x in body.input_extra or []]
+    return Plan([tok.fim_prompt(body.input_prefix + (body.prompt or ""), body.input_suffix, extra)], params, rename=rename)
+
+
+def _stop_type(finish_reason: str | None, stop_reason) -> str:
+    """llama-server's names: limit (n_predict reached), word (a stop string), eos."""
+    return "limit" if finish_reason == "length" else "word" if isinstance(stop_reason, str) else "eos"
+
+
 @router.post("/infill")
 async def infill(http: HttpRequest):
     """{"input_prefix", "input_suffix", "input_extra": [{"filename", "text"}], "prompt"} -> {"content", ...}:
     the code between the prefix (and `prompt`, the text right before the cursor) and the suffix."""
     t0 = time.perf_counter()
-    state = _state(http)
-    body: InfillRequest = await parse_body(http, InfillRequest)
-    llm = state.llm
-    if llm.tokenizer.fim_ids is None:
-        raise ApiError(400, "this model has no fill-in-the-middle tokens; /infill needs a model trained for it "
-                       "(Qwen2.5-Coder, StarCoder, ...)", param="model")  # fmt: skip
-    extra = [(x.filename, x.text) for x in body.input_extra or []]
-    ids = await off_loop(llm.tokenizer.fim_prompt, body.input_prefix + (body.prompt or ""), body.input_suffix, extra)
-    values = {"max_tokens": None if body.n_predict in (None, -1) else body.n_predict, "temperature": body.temperature,
-              "top_k": body.top_k, "top_p": body.top_p, "stop": body.stop, "seed": body.seed}  # fmt: skip
-    params = state.params({k: v for k, v in values.items() if v is not None}, api_defaults={"max_tokens": 128})
-    group = await state.submit([ids], params, n=1, prefix=new_id("infill-"))
-    if body.stream:
-        return StreamingResponse(_infill_stream(state, group, len(ids), t0), media_type="text/event-stream", headers=SSE_HEADERS)
-    choices = await collect(group, http)
+    r = await receive(http, InfillRequest, _prepare_infill, prefix="infill-")
+    if r.body.stream:
+        return StreamingResponse(_infill_stream(r, t0), media_type="text/event-stream", headers=SSE_HEADERS)
+    choices = await collect(r.group, http)
     if choices is None:
         return JSONResponse({}, status_code=499)
-    state.metrics.observe_latency(time.perf_counter() - t0)
+    r.state.metrics.observe_latency(time.perf_counter() - t0)
     c = choices[0]
-    return {"content": c.text, "stop": True, "model": state.config.model_name, "tokens_predicted": len(c.token_ids),
-            "tokens_evaluated": len(ids), "stop_type": "limit" if c.finish_reason == "length" else "eos",
+    return {"content": c.text, "stop": True, "model": r.state.config.model_name, "tokens_predicted": len(c.token_ids),
+            "tokens_evaluated": r.plan.prompt_tokens, "stop_type": _stop_type(c.finish_reason, c.stop_reason),
             "stopping_word": c.stop_reason if isinstance(c.stop_reason, str) else ""}  # fmt: skip
 
 
-async def _infill_stream(state: ServerState, group: RequestGroup, n_prompt: int, t0: float) -> AsyncIterator[str]:
+async def _infill_stream(r: Received, t0: float) -> AsyncIterator[str]:
     """llama-server's stream: {"content": piece, "stop": false} events, then one with "stop": true."""
-    n = 0
+    group, n = r.group, 0
     try:
         while not group.done:
             first = await group.get()
@@ -511,11 +483,11 @@ async def _infill_stream(state: ServerState, group: RequestGroup, n_prompt: int,
                 if text:
                     yield _sse({"content": text, "stop": False})
                 if last.finished:
-                    yield _sse({"content": "", "stop": True, "tokens_predicted": n, "tokens_evaluated": n_prompt,
-                                "stop_type": "limit" if last.finish_reason == "length" else "eos"})  # fmt: skip
-        state.metrics.observe_latency(time.perf_counter() - t0)
+                    yield _sse({"content": "", "stop": True, "tokens_predicted": n, "tokens_evaluated": r.plan.prompt_tokens,
+                                "stop_type": _stop_type(last.finish_reason, last.stop_reason)})  # fmt: skip
+        r.state.metrics.observe_latency(time.perf_counter() - t0)
     except PellucidError as e:
         yield _stream_error(e)
     finally:
         for rid in group.abort():
-            state.metrics.forget(rid)
+            r.state.metrics.forget(rid)

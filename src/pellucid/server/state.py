@@ -1,8 +1,8 @@
 """The server's state: config, the model (loaded in the background), the async engine.
 
-Both APIs share the helpers here: model-name check, request submission (n requests for
-n choices, seeds seed, seed+1, ...), and collecting a group's outputs while watching
-for the client to disconnect.
+Every API shares the helpers here: the body's limits and parsing, the model-name check,
+parameters over the --config defaults, and collecting a group's outputs while watching
+for the client to disconnect. pellucid.server.build turns a body into queued requests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ class ServerState:
                rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
         """Request values > the --config file's defaults > the API's own defaults."""
         defaults = {**(api_defaults or {}), **self.config.defaults}
-        return make_params(values, self.llm.config.vocab_size, defaults=defaults, rename=rename)
+        return make_params(values, defaults=defaults, rename=rename)
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The --config system prompt first, when the request brings no system message."""
@@ -156,32 +156,6 @@ class ServerState:
         if sp and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
             return [{"role": "system", "content": sp}, *messages]
         return messages
-
-    async def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int, prefix: str,
-                     constraint: Callable[[], Any] | None = None, rename: dict[str, str] | None = None) -> RequestGroup:  # fmt: skip
-        """n engine requests per prompt (seeds seed, seed+1, ... when seeded), queued as one group.
-
-        The requests (prompt checks, penalty counts, grammar matchers) are built off the event
-        loop; only queueing them runs on it.
-        """
-        eng = self.llm.engine
-
-        def build() -> list:
-            reqs = []
-            for p, ids in enumerate(prompts):
-                for i in range(n):
-                    seed = None if params.seed is None else params.seed + i
-                    rp = replace(params, seed=seed, n=1) if (n > 1 or params.n != 1) else params
-                    c = constraint() if constraint is not None else None
-                    reqs.append(eng.make_request(ids, rp, f"{prefix}-{p * n + i}", c))
-            return reqs
-
-        try:
-            group = self.engine.add_many(await run_in_threadpool(_on_helper, build))
-        except PellucidError as e:
-            raise ApiError.from_pellucid(e, rename=rename) from None
-        self.metrics.requests_received += 1
-        return group
 
 
 def new_id(prefix: str) -> str:
@@ -284,11 +258,16 @@ async def parse_body(http: HttpRequest, model_cls, *, rename: dict[str, str] | N
     (refused before it is read when Content-Length says so), its media type, JSON nesting
     depth, and text that is not valid Unicode (unpaired UTF-16 surrogate escapes).
     """
+    check_media_type(http)
+    return await off_loop(decode_body, await read_body(http), model_cls, rename)
+
+
+def check_media_type(http: HttpRequest) -> None:
+    """A 415 for a body that says it is not JSON (no Content-Type is taken as JSON)."""
     kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind and kind not in _JSON_TYPES and not kind.endswith("+json"):
         raise ApiError(415, f"Content-Type {kind[:80]!r} is not JSON: send the body as application/json "
                             "(curl: -H 'Content-Type: application/json')")  # fmt: skip
-    return await off_loop(decode_body, await read_body(http), model_cls, rename)
 
 
 async def read_body(http: HttpRequest, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -350,14 +329,15 @@ def _check_text(s: str, path: str) -> None:
                             f"character {e.start}: text must be valid Unicode", param=path or None) from None  # fmt: skip
 
 
-def make_params(values: dict[str, Any], vocab_size: int, *, defaults: dict[str, Any] | None = None,
+def make_params(values: dict[str, Any], *, defaults: dict[str, Any] | None = None,
                 rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
     """SamplingParams from the fields a client gave (None = not given), over `defaults`.
 
     max_tokens None means no limit but the context window, unless the defaults set one.
+    Token ids are checked against the vocabulary where the engine request is made.
     """
     try:
-        return build_params({"max_tokens": None}, _given(defaults or {}), _given(values), vocab_size=vocab_size)
+        return build_params({"max_tokens": None}, _given(defaults or {}), _given(values))
     except PellucidError as e:
         raise ApiError.from_pellucid(e, rename=rename) from None
 

@@ -1,0 +1,102 @@
+"""One request builder: an HTTP body becomes queued engine requests in one thread-pool hop.
+
+Each API (OpenAI chat and completions, /infill, Anthropic messages, the Responses API)
+gives a `prepare(state, body) -> Plan` that holds only its own wire format: which of its
+fields mean which sampling values, how its messages become a prompt, what the grammar is.
+Everything else is done here, once, on one worker thread: the body read as JSON and
+checked against its pydantic model, the plan made (parameters built once, the constraint
+compiled once), and the engine requests made from it (n per prompt, seeds seed, seed+1,
+..., each with its own copy of the constraint). Only queueing them runs on the event loop.
+The engine trusts what this made: prompt ids and parameters are checked here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
+
+from pellucid import runtime
+from pellucid.engine.async_engine import RequestGroup
+from pellucid.errors import PellucidError
+from pellucid.sampling.params import SamplingParams
+from pellucid.server.errors import ApiError
+from pellucid.server.state import ServerState, check_media_type, decode_body, new_id, read_body
+
+
+@dataclass
+class Plan:
+    """What one API made of a request, in the engine's terms."""
+
+    prompts: list[list[int]]
+    params: SamplingParams | None = None  # None: nothing to generate (count_tokens)
+    constraint: Any = None  # compiled once; each engine request gets a fresh copy
+    tools: Any = None  # pellucid.text.tools.ToolList the answer is parsed against
+    rename: dict[str, str] | None = None  # engine field names -> this API's, in errors
+    queue: bool = True  # False: the handler answers without the engine (echo with max_tokens 0)
+
+    @property
+    def n(self) -> int:
+        return self.params.n if self.params is not None else 1
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+@dataclass
+class Received:
+    """A request as the handler gets it back: its body, its plan, its queued group."""
+
+    id: str
+    body: Any
+    plan: Plan
+    group: RequestGroup | None
+    state: ServerState = field(repr=False)
+
+
+async def receive(http: HttpRequest, model_cls, prepare: Callable[[ServerState, Any], Plan], *, prefix: str) -> Received:
+    """Read, check, plan and queue one request: one thread-pool hop, then the queue."""
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    check_media_type(http)
+    raw = await read_body(http)
+    rid = new_id(prefix)
+
+    def work():
+        runtime.helper_thread()  # torch work here must not slow the engine thread
+        body = decode_body(raw, model_cls)
+        try:
+            plan = prepare(state, body)
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e) from None
+        try:
+            reqs = make_requests(state, plan, rid) if plan.queue and plan.params is not None else []
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e, rename=plan.rename) from None
+        return body, plan, reqs
+
+    body, plan, reqs = await run_in_threadpool(work)
+    group = None
+    if reqs:
+        try:
+            group = state.engine.add_many(reqs)
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e, rename=plan.rename) from None
+        state.metrics.requests_received += 1
+    return Received(rid, body, plan, group, state)
+
+
+def make_requests(state: ServerState, plan: Plan, rid: str) -> list:
+    """n engine requests per prompt: choice i is seeded seed + i (when seeded)."""
+    eng, params, n = state.llm.engine, plan.params, plan.n
+    reqs = []
+    for p, ids in enumerate(plan.prompts):
+        for i in range(n):
+            one = params if n == 1 else replace(params, seed=None if params.seed is None else params.seed + i, n=1)
+            c = plan.constraint.copy() if plan.constraint is not None else None
+            reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c))
+    return reqs
