@@ -37,6 +37,7 @@ from pellucid.text.tools import (
     parse_answer,
     parse_tool_choice,
     parse_tools,
+    repeat_watch,
 )
 from pellucid.text.tools import constraint as tool_constraint
 
@@ -235,6 +236,8 @@ class LLM:
             all_tools, shown, c = self.tool_constraint(tools, tool_choice, parallel_tool_calls)
         text = self.render_chat(messages, system=system, style=style, tools=shown, constraint=c)
         req = self.request(text, make_params(params, kw), constraint=c.copy() if c else None)
+        if all_tools is not None:
+            req.stop_when = repeat_watch(all_tools)  # a model that repeats its call is done
         out = self._run_batch([req], prompts=[text])[0]
         if all_tools is not None:
             out.text, out.tool_calls, complete = parse_answer(out.text, all_tools)

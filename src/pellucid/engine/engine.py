@@ -131,7 +131,7 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     constraint=None) -> Request:  # fmt: skip
+                     constraint=None, stop_when=None) -> Request:  # fmt: skip
         if not prompt_ids:
             raise PellucidError("the prompt is empty: give at least one token", param="prompt")
         self.tokenizer.check_ids(prompt_ids, "prompt token")
@@ -146,7 +146,7 @@ class Engine:
             )  # fmt: skip
         seq = SequenceSampler(params, vocab_size=self.cfg.vocab_size, prompt_ids=prompt_ids, eog_ids=self.tokenizer.eog_ids,
                                      constraint=constraint)  # fmt: skip
-        req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint)
+        req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint, stop_when)
         req.max_len = self.max_len
         return req
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pellucid.sampling.params import SamplingParams
@@ -47,7 +48,8 @@ class RequestOutput:
 
 class Request:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, sampler: SequenceSampler,
-                 detokenizer: Detokenizer | None, request_id: str | None = None, constraint=None):  # fmt: skip
+                 detokenizer: Detokenizer | None, request_id: str | None = None, constraint=None,
+                 stop_when: Callable[[str], bool] | None = None):  # fmt: skip
         self.request_id = request_id or f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -55,6 +57,7 @@ class Request:
         self.detok = detokenizer
         self.stop = StopMatcher(params.stop) if params.stop else None
         self.constraint = constraint
+        self.stop_when = stop_when  # fed the text as it comes; True ends the request (tool calls: a repeated call)
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose keys/values are in the cache
         self.cached_tokens = 0  # of the prompt, found in the prefix cache
@@ -85,8 +88,8 @@ class Request:
         """`tok` was just appended to output_ids: (text to emit, finish reason, stop reason).
 
         In order: a stop token id or an end-of-generation id, else the token's text through
-        the detokenizer and the stop-string matcher, a completed grammar, max_tokens, the
-        context window. Before min_tokens no stop of any kind ends the request (stop strings
+        the detokenizer and the stop-string matcher, a completed grammar, `stop_when`,
+        max_tokens, the context window. Before min_tokens no stop of any kind ends the request (stop strings
         included, as in vLLM); a partial stop string is still held back across the boundary.
         """
         p = self.params
@@ -104,6 +107,8 @@ class Request:
                 reason, stop_reason = "stop", self.stop.matched
             elif self.constraint is not None and self.constraint.is_finished():
                 reason = "stop"  # the grammar is complete: nothing but end-of-generation may follow
+            elif self.stop_when is not None and text and can_stop and self.stop_when(text):
+                reason = "stop"
             elif p.max_tokens is not None and n_out >= p.max_tokens:
                 reason = "length"
             elif len(self.prompt_ids) + n_out >= self.max_len:

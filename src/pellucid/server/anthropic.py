@@ -22,7 +22,7 @@ from pellucid.errors import PellucidError
 from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from pellucid.server.state import ServerState, collect
+from pellucid.server.state import ServerState, collect, joined_text
 from pellucid.text.tools import ToolCallParser, parse_answer
 
 router = APIRouter()
@@ -31,17 +31,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 def _text(content: Any, where: str) -> str:
     """A content string or a list of text blocks -> one string."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where} must be a string or a list of content blocks", param=where)
-    parts = []
-    for j, block in enumerate(content):
-        if not (isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)):
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ApiError(400, f"{where}[{j}] is a {kind!r} block; only text blocks are supported", param=f"{where}[{j}]")
-        parts.append(block["text"])
-    return "".join(parts)
+    return joined_text(content, where, {"text": "text"}, "block")
 
 
 def _blocks(m: dict[str, Any], i: int) -> list[dict[str, Any]]:

@@ -28,13 +28,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from pellucid.errors import PellucidError
-from pellucid.server import anthropic, inspector, openai
+from pellucid.server import anthropic, inspector, openai, responses
 from pellucid.server.errors import ApiError, error_response
 from pellucid.server.protocol import DetokenizeRequest, TokenizeRequest
 from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_body
 
 METRIC_PATHS = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/responses",
     "/tokenize", "/detokenize", "/infill", "/health", "/metrics",
 }  # fmt: skip
 
@@ -97,6 +98,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
     auth = [Depends(require_key)]
     app.include_router(service)  # /health and /metrics: no key
     app.include_router(openai.router, dependencies=auth)
+    app.include_router(responses.router, dependencies=auth)
     app.include_router(anthropic.router, dependencies=auth)
     app.include_router(tokens, dependencies=auth)
     inspector.install(app, auth)  # the web inspector at / and /v1/inspect/...

@@ -25,6 +25,7 @@ from pellucid.errors import PellucidError
 from pellucid.sampling.params import SamplingParams
 from pellucid.server.errors import ApiError
 from pellucid.server.state import ServerState, check_media_type, decode_body, new_id, read_body
+from pellucid.text.tools import repeat_watch
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Plan:
     tools: Any = None  # pellucid.text.tools.ToolList the answer is parsed against
     rename: dict[str, str] | None = None  # engine field names -> this API's, in errors
     queue: bool = True  # False: the handler answers without the engine (echo with max_tokens 0)
+    extra: dict[str, Any] = field(default_factory=dict)  # what one API keeps for its answer
 
     @property
     def n(self) -> int:
@@ -98,5 +100,6 @@ def make_requests(state: ServerState, plan: Plan, rid: str) -> list:
         for i in range(n):
             one = params if n == 1 else replace(params, seed=None if params.seed is None else params.seed + i, n=1)
             c = plan.constraint.copy() if plan.constraint is not None else None
-            reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c))
+            watch = repeat_watch(plan.tools) if plan.tools is not None else None  # a model repeating its call is done
+            reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c, watch))
     return reqs

@@ -89,8 +89,6 @@ def _finish_reason(reason: str | None, calls: bool = False) -> str | None:
 
 
 def _prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Plan:
-    """The parameters, and the prompt with the grammar it states: the tools or the
-    response_format decide the grammar, and the prompt says so (tools section, "answer in JSON")."""
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -98,18 +96,30 @@ def _prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Plan:
     values = _sampling_values(body, max_tokens) | {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs}
     rename = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else None
     params = state.params(values, rename=rename)
-    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in body.messages]
+    return chat_plan(state, body.messages, params, rename, tools=body.tools, tool_choice=body.tool_choice,
+                     parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format)  # fmt: skip
+
+
+def chat_plan(state: ServerState, messages: list[dict[str, Any]], params, rename: dict[str, str] | None = None, *,
+              tools=None, tool_choice=None, parallel_tool_calls=None, response_format=None,
+              names: dict[str, str] | None = None) -> Plan:  # fmt: skip
+    """Messages in OpenAI's chat shape -> the Plan: the tools or the response_format decide the
+    grammar, and the prompt says so (tools section, "answer in JSON"). `names` are the
+    fields as the client's API calls them (the Responses API: text.format), for errors."""
+    names = names or {}
+    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
     llm = state.llm
-    tools = shown = None
-    rf = body.response_format
-    if body.tools:
+    shown = None
+    rf = response_format
+    if tools:
         if rf is not None and rf.get("type") != "text":
-            raise ApiError(400, "give tools or response_format, not both", param="response_format")
-        tools, shown, c = llm.tool_constraint(body.tools, body.tool_choice, body.parallel_tool_calls)
+            raise ApiError(400, f"give tools or {names.get('response_format', 'response_format')}, not both",
+                           param=names.get("response_format", "response_format"))  # fmt: skip
+        tools, shown, c = llm.tool_constraint(tools, tool_choice, parallel_tool_calls)
     else:
-        if body.tool_choice not in (None, "none"):
-            raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
-        c = _response_constraint(state, rf)
+        if tool_choice not in (None, "none"):
+            raise ApiError(400, f"tool_choice {tool_choice!r} needs tools; none were given", param="tool_choice")
+        tools, c = None, _response_constraint(state, rf)
     text = llm.render_chat(state.with_system(messages), tools=shown, constraint=c)
     return Plan([llm.encode_prompt(text, limit=state.max_len)], params, c, tools, rename)
 

@@ -69,6 +69,48 @@ class ChatCompletionRequest(_OpenAISampling):
     parallel_tool_calls: bool | None = None
 
 
+class ResponsesRequest(_Extras):
+    """OpenAI's Responses API (POST /v1/responses): input items, instructions, function tools,
+    text.format; pellucid's sampling extras ride along as on chat completions."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    stream: bool | None = False
+    previous_response_id: str | None = None
+    store: bool | None = None
+    # beyond OpenAI's own, as on chat completions
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # Accepted: they change nothing on a local server (truncation "auto" or "disabled": a prompt
+    # that does not fit is refused either way; reasoning: no reasoning model here)
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    truncation: str | None = None
+    reasoning: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    stream_options: dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+
+
 class CompletionRequest(_OpenAISampling):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]

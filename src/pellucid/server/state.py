@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class ServerState:
         self.created = int(time.time())
         self.names = {*config.served_names, config.model}
         self._thread: threading.Thread | None = None
+        self.responses = Recent(RESPONSES_KEPT)  # the Responses API's stored answers, for previous_response_id
         self.on_failure: Callable[[str], None] | None = None  # e.g. stop the CLI's server
 
     # -- loading ------------------------------------------------------------------------
@@ -156,6 +158,49 @@ class ServerState:
         if sp and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
             return [{"role": "system", "content": sp}, *messages]
         return messages
+
+
+RESPONSES_KEPT = 256  # the Responses API's answers kept in memory (store: true), the oldest dropped first
+
+
+class Recent:
+    """At most `size` values by key, in memory, the least recently used dropped first."""
+
+    def __init__(self, size: int):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def pop(self, key: str) -> Any:
+        with self._lock:
+            return self._items.pop(key, None)
+
+
+def joined_text(content: Any, where: str, kinds: dict[str, str], noun: str) -> str:
+    """A content string, or a list of parts whose type is among `kinds` (type -> the key
+    holding its text), as one string; a 400 naming the first part of another kind."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of content {noun}s", param=where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if not (isinstance(kind, str) and kind in kinds and isinstance(part.get(kinds[kind]), str)):
+            raise ApiError(400, f"{where}[{j}] is a {kind!r} {noun}; allowed: {', '.join(kinds)} {noun}s", param=f"{where}[{j}]")
+        out.append(part[kinds[kind]])
+    return "".join(out)
 
 
 def new_id(prefix: str) -> str:

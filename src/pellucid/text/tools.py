@@ -33,6 +33,7 @@ import copy
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +125,8 @@ class ToolChoice:
 
 # -- the request's side ---------------------------------------------------------------------------
 def parse_tools(tools: Any, *, param: str = "tools") -> list[Tool]:
-    """OpenAI's [{"type": "function", "function": {name, description, parameters}}] or
+    """OpenAI's [{"type": "function", "function": {name, description, parameters}}], its
+    Responses API's flat [{"type": "function", name, description, parameters}] or
     Anthropic's [{name, description, input_schema}] -> Tools; errors name the field."""
     if not isinstance(tools, list):
         raise PellucidError(f"{param} must be a list of tools, got {type(tools).__name__}", param=param)
@@ -133,7 +135,9 @@ def parse_tools(tools: Any, *, param: str = "tools") -> list[Tool]:
         where = f"{param}[{i}]"
         if not isinstance(t, dict):
             raise PellucidError(f"{where} must be an object", param=where)
-        if "function" in t or t.get("type") == "function":
+        if t.get("type") == "function" and "function" not in t and "name" in t:  # the Responses API's shape
+            fn, key = t, "parameters"
+        elif "function" in t or t.get("type") == "function":
             if t.get("type") != "function" or not isinstance(t.get("function"), dict):
                 raise PellucidError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}; type 'function' is the only one", param=f"{where}.type")
             fn, where, key = t["function"], f"{where}.function", "parameters"
@@ -158,8 +162,9 @@ def parse_tools(tools: Any, *, param: str = "tools") -> list[Tool]:
 
 
 def parse_tool_choice(choice: Any, tools: list[Tool], *, parallel: bool | None = True, param: str = "tool_choice") -> ToolChoice:
-    """OpenAI's "auto" | "none" | "required" | {"type": "function", "function": {"name"}} or
-    Anthropic's {"type": "auto" | "any" | "none" | "tool", "name", "disable_parallel_tool_use"}."""
+    """OpenAI's "auto" | "none" | "required" | {"type": "function", "function": {"name"}} (the
+    Responses API's {"type": "function", "name"}) or Anthropic's {"type": "auto" | "any" |
+    "none" | "tool", "name", "disable_parallel_tool_use"}."""
     parallel = True if parallel is None else bool(parallel)
     if choice is None:
         choice = "auto"
@@ -170,6 +175,8 @@ def parse_tool_choice(choice: Any, tools: list[Tool], *, parallel: bool | None =
         t = choice.get("type")
         if t == "function" and isinstance(choice.get("function"), dict):
             mode, name = "named", choice["function"].get("name")
+        elif t == "function" and isinstance(choice.get("name"), str):
+            mode, name = "named", choice["name"]
         elif t == "tool":
             mode, name = "named", choice.get("name")
         elif t in ("auto", "none", "any"):
@@ -394,6 +401,7 @@ class ToolCallParser:
     _complete: int = 0  # calls whose closing tag has come
     _held: list = field(default_factory=list)  # the current call's events, while it may still repeat an earlier call
     _dupes: list = field(default_factory=list)  # arguments of earlier complete calls of the current call's tool
+    repeated: bool = False  # a complete call repeated an earlier one (and was dropped)
 
     def feed(self, piece: str) -> list[tuple]:
         self._buf += piece
@@ -468,7 +476,7 @@ class ToolCallParser:
         call = self.calls[-1]
         if call.arguments in self._dupes:  # the same call again (a small model repeats itself): dropped
             self.calls.pop()
-            self._held, self._dupes = [], []
+            self._held, self._dupes, self.repeated = [], [], True
             return []
         self._complete += 1
         call.error = _check(self.tools, call)
@@ -509,6 +517,18 @@ def _check(tools: list[Tool], call: ToolCall) -> str | None:
     if tool is None:
         return f"{call.name!r} is not one of the tools"
     return schema_error(tool.parameters, call.arguments)
+
+
+def repeat_watch(tools: list[Tool]) -> Callable[[str], bool]:
+    """A function fed the answer as it streams: True once the model repeats a complete call it
+    already made in this answer (a small model looping on its call), where the answer should end."""
+    p = ToolCallParser(tools)
+
+    def repeated(piece: str) -> bool:
+        p.feed(piece)
+        return p.repeated
+
+    return repeated
 
 
 def parse_answer(text: str, tools: list[Tool], *, id_prefix: str = "call_") -> tuple[str, list[ToolCall], bool]:
