@@ -6,7 +6,6 @@ same stream of RequestOutputs.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,30 +64,23 @@ class Completion:
         }
 
 
-def make_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
-    """The call's SamplingParams: `params` (or the defaults), with the keyword overrides."""
-    return params if not overrides and params is not None else build_params(params, overrides)
-
-
 class LLM:
     """A loaded model with its tokenizer, chat template and engine."""
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, *, dtype: str = runtime.DEFAULT_DTYPE, device: str = "cpu",
-                 max_batch: int = 4, max_len: int | None = None, use_cache: bool = True,
-                 loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT, compile: bool = False,
-                 speculative: Any = None, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024,
-                 progress: Any = None):  # fmt: skip
+                 max_batch: int = runtime.ENGINE.max_batch, max_len: int | None = None, use_cache: bool = True,
+                 loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT,
+                 speculative: Any = None, prefix_cache: bool | None = None,
+                 prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib, prefill_chunk: int = runtime.ENGINE.prefill_chunk,
+                 step_tokens: int = runtime.ENGINE.step_tokens, progress: Any = None):  # fmt: skip
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
         or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
         (not batches, not structured output) decode speculatively (engine/speculative/).
-        compile: accepted for older callers; the eager fast path needs no compile step.
         prefix_cache: reuse the cached keys and values of earlier prompts that start the same
         way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
         to prefix_cache_mib MiB of finished requests' caches (engine/engine.py). progress: a
         pellucid.progress.Progress told each phase of the load."""
-        if compile:
-            warnings.warn("compile=True is no longer needed: pellucid's fused CPU path runs eagerly", stacklevel=2)
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant, progress=progress)
         self.model_name = str(model)
         self.model = self.loaded.model
@@ -96,7 +88,8 @@ class LLM:
         self.chat_template = self.loaded.chat_template
         self.config = self.loaded.config
         self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
-                             prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib)  # fmt: skip
+                             prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, prefill_chunk=prefill_chunk,
+                             step_tokens=step_tokens)  # fmt: skip
         self.speculative = None
         if speculative is not None:
 
@@ -199,7 +192,7 @@ class LLM:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
         """Raw completion, streamed as text pieces."""
         c = self.structured(kw)
-        req = self.request(prompt, make_params(params, kw), constraint=c.copy() if c else None)
+        req = self.request(prompt, build_params(params, kw), constraint=c.copy() if c else None)
         for out in self.stream_request(req):
             if out.new_text:
                 yield out.new_text
@@ -214,7 +207,7 @@ class LLM:
         Structured output: json=True, json_schema=..., regex=..., choice=[...], grammar=...,
         or response_format={...} (OpenAI's); see pellucid.sampling.constraints."""
         c = self.structured(kw)
-        p = make_params(params, kw)
+        p = build_params(params, kw)
         if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
             return self._run_batch([self.request(x, p, constraint=c.copy() if c else None) for x in prompt], prompts=prompt)
         req = self.request(prompt, p, constraint=c.copy() if c else None)
@@ -235,7 +228,7 @@ class LLM:
                 raise PellucidError("give tools or a structured-output constraint, not both", param="tools")
             all_tools, shown, c = self.tool_constraint(tools, tool_choice, parallel_tool_calls)
         text = self.render_chat(messages, system=system, style=style, tools=shown, constraint=c)
-        req = self.request(text, make_params(params, kw), constraint=c.copy() if c else None)
+        req = self.request(text, build_params(params, kw), constraint=c.copy() if c else None)
         if all_tools is not None:
             req.stop_when = repeat_watch(all_tools)  # a model that repeats its call is done
         out = self._run_batch([req], prompts=[text])[0]

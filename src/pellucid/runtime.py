@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 DEFAULT_QUANT = "auto"  # per model: the first of FORMAT_ORDER that passes the quality rule (resolve_quant)
 DEFAULT_DTYPE = "auto"
@@ -16,6 +17,28 @@ FORMAT_ORDER = ("int4", "int8")  # fastest first; when none passes, float weight
 QUANT_FORMATS = ("int8", "int4")
 FLOAT_FORMATS = ("float32", "float16", "bfloat16")
 FORMATS = FLOAT_FORMATS + QUANT_FORMATS
+
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's defaults, read by the Engine, `LLM`, the server's config, the serve flags
+    and the YAML config alike (each may override a field; none writes its own number)."""
+
+    max_batch: int = 4  # requests decoded together (KV-cache slots) for the Python API and one-shot commands
+    serve_max_batch: int = 16  # the same for `pellucid serve`
+    max_len_cap: int = 4096  # context window when none is asked for: the model's, at most this
+    prefill_chunk: int = 512  # prompt tokens per step while no request is generating
+    step_tokens: int = 128  # tokens per step (generated + prompt) while some are
+    prefix_cache_mib: int = 1024  # memory for finished requests' keys and values kept for reuse
+    max_waiting: int = 256  # the server's waiting requests beyond which new ones get 429
+
+    def context(self, model_context: int, asked: int | None = None) -> int:
+        """The context window served: the one asked for, else the model's up to max_len_cap."""
+        return asked or min(model_context, self.max_len_cap)
+
+
+ENGINE = EngineConfig()
 
 # The quality rule: a quantized format is a model's default only if its mean KL from float32
 # is no worse than llama.cpp's on the same file. Measured with `pellucid quantize-report MODEL

@@ -33,7 +33,7 @@ def test_real_model_kv_bytes_per_token(real_path):
     _, cfg = gguf_architecture(GGUFFile(real_path))
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, bfloat16: 22.5 KiB per token
     assert KVCache(cfg, 1, 8, torch.bfloat16).bytes_per_token == 2 * 30 * 3 * 64 * 2 == 23040
-    assert cfg.kv_bytes_per_token == 23040
+    assert cfg.kv_bytes_per_token(2) == 23040
 
 
 def test_no_kv_cache_gives_the_cached_greedy_tokens(tiny_lm):

@@ -167,7 +167,7 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def build_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokenizer, *, without_bias: bool = False):
+def command_params(defaults: dict[str, Any], config, flags: dict[str, Any], tokenizer, *, without_bias: bool = False):
     """defaults < config < flags given, with errors naming the flag or the config line."""
     return merge_params(defaults, config, flags, tokenizer=tokenizer, flag_names=FLAG_NAMES, without_bias=without_bias)
 
@@ -176,7 +176,7 @@ def check_params(defaults: dict[str, Any], config, flags: dict[str, Any], model:
     """Every sampling value checked before the model loads, so a bad flag costs no load;
     a logit_bias given by a token's text is looked up in the tokenizer read from the GGUF
     file's metadata (no weights are read)."""
-    build_params(defaults, config, flags, None, without_bias=True)
+    command_params(defaults, config, flags, None, without_bias=True)
     if not (flags.get("logit_bias") or (config is not None and config.sampling_values().get("logit_bias"))):
         return
     # (imported here: pellucid.prompts would cost every `pellucid` start ~0.2 s)
@@ -184,7 +184,7 @@ def check_params(defaults: dict[str, Any], config, flags: dict[str, Any], model:
 
     path = resolve(model)
     if path.is_file():
-        build_params(defaults, config, flags, TokenCounter.for_model(path).tokenizer)
+        command_params(defaults, config, flags, TokenCounter.for_model(path).tokenizer)
 
 
 def fit_context(llm, prompt_len: int, max_tokens: int | None) -> None:

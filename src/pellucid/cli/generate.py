@@ -17,8 +17,8 @@ from pellucid.cli.common import (
     Model,
     Quant,
     Threads,
-    build_params,
     check_params,
+    command_params,
     fit_context,
     load_llm,
     model_name,
@@ -84,7 +84,7 @@ def generate(
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
     llm = load_llm(name, dtype, quant, threads=threads)
-    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    params = command_params(defaults, cfg, flags, llm.tokenizer)
     fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and cfg is not None and cfg.response_format:
@@ -147,7 +147,7 @@ def chat(
     from_cli(None, **structured)
     tool_list = _read_tools(tools) if tools else None
     llm = load_llm(name, dtype, quant, threads=threads)
-    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    params = command_params(defaults, cfg, flags, llm.tokenizer)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None and cfg is not None and cfg.response_format:
 

@@ -16,8 +16,8 @@ from pellucid.cli.common import (
     Model,
     Quant,
     Threads,
-    build_params,
     check_params,
+    command_params,
     load_llm,
     model_name,
     read_config,
@@ -52,7 +52,7 @@ def next_token(
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)
     llm = load_llm(name, dtype, quant, quiet=json_out, threads=threads)
-    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    params = command_params(defaults, cfg, flags, llm.tokenizer)
     stages = explain_next_token(llm, prompt, params, top=top, chat=chat)
     drawn = next(c for c in stages[-1].candidates if c.kept)
     if json_out:

@@ -20,6 +20,7 @@ from pellucid.cli import app
 from pellucid.cli.common import DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_QUANT, Dtype, Quant
 from pellucid.config import load_config
 from pellucid.errors import PellucidError
+from pellucid.runtime import ENGINE
 from pellucid.sampling.bias import resolve_logit_bias
 
 err = Console(stderr=True, soft_wrap=True)  # a URL or a path in a message stays whole
@@ -34,15 +35,14 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="PELLUCID_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")] = None,
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML inference config: model, default sampling and control values, system prompt.")] = None,
     dtype: Dtype = DEFAULT_DTYPE,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = 16,
-    max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's, at most 4096).")] = None,
-    max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = 256,
-    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step while no request is generating.")] = 512,
-    step_tokens: Annotated[int, typer.Option("--step-tokens", help="Tokens per engine step while requests are generating (one each, then prompt chunks): lower keeps streams smoother under a burst of prompts, higher starts them sooner.")] = 128,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = ENGINE.serve_max_batch,
+    max_len: Annotated[int | None, typer.Option("--max-len", help=f"Context window served, tokens (default: the model's, at most {ENGINE.max_len_cap}).")] = None,
+    max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = ENGINE.max_waiting,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step while no request is generating.")] = ENGINE.prefill_chunk,
+    step_tokens: Annotated[int, typer.Option("--step-tokens", help="Tokens per engine step while requests are generating (one each, then prompt chunks): lower keeps streams smoother under a burst of prompts, higher starts them sooner.")] = ENGINE.step_tokens,
     prefix_cache: Annotated[bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse the cached keys and values of earlier prompts that start the same way (default: on where outputs stay identical, the fused CPU path).", show_default=False)] = None,
-    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", help="Memory for finished requests' caches kept for reuse, MiB (least recently used go first).")] = 1024,
+    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", help="Memory for finished requests' caches kept for reuse, MiB (least recently used go first).")] = ENGINE.prefix_cache_mib,
     quant: Quant = DEFAULT_QUANT,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", hidden=True, help="No longer needed: the fused CPU path runs eagerly.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model names clients may send, comma-separated; the first is reported (default: the registry name, or a file's stem).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
@@ -80,8 +80,6 @@ def serve(
                       prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, num_threads=threads,
                       served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt,
                       quant=None if quant in ("", "none") else quant)  # fmt: skip
-    if compile:
-        err.print("[yellow]note:[/] --compile is no longer needed (pellucid's fused CPU path runs eagerly); ignored")
     deploy = dict(cfg.deploy) if cfg is not None else {}
     for flag, value in (("--stream-interval-ms", stream_interval_ms), ("--ingress", ingress)):
         if value is not None and replicas is None and ray_address is None and not deploy:

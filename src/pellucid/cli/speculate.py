@@ -19,8 +19,8 @@ from pellucid.cli.common import (
     Model,
     Quant,
     Threads,
-    build_params,
     check_params,
+    command_params,
     fit_context,
     load_llm,
     model_name,
@@ -108,7 +108,7 @@ def speculate(
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)  # bad values fail before the load
     llm = load_llm(name, dtype, quant, threads=threads)
-    params = build_params(defaults, cfg, flags, llm.tokenizer)
+    params = command_params(defaults, cfg, flags, llm.tokenizer)
     text = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = llm.encode_prompt(text)
     fit_context(llm, len(ids), params.max_tokens)

@@ -30,6 +30,7 @@ import torch
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput
 from pellucid.errors import PellucidError
+from pellucid.runtime import ENGINE
 
 
 class EngineDead(PellucidError):
@@ -98,7 +99,7 @@ class RequestGroup:
 class AsyncEngine:
     """Runs `engine.step()` on a background thread; thread-safe add/abort."""
 
-    def __init__(self, engine: Engine, *, max_waiting: int = 256, num_threads: int | None = None,
+    def __init__(self, engine: Engine, *, max_waiting: int = ENGINE.max_waiting, num_threads: int | None = None,
                  on_step: Callable[[Engine, list[RequestOutput], float], None] | None = None):  # fmt: skip
         self.engine = engine
         self.max_waiting = max_waiting

@@ -38,6 +38,7 @@ from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.request import Request, RequestOutput, Status, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
+from pellucid.runtime import ENGINE
 from pellucid.sampling.params import SamplingParams
 from pellucid.sampling.sampler import SequenceSampler, sample
 from pellucid.text.detokenizer import Detokenizer
@@ -88,15 +89,16 @@ MIN_PREFIX = 16  # shorter shared prefixes are computed again (a match must pay 
 
 
 class Engine:
-    def __init__(self, lm, *, max_batch: int = 4, max_len: int | None = None, prefill_chunk: int = 512,
-                 step_tokens: int = 128, prefix_cache: bool | None = None, prefix_cache_mib: int = 1024,
+    def __init__(self, lm, *, max_batch: int = ENGINE.max_batch, max_len: int | None = None,
+                 prefill_chunk: int = ENGINE.prefill_chunk, step_tokens: int = ENGINE.step_tokens,
+                 prefix_cache: bool | None = None, prefix_cache_mib: int = ENGINE.prefix_cache_mib,
                  use_cache: bool = True, device: str | None = None):  # fmt: skip
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.cfg = lm.config
         self.device = device or next(self.model.parameters()).device
-        self.max_len = min(max_len or min(self.cfg.context_length, 4096), self.model.max_len)
+        self.max_len = min(ENGINE.context(self.cfg.context_length, max_len), self.model.max_len)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per step while no request is generating
         self.step_tokens = step_tokens  # tokens per step (generated + prompt) while some are
@@ -109,7 +111,7 @@ class Engine:
         self.prefix_cache_mib = prefix_cache_mib
         self.cache = None
         if use_cache:
-            slot_bytes = self.max_len * KVCache.token_bytes(self.cfg, kv_dtype)
+            slot_bytes = self.max_len * self.cfg.kv_bytes_per_token(kv_dtype.itemsize)
             spare = prefix_cache_mib * 2**20 // slot_bytes if self.prefix_cache else 0
             self.cache = KVCache(self.cfg, max_batch + spare, self.max_len, kv_dtype, self.device)
         self.waiting: deque[Request] = deque()

@@ -20,12 +20,13 @@ from torch import nn
 
 from pellucid.engine.kv_cache import KVCache
 from pellucid.models.layers import ForwardContext
+from pellucid.runtime import ENGINE
 from pellucid.sampling.sampler import SequenceSampler, sample
 
 
 @torch.inference_mode()
 def generate_step(model: nn.Module, prompt_ids: list[int], sampler: SequenceSampler, cache: KVCache, *,
-                  slot: int = 0, prefill_chunk: int = 512) -> Iterator[int]:  # fmt: skip
+                  slot: int = 0, prefill_chunk: int = ENGINE.prefill_chunk) -> Iterator[int]:  # fmt: skip
     """Yield one token id at a time until the cache is full; the caller decides when to stop."""
     device = cache.k.device
     slots = torch.tensor([slot], device=device)

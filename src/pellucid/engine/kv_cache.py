@@ -32,12 +32,7 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.token_bytes(self.cfg, self.k.dtype)
-
-    @staticmethod
-    def token_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        """Keys and values of one position, every layer."""
-        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        return self.cfg.kv_bytes_per_token(self.k.element_size())
 
     @property
     def nbytes(self) -> int:

@@ -34,10 +34,9 @@ class ModelConfig:
     tied_embeddings: bool = False
     name: str = ""
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes per token position at bfloat16: 2 (K and V) x layers x K x D x 2."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """KV-cache bytes per token position: 2 (K and V) x layers x K heads x D x bytes per element."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element_bytes
 
 
 def gguf_getter(meta: dict, arch: str):

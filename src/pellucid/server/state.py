@@ -41,13 +41,13 @@ class ServerConfig:
     api_key: str | None = None
     dtype: str = runtime.DEFAULT_DTYPE  # decided by pellucid.runtime for the format and device
     quant: str | None = runtime.DEFAULT_QUANT
-    max_batch: int = 16
-    max_len: int | None = None  # context window served (default: the model's, at most 4096)
-    max_waiting: int = 256  # waiting requests beyond which new ones get 429
-    prefill_chunk: int = 512  # prompt tokens per step while nothing is generating
-    step_tokens: int = 128  # tokens per step (generated + prompt) while requests are generating
+    max_batch: int = runtime.ENGINE.serve_max_batch
+    max_len: int | None = None  # context window served (default: the model's, at most runtime.ENGINE.max_len_cap)
+    max_waiting: int = runtime.ENGINE.max_waiting  # waiting requests beyond which new ones get 429
+    prefill_chunk: int = runtime.ENGINE.prefill_chunk  # prompt tokens per step while nothing is generating
+    step_tokens: int = runtime.ENGINE.step_tokens  # tokens per step (generated + prompt) while requests are generating
     prefix_cache: bool | None = None  # reuse earlier prompts' keys and values (default: where exact)
-    prefix_cache_mib: int = 1024  # memory for finished requests' caches kept for reuse
+    prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib  # memory for finished requests' caches kept for reuse
     num_threads: int | None = None  # torch threads of the engine (default: torch's)
     served_model_name: str | None = None  # the names clients use, comma-separated (default: --model as given)
     llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
@@ -98,10 +98,7 @@ class ServerState:
     def _load(self) -> None:
         try:
             llm = self.loader(self.config)
-            engine = llm.engine
-            engine.prefill_chunk = self.config.prefill_chunk
-            engine.step_tokens = self.config.step_tokens
-            self.engine = AsyncEngine(engine, max_waiting=self.config.max_waiting, num_threads=self.config.num_threads,
+            self.engine = AsyncEngine(llm.engine, max_waiting=self.config.max_waiting, num_threads=self.config.num_threads,
                                       on_step=self.metrics.observe_step).start()  # fmt: skip
             self.llm = llm
             path = getattr(llm.loaded, "path", None)
@@ -148,9 +145,14 @@ class ServerState:
     # -- generation ---------------------------------------------------------------------
     def params(self, values: dict[str, Any], *, api_defaults: dict[str, Any] | None = None,
                rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
-        """Request values > the --config file's defaults > the API's own defaults."""
+        """Request values (None: not given) > the --config file's defaults > the API's own
+        defaults. max_tokens None means no limit but the context window, unless a default
+        sets one. Token ids are checked against the vocabulary where the engine request is made."""
         defaults = {**(api_defaults or {}), **self.config.defaults}
-        return make_params(values, defaults=defaults, rename=rename)
+        try:
+            return build_params({"max_tokens": None}, _given(defaults), _given(values))
+        except PellucidError as e:
+            raise ApiError.from_pellucid(e, rename=rename) from None
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The --config system prompt first, when the request brings no system message."""
@@ -278,7 +280,8 @@ def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[To
 def default_loader(config: ServerConfig):
 
     return LLM(config.model, dtype=config.dtype, quant=config.quant, max_batch=config.max_batch, max_len=config.max_len,
-               prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, **config.llm_options)  # fmt: skip
+               prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, prefill_chunk=config.prefill_chunk,
+               step_tokens=config.step_tokens, **config.llm_options)  # fmt: skip
 
 
 async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
@@ -372,19 +375,6 @@ def _check_text(s: str, path: str) -> None:
         bad = s[e.start]
         raise ApiError(400, f"{path or 'the body'} holds an unpaired UTF-16 surrogate ({ascii(bad)[1:-1]}) at "
                             f"character {e.start}: text must be valid Unicode", param=path or None) from None  # fmt: skip
-
-
-def make_params(values: dict[str, Any], *, defaults: dict[str, Any] | None = None,
-                rename: dict[str, str] | None = None) -> SamplingParams:  # fmt: skip
-    """SamplingParams from the fields a client gave (None = not given), over `defaults`.
-
-    max_tokens None means no limit but the context window, unless the defaults set one.
-    Token ids are checked against the vocabulary where the engine request is made.
-    """
-    try:
-        return build_params({"max_tokens": None}, _given(defaults or {}), _given(values))
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e, rename=rename) from None
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

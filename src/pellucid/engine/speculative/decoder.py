@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pellucid.engine.speculative.rule import (
 )
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
+from pellucid.runtime import ENGINE
 
 # -- the decoder ----------------------------------------------------------------------------
 
@@ -77,12 +77,6 @@ class SpecStats:
     def decode_tok_s(self) -> float:
         return self.generated / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(acceptance_rate=self.acceptance_rate, mean_accepted=self.mean_accepted,
-                 tokens_per_round=self.tokens_per_round, decode_tok_s=self.decode_tok_s)  # fmt: skip
-        return d
-
 
 class SpeculativeDecoder:
     """Batch-1 speculative decoding of a target model with a drafter.
@@ -93,7 +87,7 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, lm, drafter: Drafter, *, num_draft: int = 4, max_len: int | None = None,
-                 prefill_chunk: int = 512, device: str | torch.device | None = None):  # fmt: skip
+                 prefill_chunk: int = ENGINE.prefill_chunk, device: str | torch.device | None = None):  # fmt: skip
         if not 1 <= num_draft <= 64:
             raise PellucidError(f"num_draft = {num_draft} is out of range; allowed: 1..64", param="num_draft")
         self.lm = lm
@@ -104,7 +98,7 @@ class SpeculativeDecoder:
         self.num_draft = num_draft
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         model_len = getattr(self.model, "max_len", None) or self.cfg.context_length
-        self.max_len = min(max_len or min(self.cfg.context_length, 4096), model_len)
+        self.max_len = min(ENGINE.context(self.cfg.context_length, max_len), model_len)
         self.prefill_chunk = prefill_chunk
         self.eog_ids = frozenset(self.tokenizer.eog_ids) if self.tokenizer is not None else frozenset()
         self.cache: KVCache | None = None

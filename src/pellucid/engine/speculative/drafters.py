@@ -13,6 +13,7 @@ from pellucid.engine.kv_cache import KVCache, cache_dtype
 from pellucid.engine.speculative.rule import Draft, DraftChain
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
+from pellucid.runtime import ENGINE
 
 # -- drafters -------------------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, model, *, vocab_size: int, max_len: int = 4096, prefill_chunk: int = 512,
+    def __init__(self, model, *, vocab_size: int, max_len: int = ENGINE.max_len_cap, prefill_chunk: int = ENGINE.prefill_chunk,
                  name: str = "model"):  # fmt: skip
         self.model = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
         self.vocab_size = vocab_size
