@@ -50,7 +50,23 @@ def real_cli(real_llm):
     common.LOADED.pop((DEFAULT_MODEL, "float32", None), None)
 
 
-REAL_FIXTURES = {"real_path", "real_lm", "real_llm", "real_cli"}
+REAL_FIXTURES = {"real_path", "real_lm", "real_llm", "real_cli", "default_server"}
+
+
+@pytest.fixture(scope="session")
+def default_server(real_path):
+    """A live server of the default model in its default format (the user's `pellucid
+    serve`), for the client-library and Responses API tests; `.url` is its root."""
+    from pellucid.api import LLM
+    from pellucid.server.app import ServerThread, create_app
+    from pellucid.server.state import ServerConfig
+
+    name = "smollm2-135m-instruct"
+    cfg = ServerConfig(model=name, max_batch=4, max_len=2048)
+    s = ServerThread(create_app(cfg, loader=lambda c: LLM(name, max_batch=c.max_batch, max_len=c.max_len))).start()
+    assert s.wait_ready(300)
+    yield s
+    s.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@
       top_k: 50
       frequency_penalty: 0.5
       presence_penalty: 0.0
-      # pellucid's extras: min_p, repetition_penalty, seed
+      # pellucid's extras: min_p, typical_p, repetition_penalty, seed
     control:
       stop_sequences: ["\\n\\n", "END"]
       logit_bias: {}                # token id or the text of one token -> [-100, 100]
@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, str | None]] = {
     "model": {"name": None, "max_tokens": "max_tokens"},
     "sampling": {
         "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-        "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+        "typical_p": "typical_p", "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
         "repetition_penalty": "repetition_penalty", "seed": "seed",
     },
     "control": {

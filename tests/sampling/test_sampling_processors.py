@@ -191,3 +191,26 @@ def test_filters_chained_property(row, k, p, min_p, t):
     out = P.apply_min_p(P.apply_top_p(P.apply_top_k(P.apply_temperature(x, torch.tensor([t])), torch.tensor([k])),
                                       torch.tensor([p])), torch.tensor([min_p]))  # fmt: skip
     _check_distribution(out, x)
+
+
+def test_typical_p_keeps_the_tokens_nearest_the_entropy():
+    """Probabilities 0.4, 0.3, 0.2, 0.1: entropy 1.2799 nats; surprisals 0.916, 1.204, 1.609,
+    2.303 are 0.364, 0.076, 0.330, 1.023 from it, so the order is 0.3, 0.2, 0.4, 0.1."""
+    x = logits_of([0.4, 0.3, 0.2, 0.1])
+    kept = lambda p: [i for i, v in enumerate(P.apply_typical_p(x, torch.tensor([p]))[0].tolist()) if v > NEG]  # noqa: E731
+    assert kept(0.25) == [1]  # the most typical alone reaches 0.25
+    assert kept(0.5) == [1, 2]  # 0.3 then 0.2 reach 0.5
+    assert kept(0.75) == [0, 1, 2]
+    assert kept(1.0) == [0, 1, 2, 3]  # 1 = off
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.5, 0.9, 0.95])
+def test_typical_p_equals_transformers(mass):
+    """The same kept set as transformers' TypicalLogitsWarper on random rows (no ties)."""
+    tf = pytest.importorskip("transformers.generation.logits_process")
+    torch.manual_seed(int(mass * 100))
+    for scale in (0.5, 1.0, 3.0):
+        x = torch.randn(8, 300) * scale
+        ours = P.apply_typical_p(x, torch.full((8,), mass)) > NEG
+        ref = tf.TypicalLogitsWarper(mass=mass)(None, x.clone()) > NEG
+        assert torch.equal(ours, ref)

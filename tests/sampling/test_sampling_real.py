@@ -128,7 +128,7 @@ def test_no_stop_runs_to_length(real_llm, greedy_run):
 
 def test_explain_next_token_shows_each_step(real_llm):
     stages = explain_next_token(real_llm, PROMPT, SamplingParams(temperature=0.8, top_k=3, top_p=0.9, min_p=0.05, seed=1), top=5)
-    assert [s.name for s in stages] == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "draw"]
+    assert [s.name for s in stages] == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "typical_p", "draw"]
     by = {s.name: s for s in stages}
     assert by["raw"].kept == real_llm.config.vocab_size
     assert by["top_k"].kept == 3

@@ -131,7 +131,7 @@ def test_sorted_and_dense_paths_agree():
         x[:, :20] = x[:, :20].round()  # ties, as bfloat16 logits have
         params = [SamplingParams(temperature=rng.choice([0.5, 1.0, 1.4]), top_k=rng.choice([0, 3, 20]),
                                  top_p=rng.choice([1.0, 0.9, 0.5]) if b else 0.8, min_p=rng.choice([0.0, 0.05]),
-                                 seed=trial * 10 + b, logprobs=True, processed_logprobs=True, top_logprobs=2)
+                                 typical_p=rng.choice([1.0, 1.0, 0.9, 0.3]), seed=trial * 10 + b, logprobs=True, processed_logprobs=True, top_logprobs=2)
                   for b in range(B)]  # fmt: skip
         a = sample(x, [SequenceSampler(p, vocab_size=V) for p in params], sorted_path=True)
         b = sample(x, [SequenceSampler(p, vocab_size=V) for p in params], sorted_path=False)
@@ -262,7 +262,7 @@ def test_trace_shows_every_stage_in_order():
     stages = []
     s = SequenceSampler(SamplingParams(top_k=3, seed=0), vocab_size=6)
     sample(LOGITS, [s], trace=lambda name, x: stages.append(name))
-    assert stages == ["raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p"]
+    assert stages == ["raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p", "typical_p"]
 
 
 def test_sequence_sampler_checks_token_ids_against_the_vocabulary():

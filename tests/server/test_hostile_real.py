@@ -30,7 +30,7 @@ def case(path: str, body, names: str | None, *, raw: bool = False, headers: dict
 
 
 SAMPLING_FIELDS = {  # field -> (wrong type, out of range)
-    "temperature": ({"hot": 1}, -1), "top_p": ([0.5], 1.5), "top_k": ("many", -2), "min_p": ({"x": 1}, 2.0),
+    "temperature": ({"hot": 1}, -1), "top_p": ([0.5], 1.5), "top_k": ("many", -2), "min_p": ({"x": 1}, 2.0), "typical_p": ("x", 1.5),
     "frequency_penalty": ("x", 3.5), "presence_penalty": ([1], -3.0), "repetition_penalty": ({"y": 2}, -1.0),
     "max_tokens": ({"n": 4}, -1), "min_tokens": ([3], -4), "seed": ({"s": 1}, "seedless"), "n": ({"n": 2}, 0),
     "logit_bias": ("all", {"99999999": 5}), "stop": (5, [None]), "stop_token_ids": ("eos", [-1]),

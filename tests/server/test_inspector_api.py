@@ -66,7 +66,7 @@ def test_greedy_stage_is_what_the_server_generated(client):
 def test_stages_follow_the_sampler_arithmetic(client):
     out = post(client, "/v1/inspect/next-token", {"messages": QUESTION, "temperature": 0.5, "top_k": 3, "seed": 7, "top": 12})
     st = {s["name"]: s for s in out["stages"]}
-    assert list(st) == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "draw"]
+    assert list(st) == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "typical_p", "draw"]
     raw = {c["id"]: c["logit"] for c in st["raw"]["candidates"]}
     for c in st["temperature"]["candidates"]:
         assert c["logit"] == pytest.approx(raw[c["id"]] / 0.5, rel=1e-5)

@@ -137,7 +137,7 @@ def test_panels_follow_prompt_and_controls(page, srv):
     wait_update(page, "next", before)
     assert "planet" in page.text_content("#rendered")
     stages = page.eval_on_selector_all("#stages .stage", "els => els.map(e => e.dataset.stage)")
-    assert stages == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "draw"]
+    assert stages == ["raw", "bias_penalties", "temperature", "top_k", "top_p", "min_p", "typical_p", "draw"]
     kept = page.text_content("#stages [data-stage=top_k] .setting")
     assert "40 tokens kept" in kept
     shot(page.locator("#inspect"), "inspector-next-token")

@@ -112,6 +112,27 @@ def test_chat_penalties_and_extras(oa, real_llm):
     assert g.choices[0].message.content == real_llm.chat(CHAT, max_tokens=8, temperature=0).text
 
 
+def test_typical_p_reaches_the_sampler_through_every_api(oa, an, real_llm):
+    """typical_p, an extra (extra_body): the same text as the Python API with the same seed,
+    through chat, completions, responses and messages; and a different one than without it."""
+    kw = dict(temperature=1.0, max_tokens=16, seed=11)
+    ref = real_llm.chat(CHAT, typical_p=0.2, **kw).text
+    assert ref != real_llm.chat(CHAT, **kw).text  # it changes what this seed draws
+    r = oa.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"typical_p": 0.2}, **kw)
+    assert r.choices[0].message.content == ref
+    resp = oa.responses.create(model=MODEL, input=CHAT, temperature=1.0, max_output_tokens=16,
+                               extra_body={"typical_p": 0.2, "seed": 11})  # fmt: skip
+    assert resp.output_text == ref
+    m = an.messages.create(model=MODEL, messages=CHAT[1:], system=CHAT[0]["content"], max_tokens=16,
+                           extra_body={"typical_p": 0.2, "temperature": 1.0, "seed": 11})  # fmt: skip
+    assert m.content[0].text == ref
+    text = real_llm.generate("The capital of France is", typical_p=0.2, **kw).text
+    c = oa.completions.create(model=MODEL, prompt="The capital of France is", extra_body={"typical_p": 0.2}, **kw)
+    assert c.choices[0].text == text
+    with pytest.raises(openai.BadRequestError, match="typical_p"):
+        oa.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"typical_p": 0})
+
+
 def test_chat_logit_bias(oa, real_llm):
     greedy = real_llm.chat(CHAT, max_tokens=3, temperature=0)
     first = greedy.token_ids[0]

@@ -32,6 +32,7 @@ Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling; sam
 TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).", rich_help_panel=S)]
 TopP = Annotated[float | None, typer.Option("--top-p", help="Keep the smallest set with this much probability (1 = off).", rich_help_panel=S)]
 MinP = Annotated[float | None, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).", rich_help_panel=S)]
+TypicalP = Annotated[float | None, typer.Option("--typical-p", help="Keep the tokens whose surprisal is closest to the entropy, up to this much probability (1 = off).", rich_help_panel=S)]
 FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="logit -= count * this, for generated tokens; -2..2.", rich_help_panel=S)]
 PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="logit -= this, for tokens generated at least once; -2..2.", rich_help_panel=S)]
 RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.", rich_help_panel=S)]
@@ -49,7 +50,7 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 SAMPLING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "max_tokens": (MaxTokens, None), "min_tokens": (MinTokens, None), "temperature": (Temperature, None),
     "seed": (Seed, None), "top_k": (TopK, None), "top_p": (TopP, None), "min_p": (MinP, None),
-    "frequency_penalty": (FrequencyPenalty, None), "presence_penalty": (PresencePenalty, None),
+    "typical_p": (TypicalP, None), "frequency_penalty": (FrequencyPenalty, None), "presence_penalty": (PresencePenalty, None),
     "repetition_penalty": (RepetitionPenalty, None), "logit_bias": (LogitBias, None), "stop": (Stop, None),
     "stop_token_ids": (StopTokenIds, None), "ignore_eos": (IgnoreEos, False),
 }  # fmt: skip

@@ -93,6 +93,7 @@ def explain_next_token(llm, prompt: str | list[int], params: SamplingParams | No
         view("top_k", "after top-k", f"k={p.top_k}" if 0 < p.top_k < V else "off", traced["top_k"]),
         view("top_p", "after top-p", f"p={p.top_p:g}" if p.top_p < 1 else "off", traced["top_p"]),
         view("min_p", "after min-p", f"min_p={p.min_p:g}" if p.min_p > 0 else "off", traced["min_p"]),
+        view("typical_p", "after typical-p", f"typical_p={p.typical_p:g}" if p.typical_p < 1 else "off", traced["typical_p"]),
     ]  # fmt: skip
     point = torch.full_like(biased, -math.inf)
     point[chosen] = 0.0

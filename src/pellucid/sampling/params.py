@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
+    typical_p: float = 1.0  # locally typical sampling; 1 = off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1 = off
@@ -51,6 +52,7 @@ class SamplingParams:
         _int("top_k", self.top_k, 0, None, note="0 = off")
         _range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _range("min_p", self.min_p, 0.0, 1.0)
+        _range("typical_p", self.typical_p, 0.0, 1.0, low_open=True)
         _range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)

@@ -185,7 +185,25 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, NEG_INF)
 
 
-# -- 9 ------------------------------------------------------------------------------------------
+def apply_typical_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al., 2022, "Locally Typical Sampling"): keep the
+    tokens whose surprisal -log p is closest to the row's entropy, closest first, until their
+    probability reaches p (the crossing token, and any tied with it, included); p (B,),
+    1 = off. Works on dense logits and on sorted candidates alike: it orders by its own key."""
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (B, N)
+    probs = logp.exp()
+    entropy = -(probs * logp).nan_to_num(0.0).sum(dim=-1, keepdim=True)  # (B, 1); removed tokens add 0
+    score = (-logp - entropy).abs()  # (B, N), inf for removed tokens
+    s_sorted, order = score.sort(dim=-1)
+    p_sorted = probs.gather(1, order)
+    before = p_sorted.cumsum(dim=-1) - p_sorted  # mass of the more typical tokens
+    keep = before < (p.double()[:, None] - TOP_P_EPS)
+    keep[:, 0] = True  # the most typical token always survives
+    cut = s_sorted.masked_fill(~keep, float("-inf")).amax(dim=-1, keepdim=True)  # (B, 1) the crossing score
+    return logits.masked_fill((score > cut) & (p < 1.0)[:, None], NEG_INF)
+
+
+# -- 10 -----------------------------------------------------------------------------------------
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: one index per row from probs (B, N) (need not sum to 1) given one
     uniform number u (B,) in [0, 1) per row. An entry with probability 0 is never drawn."""

@@ -16,12 +16,14 @@ The chain, in this order (docs/generation.md, "The chain, in order"; each step i
 7. top_p           keep the smallest most-likely set whose probability reaches p (the
                    token that crosses p included).
 8. min_p           keep tokens with p >= min_p * p_max.
-9. draw            inverse CDF with one uniform number from the request's own seeded
+9. typical_p       keep the tokens whose surprisal is closest to the entropy, until their
+                   probability reaches p (locally typical sampling).
+10. draw           inverse CDF with one uniform number from the request's own seeded
                    torch.Generator, so a row's token never depends on the other rows.
 
 Speed: steps whose parameters are neutral for the whole batch are skipped; steps 1-3
 touch only the tokens they change; when every sampled row truncates (top_k or top_p),
-steps 5-9 run on each row's few candidates instead of the whole vocabulary (the "sorted"
+steps 5-10 run on each row's few candidates instead of the whole vocabulary (the "sorted"
 path; the dense path gives the same tokens). No host sync on an accelerator: `tokens`
 stays on the logits' device until the engine reads it.
 
@@ -41,7 +43,7 @@ import torch
 from pellucid.sampling import processors
 from pellucid.sampling.params import SamplingParams
 
-STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p")
+STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 class _Tokens:
@@ -151,7 +153,7 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler], trace: Trace | Non
     samp = [i for i, s in enumerate(seqs) if not s.greedy]
     if not samp:  # 4. greedy rows are decided here
         return _output(processors.greedy(masked), raw, masked, masked, seqs)
-    return _draw(masked, raw, seqs, samp, note, sorted_path, trace is None)  # 5-9
+    return _draw(masked, raw, seqs, samp, note, sorted_path, trace is None)  # 5-10
 
 
 def _no_note(stage: str, y: torch.Tensor) -> None:
@@ -219,8 +221,8 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
 
 def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], samp: list[int], note,
           sorted_path: bool | None, untraced: bool) -> SampleOutput:  # fmt: skip
-    """Steps 5-9 for the sampled rows `samp` (the others greedy): temperature, top-k, top-p,
-    min-p and the seeded draw, on the sorted candidates where that applies."""
+    """Steps 5-10 for the sampled rows `samp` (the others greedy): temperature, top-k, top-p,
+    min-p, typical-p and the seeded draw, on the sorted candidates where that applies."""
     B, V = masked.shape
     dev = masked.device
     params = [seqs[i].params for i in samp]
@@ -228,6 +230,7 @@ def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     ks = [p.top_k if p.top_k < V else 0 for p in params]
     ps = [p.top_p for p in params]
     mps = [p.min_p for p in params]
+    tps = [p.typical_p for p in params]
     xs = masked if len(samp) == B else masked[torch.tensor(samp, device=dev)]  # (S, V) the sampled rows
     u = torch.tensor([seqs[i].uniform() for i in samp], dtype=torch.float32).to(dev)  # (S,)
     truncating = all(k > 0 or p < 1.0 for k, p in zip(ks, ps, strict=True))
@@ -235,8 +238,8 @@ def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
         sorted_path = truncating and untraced and dev.type == "cpu"
     done = None
     if sorted_path and truncating:
-        done = _sample_sorted(xs, temps, ks, ps, mps, u, need_dense=_wants_processed(seqs))
-    toks, final = done or _sample_dense(xs, temps, ks, ps, mps, u, note if len(samp) == B else None)
+        done = _sample_sorted(xs, temps, ks, ps, mps, tps, u, need_dense=_wants_processed(seqs))
+    toks, final = done or _sample_dense(xs, temps, ks, ps, mps, tps, u, note if len(samp) == B else None)
     if len(samp) == B:
         return _output(toks, raw, masked, final, seqs)
     idx = torch.tensor(samp, device=dev)
@@ -248,8 +251,8 @@ def _draw(masked: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     return _output(tokens, raw, masked, final, seqs)
 
 
-def _sample_dense(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, note) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 5-9 on the whole vocabulary: (S, V) -> tokens (S,), final logits (S, V)."""
+def _sample_dense(x: torch.Tensor, temps, ks, ps, mps, tps, u: torch.Tensor, note) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 5-10 on the whole vocabulary: (S, V) -> tokens (S,), final logits (S, V)."""
     note = note or (lambda stage, x: None)
     dev = x.device
     if any(t != 1.0 for t in temps):
@@ -271,12 +274,15 @@ def _sample_dense(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, note) ->
     if any(mps):
         x = processors.apply_min_p(x, _col(mps, dev))
     note("min_p", x)
+    if any(tp < 1.0 for tp in tps):
+        x = processors.apply_typical_p(x, _col(tps, dev))
+    note("typical_p", x)
     return processors.draw(_weights(x), u), x
 
 
-def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
+def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, tps, u: torch.Tensor, *,
                    need_dense: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
-    """Steps 5-9 on each row's top-W candidates (every row has top_k or top_p): the same
+    """Steps 5-10 on each row's top-W candidates (every row has top_k or top_p): the same
     tokens as the dense path at the cost of one top-W selection. Returns tokens (S,) and,
     if asked, the final dense logits (S, V); None when a row's kept set might reach past
     its W candidates (ties at the edge), for the dense path to decide."""
@@ -306,6 +312,8 @@ def _sample_sorted(x: torch.Tensor, temps, ks, ps, mps, u: torch.Tensor, *,
         vals = processors.sorted_min_p(vals, _col(mps, dev))
     if width < V and bool(torch.isfinite(vals[:, -1]).any()):
         return None  # the last candidate survived: tokens past it may tie with it
+    if any(tp < 1.0 for tp in tps):  # on the same kept tokens as the dense path: every one past the candidates is cut
+        vals = processors.apply_typical_p(vals, _col(tps, dev))
     # draw over the candidates in token-id order, as the dense path does: the same u gives
     # the same token on both paths
     order = idx.argsort(dim=-1)  # (S, W)

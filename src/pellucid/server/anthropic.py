@@ -4,12 +4,14 @@ The system prompt is top level; content is a string or a list of text blocks; a 
 assistant message is a prefill the answer continues. Streams send Anthropic's events in
 its order: message_start, content_block_start, ping, content_block_delta...,
 content_block_stop, message_delta (stop_reason, stop_sequence, usage), message_stop.
-stop_reason: end_turn (the model ended), stop_sequence, max_tokens.
+stop_reason: end_turn (the model ended), stop_sequence, max_tokens. output_config.format
+(structured outputs, the SDK's messages.parse) is a JSON schema the text answer follows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +21,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
 from pellucid.errors import PellucidError
+from pellucid.sampling.constraints import from_response_format
 from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError, error_body
-from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest, extras
 from pellucid.server.state import ServerState, collect, joined_text
 from pellucid.text.tools import ToolCallParser, parse_answer
 
@@ -84,7 +87,8 @@ def render_prompt(state: ServerState, body, tools=None, constraint=None) -> tupl
     prefill = ""
     if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
         if constraint is not None:
-            raise ApiError(400, "a last assistant message (a prefill) cannot be continued under tools; end with a user message",
+            raise ApiError(400, "a last assistant message (a prefill) cannot be continued under tools or output_config.format; "
+                           "end with a user message",
                            param=f"messages[{len(body.messages) - 1}]")  # fmt: skip
         prefill = messages.pop()["content"]
         if not any(m["role"] == "user" for m in messages):
@@ -97,13 +101,31 @@ def render_prompt(state: ServerState, body, tools=None, constraint=None) -> tupl
         raise ApiError.from_pellucid(e) from None
 
 
+def _output_format(state: ServerState, config) -> Any:
+    """output_config.format {"type": "json_schema", "schema": {...}} -> its grammar (None: none asked)."""
+    fmt = config.format if config is not None else None
+    if fmt is None:
+        return None
+    if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise ApiError(400, 'output_config.format must be {"type": "json_schema", "schema": {...}} (a JSON schema object)',
+                       param="output_config.format")  # fmt: skip
+    try:
+        return from_response_format(state.llm.tokenizer, {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}})
+    except PellucidError as e:  # Anthropic's API has no strict switch: a keyword the grammar cannot enforce is refused
+        msg = re.sub(r",? or set json_schema\.strict to false to (treat it as anyOf|ignore it)", "", e.message)
+        raise ApiError(400, "output_config.format.schema: " + msg.removeprefix("json_schema: "), param="output_config.format.schema") from None
+
+
 def _prepare(state: ServerState, body) -> Plan:
-    """The prompt, and the tool grammar when tools are given (count_tokens: nothing to generate)."""
+    """The prompt, and the grammar of the tools or of output_config.format (count_tokens: nothing to generate)."""
     state.check_model(body.model)
+    fmt = _output_format(state, body.output_config)
     if not body.tools:
         if body.tool_choice is not None and body.tool_choice.get("type") != "none":
             raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools; none were given", param="tool_choice")
-        return Plan([render_prompt(state, body)[0]])
+        return Plan([render_prompt(state, body, constraint=fmt)[0]], constraint=fmt)
+    if fmt is not None:
+        raise ApiError(400, "give tools or output_config.format, not both", param="output_config.format")
     tools, shown, c = state.llm.tool_constraint(body.tools, body.tool_choice or {"type": "auto"})
     return Plan([render_prompt(state, body, shown, c)[0]], constraint=c, tools=tools)
 
@@ -111,11 +133,10 @@ def _prepare(state: ServerState, body) -> Plan:
 def _prepare_messages(state: ServerState, body: AnthropicMessagesRequest) -> Plan:
     if body.temperature is not None and not (isinstance(body.temperature, int | float) and 0.0 <= body.temperature <= 1.0):
         raise ApiError(400, f"temperature = {body.temperature} is out of range; allowed: [0.0, 1.0]", param="temperature")
-    values = {
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "repetition_penalty": body.repetition_penalty, "frequency_penalty": body.frequency_penalty,
-        "presence_penalty": body.presence_penalty, "stop": body.stop_sequences, "stop_token_ids": body.stop_token_ids,
-        "max_tokens": body.max_tokens, "min_tokens": body.min_tokens, "seed": body.seed, "ignore_eos": body.ignore_eos,
+    values = extras(body) | {
+        "temperature": body.temperature, "top_p": body.top_p, "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty, "stop": body.stop_sequences, "max_tokens": body.max_tokens,
+        "seed": body.seed,
     }  # fmt: skip
     rename = {"stop": "stop_sequences"}
     params = state.params(values, rename=rename)

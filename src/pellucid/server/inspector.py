@@ -39,6 +39,7 @@ from starlette.staticfiles import StaticFiles
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.params import BIAS_BAN, SamplingParams
+from pellucid.sampling.params import FIELDS as SAMPLING_FIELDS
 from pellucid.server.errors import ApiError
 from pellucid.server.state import ServerState, off_loop, parse_body
 
@@ -79,6 +80,7 @@ class NextTokenBody(_Context):
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    typical_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -308,8 +310,7 @@ async def model_info(http: HttpRequest):
 @router.post("/v1/inspect/next-token")
 async def next_token(http: HttpRequest):
     state, insp, body = await _begin(http, NextTokenBody)
-    values = {f: getattr(body, f) for f in ("temperature", "top_k", "top_p", "min_p", "frequency_penalty", "presence_penalty",
-                                            "repetition_penalty", "logit_bias", "min_tokens", "seed")}  # fmt: skip
+    values = {f: getattr(body, f) for f in SAMPLING_FIELDS if f in NextTokenBody.model_fields}
     params = state.params(values)
 
     def explain() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import check_output, from_response_format
 from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError, error_body
-from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest, InfillRequest
+from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest, InfillRequest, extras
 from pellucid.server.state import Choice, ServerState, cached_tokens, collect, trim_stop_token
 from pellucid.text.tools import ToolCallParser, parse_answer
 
@@ -64,13 +64,10 @@ def _sampling_values(body, max_tokens: int | None) -> dict[str, Any]:
         raise ApiError(400, f"temperature = {t} is out of range; allowed on OpenAI's API: [0.0, 2.0]", param="temperature")
     if isinstance(body.stop, list) and len(body.stop) > MAX_STOP:
         raise ApiError(400, f"stop has {len(body.stop)} strings; allowed: at most {MAX_STOP}", param="stop")
-    return {
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
-        "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias, "stop": body.stop,
-        "stop_token_ids": body.stop_token_ids, "max_tokens": max_tokens, "min_tokens": body.min_tokens,
-        "seed": body.seed, "n": body.n, "ignore_eos": body.ignore_eos,
-        "processed_logprobs": body.processed_logprobs,
+    return extras(body) | {
+        "temperature": body.temperature, "top_p": body.top_p, "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty, "logit_bias": body.logit_bias, "stop": body.stop,
+        "max_tokens": max_tokens, "seed": body.seed, "n": body.n,
     }  # fmt: skip
 
 

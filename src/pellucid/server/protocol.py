@@ -2,7 +2,7 @@
 
 Unknown fields are an error naming the field, never silently ignored, except a few that
 change nothing here (`user`, `store`, `metadata`, `service_tier`). pellucid's extras
-(top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
+(top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 processed_logprobs) ride along as extra body fields; OpenAI's client sends them with
 `extra_body={...}`. Ranges are checked once, by SamplingParams, whose errors name the
 field and the allowed range.
@@ -26,11 +26,17 @@ class _Extras(_Body):
 
     top_k: int | None = None
     min_p: float | None = None
+    typical_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     processed_logprobs: bool | None = None
+
+
+def extras(body: _Extras) -> dict[str, Any]:
+    """The extras a body holds, by their SamplingParams names (None: not given)."""
+    return {name: getattr(body, name) for name in _Extras.model_fields}
 
 
 class StreamOptions(_Body):
@@ -120,6 +126,14 @@ class CompletionRequest(_OpenAISampling):
     best_of: int | None = None
 
 
+class AnthropicOutputConfig(_Body):
+    """Anthropic's structured outputs (the SDK's messages.parse): format is
+    {"type": "json_schema", "schema": {...}}, checked in pellucid.server.anthropic."""
+
+    format: dict[str, Any] | None = None
+    effort: str | None = None  # accepted: how long a reasoning model thinks; no reasoning model here
+
+
 class AnthropicMessagesRequest(_Extras):
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -132,6 +146,7 @@ class AnthropicMessagesRequest(_Extras):
     metadata: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: dict[str, Any] | None = None
+    output_config: AnthropicOutputConfig | None = None
     # pellucid's extras beyond Anthropic's own (OpenAI-style penalties, seed)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -144,6 +159,7 @@ class AnthropicCountTokensRequest(_Body):
     system: str | list[dict[str, Any]] | None = None
     tools: list[Any] | None = None
     tool_choice: dict[str, Any] | None = None
+    output_config: AnthropicOutputConfig | None = None
 
 
 class TokenizeRequest(_Body):

@@ -30,7 +30,7 @@ from pellucid.sampling.constraints import check_output
 from pellucid.server.build import Plan, Received, receive
 from pellucid.server.errors import ApiError
 from pellucid.server.openai import MAX_STOP, SSE_HEADERS, _chat_logprobs, chat_plan
-from pellucid.server.protocol import ResponsesRequest
+from pellucid.server.protocol import ResponsesRequest, extras
 from pellucid.server.state import (
     RESPONSES_KEPT,
     Choice,
@@ -133,13 +133,11 @@ def _prepare(state: ServerState, body: ResponsesRequest) -> Plan:
         messages = [{"role": "system", "content": body.instructions}, *messages]
     if isinstance(body.stop, list) and len(body.stop) > MAX_STOP:
         raise ApiError(400, f"stop has {len(body.stop)} strings; allowed: at most {MAX_STOP}", param="stop")
-    values = {
-        "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
-        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
-        "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias, "stop": body.stop,
-        "stop_token_ids": body.stop_token_ids, "max_tokens": body.max_output_tokens, "min_tokens": body.min_tokens,
-        "seed": body.seed, "ignore_eos": body.ignore_eos, "processed_logprobs": body.processed_logprobs,
-        "logprobs": LOGPROBS in (body.include or []) or None, "top_logprobs": body.top_logprobs,
+    values = extras(body) | {
+        "temperature": body.temperature, "top_p": body.top_p, "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty, "logit_bias": body.logit_bias, "stop": body.stop,
+        "max_tokens": body.max_output_tokens, "seed": body.seed, "top_logprobs": body.top_logprobs,
+        "logprobs": LOGPROBS in (body.include or []) or None,
     }  # fmt: skip
     rename = {"max_tokens": "max_output_tokens"}
     params = state.params(values, rename=rename)

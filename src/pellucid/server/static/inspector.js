@@ -75,7 +75,7 @@ function showError(msg) {
 }
 
 // -- controls -------------------------------------------------------------------------------------
-const SLIDERS = ["temperature", "top_k", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "max_tokens"];
+const SLIDERS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "max_tokens"];
 
 function showSliders() {
   for (const o of document.querySelectorAll("output[data-for]")) {
