@@ -5,6 +5,8 @@ request of echo + logprobs (max_tokens 0), on a small task whose data is here
 
 - Each answer's log-likelihood through the server equals what pellucid's own Python API
   computes for the same strings (LLM.prompt_logprobs), to float precision.
+- With `tokenizer_backend=remote` (the server's tokenizer endpoints, no tokenizer file) the
+  scores are the same.
 - The accuracy equals, within one question, lm-eval's `hf` backend on the same GGUF file
   (transformers, float32).
 """
@@ -88,6 +90,11 @@ def test_local_completions_scores_equal_the_python_api_and_the_hf_backend(served
             assert got == pytest.approx(ours, abs=1e-5), (context, continuation)
             checked += 1
     assert checked == sum(len(json.loads(line)["choices"]) for line in (DATA / "lm_eval" / "mc.jsonl").open())
+    # tokenizer_backend=remote: no tokenizer file, the server's /tokenizer_info, /tokenize and
+    # /detokenize (vLLM's shapes) instead; the same scores
+    remote = run("local-completions", f"model={MODEL},base_url={srv.url}/v1/completions,tokenizer_backend=remote,"
+                 "num_concurrent=1,max_retries=1", task_dir)  # fmt: skip
+    assert [s["resps"] for s in remote["samples"]["pellucid_mc"]] == [s["resps"] for s in samples]
     acc = res["results"]["pellucid_mc"]["acc,none"]
     ref = run("hf", f"pretrained={real_path.parent},gguf_file={real_path.name},dtype=float32", task_dir)
     assert abs(acc - ref["results"]["pellucid_mc"]["acc,none"]) <= 1 / 12 + 1e-9, (acc, ref["results"])

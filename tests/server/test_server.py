@@ -344,7 +344,12 @@ def test_tokenize_detokenize(srv, real_llm):
     c = httpx.post(f"{srv.url}/tokenize", json={"messages": CHAT}, headers=h).json()
     assert c["count"] == len(real_llm.encode_prompt(real_llm.render_chat(CHAT)))
     d = httpx.post(f"{srv.url}/detokenize", json={"tokens": ids}, headers=h).json()
-    assert d["text"] == "Hello world" and d["count"] == 2 and d["pieces"] == ["Hello", " world"]
+    assert d["text"] == d["prompt"] == "Hello world" and d["count"] == 2 and d["pieces"] == ["Hello", " world"]
+    info = httpx.get(f"{srv.url}/tokenizer_info", headers=h).json()  # vLLM's shape, for lm-eval's remote tokenizer
+    tok = real_llm.tokenizer
+    assert info["eos_token"] == tok.piece(tok.eos_id) and info["vocab_size"] == tok.vocab_size
+    assert info["chat_template"] == real_llm.chat_template.source and info["model_max_length"] == 2048
+    assert httpx.get(f"{srv.url}/tokenizer_info").status_code == 401  # behind the key like the rest
     bad = httpx.post(f"{srv.url}/detokenize", json={"tokens": [10**9]}, headers=h)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 

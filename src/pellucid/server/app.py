@@ -36,7 +36,7 @@ from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_bod
 METRIC_PATHS = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
     "/v1/responses",
-    "/tokenize", "/detokenize", "/infill", "/health", "/metrics",
+    "/tokenize", "/detokenize", "/tokenizer_info", "/infill", "/health", "/metrics",
 }  # fmt: skip
 
 
@@ -181,7 +181,19 @@ async def detokenize(http: HttpRequest):
         llm.tokenizer.check_ids(body.tokens, "tokens")
     except PellucidError as e:
         raise ApiError(400, e.message, param="tokens") from None
-    return {"text": await off_loop(llm.tokenizer.decode, body.tokens), **_token_answer(llm, body.tokens, state.max_len)}
+    text = await off_loop(llm.tokenizer.decode, body.tokens)
+    return {"text": text, "prompt": text, **_token_answer(llm, body.tokens, state.max_len)}  # "prompt": vLLM's name
+
+
+@tokens.get("/tokenizer_info")
+async def tokenizer_info(http: HttpRequest):
+    """The tokenizer's special tokens and chat template in vLLM's shape (what lm-evaluation-harness's
+    `tokenizer_backend=remote` reads, with /tokenize and /detokenize, instead of a tokenizer file)."""
+    state: ServerState = http.app.state.server
+    state.require_ready()
+    llm = state.llm
+    return {**llm.tokenizer.hf_config(state.max_len), "vocab_size": llm.tokenizer.vocab_size,
+            "chat_template": llm.chat_template.source}
 
 
 async def _token_request(http: HttpRequest, model: type) -> tuple[ServerState, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -183,14 +184,16 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(folder / "tokenizer.json"))
-
-        def text(i: int | None) -> str | None:
-            return self.piece(i) if i is not None else None
-
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id), "eos_token": text(self.eos_id),
-               "add_bos_token": self.add_bos, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}  # fmt: skip
+        cfg = self.hf_config(1 << 30)
         (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
         return folder
+
+    def hf_config(self, max_length: int) -> dict[str, Any]:
+        """The special tokens and settings in Hugging Face's tokenizer_config shape (None: the model has none)."""
+        text = lambda i: self.piece(i) if i is not None else None  # noqa: E731
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id), "eos_token": text(self.eos_id),
+                "pad_token": None, "add_bos_token": self.add_bos, "clean_up_tokenization_spaces": False,
+                "model_max_length": max_length}  # fmt: skip
 
     # -- construction -------------------------------------------------------------------
     @classmethod
