@@ -9,7 +9,8 @@ seconds; the tests generate a few short texts):
 - its greedy text equals transformers' float32 greedy text of the same file, token for
   token (tests/data/greedy_*.json, made by benchmarks/make_greedy_cases.py, also records
   llama.cpp's tokens, which leave that text on one prompt of five);
-- a row's tokens do not depend on the batch (which is what lets `serve` keep its prefix cache on).
+- a row's tokens do not depend on the batch, so `serve` keeps its prefix cache on, and the
+  cache leaves outputs unchanged.
 """
 
 from __future__ import annotations
@@ -107,3 +108,30 @@ def test_a_rows_tokens_do_not_depend_on_the_batch(llm):
     alone = [llm.generate(ids, p).token_ids for ids in prompts]
     together = [r.token_ids for r in llm.generate(prompts, p)]
     assert together == alone
+
+
+@torch.inference_mode()
+def test_prefix_cache_leaves_outputs_unchanged(llm):
+    """The prefix cache is on for this model by default (`serve` keeps it): prompts that share
+    a system prompt give the same tokens with it as without, and the later ones reuse it."""
+    from pellucid.engine.engine import Engine
+
+    assert llm.engine.prefix_cache
+    system = "You are a careful Python reviewer. Answer in one short sentence, naming the bug if there is one."
+    asks = ["def add(a, b): return a - b", "for i in range(10) print(i)", "x = [1, 2, 3]\nprint(x[3])"]
+    prompts = [llm.encode_prompt(llm.render_chat([{"role": "system", "content": system}, {"role": "user", "content": a}]))
+               for a in asks]  # fmt: skip
+    p = SamplingParams(max_tokens=10, temperature=0.0)
+    outs = []
+    engines = (Engine(llm.loaded, max_batch=1, max_len=512, prefix_cache=False),
+               Engine(llm.loaded, max_batch=1, max_len=512, prefix_cache_mib=64))  # fmt: skip
+    for eng in engines:
+        reqs = []
+        for ids in prompts:  # one after another: each later prompt finds the system prompt cached
+            reqs.append(eng.add_request(eng.make_request(ids, p)))
+            while eng.has_unfinished():
+                eng.step()
+        outs.append(reqs)
+    plain, cached = outs
+    assert [r.output_ids for r in plain] == [r.output_ids for r in cached]
+    assert cached[0].cached_tokens == 0 and all(r.cached_tokens >= 20 for r in cached[1:])

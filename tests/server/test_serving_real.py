@@ -93,9 +93,7 @@ def test_prefix_cache_evicts_least_recently_used(default_llm):
     from pellucid.engine.engine import Engine
 
     llm = default_llm
-    from pellucid.engine.kv_cache import KVCache
-
-    slot_mib = 256 * KVCache.token_bytes(llm.config, llm.engine.cache.k.dtype) / 2**20
+    slot_mib = 256 * llm.engine.cache.bytes_per_token / 2**20
     eng = Engine(llm.loaded, max_batch=1, max_len=256, prefix_cache=True, prefix_cache_mib=int(slot_mib) + 1)
     assert eng.cache.n_slots == 2
     systems = [f"You are assistant number {i}. You answer in one sentence, in English, about cooking only." for i in range(3)]
