@@ -145,10 +145,12 @@ def helper_thread() -> None:
     import torch
 
     torch.get_num_threads()  # torch's own per-thread setup first (it would reset what follows)
-    for line in open("/proc/self/maps") if os.path.exists("/proc/self/maps") else ():
-        if "libgomp" in line:
-            try:
-                ctypes.CDLL(line.split()[-1]).omp_set_num_threads(1)
-            except (OSError, AttributeError):
-                pass
-            return
+    if not os.path.exists("/proc/self/maps"):
+        return
+    with open("/proc/self/maps") as maps:
+        lib = next((line.split()[-1] for line in maps if "libgomp" in line), None)
+    if lib is not None:
+        try:
+            ctypes.CDLL(lib).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            pass

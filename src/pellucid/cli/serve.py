@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from typing import Annotated
 
@@ -52,10 +51,9 @@ def serve(
     stream_interval_ms: Annotated[int | None, typer.Option("--stream-interval-ms", help="With --replicas: a stream's tokens that come within this many ms of the last one sent are relayed together, the first at once (default 100; 0: each token on its own, at more CPU per token).")] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
-    # Idle OpenMP workers sleep instead of spinning: the HTTP thread needs the core too, and on a
-    # busy machine spinning workers made a batch-16 step 6x slower. Must be set before torch loads.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's own wait policy (spin briefly, then sleep) is kept: OMP_WAIT_POLICY=PASSIVE made
+    # workers sleep between the parallel regions of every step, and a 1-client stream of
+    # SmolLM2 fell from 189 to 80 tok/s (16 clients 511 -> 439; docs/speed.md).
     import uvicorn
 
     from pellucid.server.app import create_app
