@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pellucid import registry, runtime
+from pellucid import registry, runtime, steering
 from pellucid.engine.engine import Engine
 from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.engine.speculative import from_option
@@ -54,6 +54,8 @@ class Completion:
     incomplete: bool = False  # structured output cut before the grammar was complete: not valid
     tool_calls: list = field(default_factory=list)  # pellucid.text.tools.ToolCall, when tools were given
     schema_error: str | None = None  # a finished output that does not validate (oneOf generated as anyOf, strict=False)
+    activations: dict[int, torch.Tensor] | None = None  # with capture=: layer -> (positions, E) residual stream
+    capture_positions: list[int] = field(default_factory=list)  # the prompt positions those rows are
 
     @property
     def usage(self) -> dict[str, int]:
@@ -72,7 +74,7 @@ class LLM:
                  loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT,
                  speculative: Any = None, prefix_cache: bool | None = None,
                  prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib, prefill_chunk: int = runtime.ENGINE.prefill_chunk,
-                 step_tokens: int = runtime.ENGINE.step_tokens, progress: Any = None):  # fmt: skip
+                 step_tokens: int = runtime.ENGINE.step_tokens, progress: Any = None, steering_dir: Any = None):  # fmt: skip
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
         or "none"; speculative: "ngram", "model", a dict or SpeculativeConfig: single requests
@@ -80,7 +82,8 @@ class LLM:
         prefix_cache: reuse the cached keys and values of earlier prompts that start the same
         way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
         to prefix_cache_mib MiB of finished requests' caches (engine/engine.py). progress: a
-        pellucid.progress.Progress told each phase of the load."""
+        pellucid.progress.Progress told each phase of the load. steering_dir: the folder of named
+        steering vectors (default $PELLUCID_HOME/steering; pellucid.steering)."""
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant, progress=progress)
         self.model_name = str(model)
         self.model = self.loaded.model
@@ -90,6 +93,7 @@ class LLM:
         self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
                              prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, prefill_chunk=prefill_chunk,
                              step_tokens=step_tokens)  # fmt: skip
+        self.steering = steering.SteeringLibrary(steering_dir)  # named vectors (pellucid steer make)
         self.speculative = None
         if speculative is not None:
 
@@ -175,24 +179,70 @@ class LLM:
         raise PellucidError("prompt must be a string or a list of token ids", param="prompt")
 
     def request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                constraint=None) -> Request:  # fmt: skip
-        return self.engine.make_request(self.encode_prompt(prompt), params, request_id, constraint)
+                constraint=None, *, steer: Any = None, capture: Any = None) -> Request:  # fmt: skip
+        """steer: steering items, 'NAME[:scale][@layers]' or a SteeringVector (pellucid.steering.resolve);
+        capture: {layers, positions} of the residual stream to read (pellucid.steering.parse_capture)."""
+        ids = self.encode_prompt(prompt)
+        s = steering.resolve(steer, self.config, self.steering, dtype=self.engine_dtype, device=self.engine.device)
+        c = steering.parse_capture(capture, self.config)
+        return self.engine.make_request(ids, params, request_id, constraint, steer=s, capture=c)
+
+    @property
+    def engine_dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    # -- the residual stream ------------------------------------------------------------------
+    def activations(self, texts: list[str] | list[list[int]], capture: Any, *, progress: Any = None,
+                    steer: Any = None) -> list[dict[int, torch.Tensor]]:  # fmt: skip
+        """The residual stream of each text after `capture`'s layers at its positions:
+        per text {layer: (positions, E) float32}. Runs through the engine in batches (the served
+        format, the fused path); `progress`: a pellucid.progress.Progress."""
+        cap = steering.parse_capture(capture, self.config)
+        if cap is None:
+            raise PellucidError("activations need capture={layers, positions}", param="capture")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        out: list[dict[int, torch.Tensor]] = []
+        step = max(1, self.engine.max_batch)
+        if progress is not None:
+            progress.start("reading the residual stream", len(texts))
+        for at in range(0, len(texts), step):
+            reqs = [self.request(t, params, steer=steer, capture=cap) for t in texts[at : at + step]]
+            self._run_batch(reqs, prompts=[None] * len(reqs))
+            out += [r.activations() for r in reqs]
+            if progress is not None:
+                progress.advance(len(reqs))
+        return out
+
+    def make_steering_vector(self, positive: list[str], negative: list[str], *, layers: Any = None,
+                             position: str = "mean", name: str = "", progress: Any = None) -> steering.SteeringVector:  # fmt: skip
+        """A steering vector from contrasting examples: the mean residual stream of `positive`
+        minus that of `negative`, per layer (pellucid.steering.make_vector); `.save(path)` writes
+        llama.cpp's control-vector GGUF."""
+        if isinstance(layers, str):
+            layers = steering.parse_layers(layers)
+        return steering.make_vector(self, positive, negative, layers=layers, position=position, name=name, progress=progress)
 
     # -- generation ---------------------------------------------------------------------------
     def stream_request(self, req: Request) -> Iterator[RequestOutput]:
-        if self.speculative is not None and req.constraint is None and req.params.n == 1:
+        if self.speculates(req):
             return self.speculative.run(req)
         return self.engine.run(req)
+
+    def speculates(self, req: Request) -> bool:
+        """Whether `req` decodes speculatively: single, unconstrained, unsteered, nothing captured."""
+        return (self.speculative is not None and req.constraint is None and req.params.n == 1
+                and req.steer is None and req.capture is None)  # fmt: skip
 
     def structured(self, kw: dict[str, Any]) -> Constraint | None:
         """Pop the structured-output keywords (response_format, json, json_schema, regex,
         choice, grammar, strict, constraint) from `kw` and build their constraint."""
         return pop_constraint(self.tokenizer, kw, vocab_size=self.config.vocab_size)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, *, steer: Any = None,
+               **kw: Any) -> Iterator[str]:  # fmt: skip
         """Raw completion, streamed as text pieces."""
         c = self.structured(kw)
-        req = self.request(prompt, build_params(params, kw), constraint=c.copy() if c else None)
+        req = self.request(prompt, build_params(params, kw), constraint=c.copy() if c else None, steer=steer)
         for out in self.stream_request(req):
             if out.new_text:
                 yield out.new_text
@@ -201,21 +251,25 @@ class LLM:
                     style: Any = None, **kw: Any) -> Iterator[str]:  # fmt: skip
         return self.stream(self.render_chat(messages, system=system, style=style), params, **kw)
 
-    def generate(self, prompt: str | list[int] | list[str], params: SamplingParams | None = None, **kw: Any):
+    def generate(self, prompt: str | list[int] | list[str], params: SamplingParams | None = None, *, steer: Any = None,
+                 capture: Any = None, **kw: Any):  # fmt: skip
         """Raw completion of one prompt (-> Completion) or of a list of prompts, batched (-> list).
 
         Structured output: json=True, json_schema=..., regex=..., choice=[...], grammar=...,
-        or response_format={...} (OpenAI's); see pellucid.sampling.constraints."""
+        or response_format={...} (OpenAI's); see pellucid.sampling.constraints. steer: add
+        steering vectors to the residual stream ("NAME[:scale][@layers]", a SteeringVector or
+        [{vector, layers, scale}]); capture: {layers, positions} read into Completion.activations."""
         c = self.structured(kw)
         p = build_params(params, kw)
         if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-            return self._run_batch([self.request(x, p, constraint=c.copy() if c else None) for x in prompt], prompts=prompt)
-        req = self.request(prompt, p, constraint=c.copy() if c else None)
+            reqs = [self.request(x, p, constraint=c.copy() if c else None, steer=steer, capture=capture) for x in prompt]
+            return self._run_batch(reqs, prompts=prompt)
+        req = self.request(prompt, p, constraint=c.copy() if c else None, steer=steer, capture=capture)
         return self._run_batch([req], prompts=[prompt if isinstance(prompt, str) else None])[0]
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, system: Any = None,
              style: Any = None, tools: list | None = None, tool_choice: Any = None,
-             parallel_tool_calls: bool | None = None, **kw: Any) -> Completion:  # fmt: skip
+             parallel_tool_calls: bool | None = None, steer: Any = None, capture: Any = None, **kw: Any) -> Completion:  # fmt: skip
         """Chat completion; `system` and `style` as in `render_chat`.
 
         tools: OpenAI's or Anthropic's tool list; tool_choice "auto" (default), "none",
@@ -228,7 +282,7 @@ class LLM:
                 raise PellucidError("give tools or a structured-output constraint, not both", param="tools")
             all_tools, shown, c = self.tool_constraint(tools, tool_choice, parallel_tool_calls)
         text = self.render_chat(messages, system=system, style=style, tools=shown, constraint=c)
-        req = self.request(text, build_params(params, kw), constraint=c.copy() if c else None)
+        req = self.request(text, build_params(params, kw), constraint=c.copy() if c else None, steer=steer, capture=capture)
         if all_tools is not None:
             req.stop_when = repeat_watch(all_tools)  # a model that repeats its call is done
         out = self._run_batch([req], prompts=[text])[0]
@@ -242,7 +296,7 @@ class LLM:
 
     def _run_batch(self, reqs: list[Request], prompts: list) -> list[Completion]:
         logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
-        if len(reqs) == 1 and self.speculative is not None and reqs[0].constraint is None:
+        if len(reqs) == 1 and self.speculates(reqs[0]):
             for o in self.stream_request(reqs[0]):  # runs it to the end: the engine below has nothing to do
                 logprobs[o.request_id] += o.logprobs
         for r in reqs:
@@ -263,6 +317,8 @@ class LLM:
         return [
             Completion(r.text, list(r.output_ids), r.finish_reason, r.stop_reason, len(r.prompt_ids),
                        len(r.output_ids), logprobs[r.request_id], prompt,
-                       is_incomplete(r.constraint, r.finish_reason, r.stop_reason))  # fmt: skip
+                       is_incomplete(r.constraint, r.finish_reason, r.stop_reason),
+                       activations=r.activations() if r.capture is not None else None,
+                       capture_positions=r.capture_positions)  # fmt: skip
             for r, prompt in zip(reqs, prompts, strict=True)
         ]

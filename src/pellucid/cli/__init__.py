@@ -170,6 +170,7 @@ COMMAND_MODULES = [
     "bench",
     "quant",
     "speculate",
+    "steer",
 ]
 
 

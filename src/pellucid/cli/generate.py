@@ -43,6 +43,7 @@ from pellucid.cli.prompts import (
     make_store,
     make_style,
 )
+from pellucid.cli.steer import SteerOpt, steer_items
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import from_cli, from_response_format, is_incomplete
 from pellucid.text.tools import parse_tools
@@ -63,6 +64,7 @@ def generate(
     quant: Quant = DEFAULT_QUANT,
     threads: Threads = None,
     config: ConfigFile = None,
+    steer: list[str] | None = SteerOpt,
     flags: dict = None,
     structured: dict = None,
 ) -> None:
@@ -81,6 +83,7 @@ def generate(
     name = model_name(model, cfg)
     check_params(defaults, cfg, flags, name)  # bad values fail before the load
     from_cli(None, **structured)  # a bad schema or grammar fails before the load too
+    items = steer_items(steer)
     if cfg is not None and cfg.system_prompt:
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
     llm = load_llm(name, dtype, quant, threads=threads)
@@ -89,7 +92,7 @@ def generate(
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and cfg is not None and cfg.response_format:
         constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)
-    req = llm.request(prompt, params, constraint=constraint)
+    req = llm.request(prompt, params, constraint=constraint, steer=items)
     for out in llm.stream_request(req):
         sys.stdout.write(out.new_text)
         sys.stdout.flush()
@@ -122,6 +125,7 @@ def chat(
     structured: dict = None,
     tools: str | None = Tools,
     tool_choice: str = ToolChoiceOpt,
+    steer: list[str] | None = SteerOpt,
 ) -> None:
     """Talk to the model, multi-turn, streaming tokens as they come. Ctrl-D or /exit ends.
 
@@ -146,6 +150,7 @@ def chat(
     chosen = choose_system(system, prompt_file, cfg, make_store(None, cfg))  # before the load: errors early
     from_cli(None, **structured)
     tool_list = _read_tools(tools) if tools else None
+    items = steer_items(steer)
     llm = load_llm(name, dtype, quant, threads=threads)
     params = command_params(defaults, cfg, flags, llm.tokenizer)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
@@ -153,13 +158,13 @@ def chat(
 
         constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)
     if constraint is None and tool_list is None:
-        chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once)
+        chat_loop(llm, params, system=chosen, style=style, window=ctx_size, show_prompt=show_prompt, once=once, steer=items)
         return
     if constraint is not None and tool_list is not None:
         raise PellucidError("give --tools or a structured-output flag (--json, ...), not both", param="--tools")
     choice_value = tool_choice if tool_choice in ("auto", "none", "required") else {"type": "function", "function": {"name": tool_choice}}
     structured_chat(llm, params, system=chosen, style=style, once=once, constraint=constraint, tools=tool_list,
-                    tool_choice=choice_value, show_prompt=show_prompt)  # fmt: skip
+                    tool_choice=choice_value, show_prompt=show_prompt, steer=items)  # fmt: skip
 
 
 def _read_tools(path: str) -> list:
@@ -178,7 +183,7 @@ def _read_tools(path: str) -> list:
 
 
 def structured_chat(llm, params, *, system=None, style=None, once: str | None = None, constraint=None, tools=None,
-                    tool_choice=None, show_prompt: bool = False, lines=None) -> None:  # fmt: skip
+                    tool_choice=None, show_prompt: bool = False, lines=None, steer=None) -> None:  # fmt: skip
     """The chat loop for constrained replies and tool calls: each reply whole, then checked.
     After tool calls, the next line read is each call's result (role tool)."""
 
@@ -215,7 +220,7 @@ def structured_chat(llm, params, *, system=None, style=None, once: str | None = 
         if show_prompt:
             shown = llm.tool_constraint(tools, tool_choice, False)[1] if tools is not None else None
             sys.stderr.write(llm.render_chat(messages, system=system, style=style, tools=shown, constraint=constraint) + "\n")
-        out = llm.chat(messages, params, system=system, style=style, **kw)
+        out = llm.chat(messages, params, system=system, style=style, steer=steer, **kw)
         if out.text:
             sys.stdout.write(out.text + "\n")
         done = out.finish_reason == "tool_calls"

@@ -453,7 +453,7 @@ def budget_notes(alloc, chunks, n_history: int) -> list[str]:
 
 # -- the chat loop (used by `pellucid chat`) ------------------------------------------------------
 def chat_loop(llm, params, *, system=None, style=None, window: int | None = None, show_prompt: bool = False,
-              once: str | None = None, lines=None) -> None:  # fmt: skip
+              once: str | None = None, lines=None, steer=None) -> None:  # fmt: skip
     """Talk to the model, keeping the conversation inside the context window.
 
     `system` is text, a prompt file (or reference) or None; `window` defaults to the model's
@@ -465,7 +465,7 @@ def chat_loop(llm, params, *, system=None, style=None, window: int | None = None
 
     if window is None:
         window = model_window(llm.config, llm.model)
-    session = ChatSession(llm, system=system, style=style, params=params, window=window)
+    session = ChatSession(llm, system=system, style=style, params=params, window=window, steer=steer)
     interactive = once is None
     stdin = lines if lines is not None else sys.stdin
     while True:

@@ -85,6 +85,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def steer_key(req: Request) -> bytes | None:
+    return req.steer.key if req.steer is not None else None
+
+
 MIN_PREFIX = 16  # shorter shared prefixes are computed again (a match must pay for the lookup and copy)
 
 
@@ -133,7 +137,8 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     constraint=None, stop_when=None) -> Request:  # fmt: skip
+                     constraint=None, stop_when=None, *, steer=None, capture=None) -> Request:  # fmt: skip
+        """steer: a pellucid.steering.Steer (resolved); capture: a pellucid.steering.Capture."""
         if not prompt_ids:
             raise PellucidError("the prompt is empty: give at least one token", param="prompt")
         self.tokenizer.check_ids(prompt_ids, "prompt token")
@@ -150,6 +155,11 @@ class Engine:
                                      constraint=constraint)  # fmt: skip
         req = Request(prompt_ids, params, seq, Detokenizer(self.tokenizer), request_id, constraint, stop_when)
         req.max_len = self.max_len
+        if steer is not None:
+            req.steer = steer
+        if capture is not None:
+            req.capture = capture
+            req.capture_positions = capture.resolve(len(prompt_ids), self.cfg.d_model)
         return req
 
     def add_request(self, req: Request) -> Request:
@@ -207,14 +217,18 @@ class Engine:
         ids = req.prompt_ids
         limit = len(ids) - 1  # the last prompt token is always computed: its logits start the output
         self.stats.prefix_query_tokens += len(ids)
+        if req.capture is not None:  # what it reads must be computed
+            req.slot = cache.allocate()
+            return
+        key = steer_key(req)  # keys and values computed under other steering are not this request's
         free_slot, n_free = None, 0
         for slot, held in cache.held.items():
-            n = common_prefix(ids, held)
+            n = common_prefix(ids, held) if cache.held_key.get(slot) == key else 0
             if n > n_free:
                 free_slot, n_free = slot, n
         source, n_run = None, 0
         for r in self.running:  # a running request's tokens: copied once they are computed
-            n = common_prefix(ids, r.all_ids)
+            n = common_prefix(ids, r.all_ids) if steer_key(r) == key else 0
             if n > n_run:
                 source, n_run = r, n
         n_free, n_run = min(n_free, limit), min(n_run, limit)
@@ -280,8 +294,9 @@ class Engine:
 
     def _forward_rows(self, work: list[Work], slots: list[int]) -> torch.Tensor:
         """Every token of the step as one row of one forward: (N, 1) with per-row slot and position."""
-        ids, pos, row_slots, rows = [], [], [], []
+        ids, pos, row_slots, rows, parts = [], [], [], [], []
         for w, slot in zip(work, slots, strict=True):
+            parts.append((w.req, len(ids), w.start, len(w.ids)))
             ids += w.ids
             pos += range(w.start, w.start + len(w.ids))
             row_slots += [slot] * len(w.ids)
@@ -292,7 +307,41 @@ class Engine:
             input_pos=torch.tensor(pos, device=dev)[:, None], cache=self.cache,
             slots=torch.tensor(row_slots, device=dev), kv_len=max(pos) + 1,
         )  # fmt: skip
-        return self.model(torch.tensor(ids, device=dev)[:, None], ctx, rows=torch.tensor(rows, dtype=torch.long, device=dev))
+        return self._run(torch.tensor(ids, device=dev)[:, None], ctx, parts, rows=torch.tensor(rows, dtype=torch.long, device=dev))
+
+    def _run(self, tokens: torch.Tensor, ctx: ForwardContext, parts: list[tuple[Request, int, int, int]], **kw) -> torch.Tensor:
+        """One forward, with the steering and capture its requests ask for.
+
+        parts: (request, its first row of the flattened tokens, its first position, its row count)."""
+        if not any(r.steer is not None or r.capture is not None for r, *_ in parts):
+            return self.model(tokens, ctx, **kw)  # nothing to do: the plain forward, untouched
+        steer: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        capture: dict[int, list[int]] = {}
+        takers: dict[int, list[tuple[Request, int]]] = {}
+        for req, row, start, n in parts:
+            if req.steer is not None:
+                for layer, vec in req.steer.layers.items():
+                    rows, vecs = steer.setdefault(layer, ([], []))
+                    rows += range(row, row + n)
+                    vecs.append(vec.expand(n, -1))
+            if req.capture is not None:
+                lo = max(start, req.num_computed)  # (without a cache, positions read before come again)
+                want = [p for p in req.capture_positions if lo <= p < start + n]
+                for layer in req.capture.layers if want else ():
+                    capture.setdefault(layer, []).extend(row + p - start for p in want)
+                    takers.setdefault(layer, []).append((req, len(want)))
+        dev = tokens.device
+        if steer:
+            ctx.steer = {i: (torch.tensor(rows, device=dev), torch.cat(vecs)) for i, (rows, vecs) in steer.items()}
+        if capture:
+            ctx.capture = {i: torch.tensor(rows, device=dev) for i, rows in capture.items()}
+        out = self.model(tokens, ctx, **kw)
+        for layer, reqs in takers.items():
+            got, at = ctx.captured[layer].float().cpu(), 0
+            for req, k in reqs:
+                req.captured.setdefault(layer, []).append(got[at : at + k])
+                at += k
+        return out
 
     def _forward_parts(self, work: list[Work], slots: list[int]) -> torch.Tensor:
         """The generating requests as one (B, 1) batch, each prompt chunk as its own (1, T) forward."""
@@ -305,7 +354,8 @@ class Engine:
                 input_pos=torch.tensor(pos, device=dev)[:, None], cache=self.cache,
                 slots=torch.tensor([s for _, s in decode], device=dev), kv_len=max(pos) + 1,
             )  # fmt: skip
-            out = self.model(torch.tensor([w.ids for w, _ in decode], device=dev), ctx, last_only=True)  # (B, V)
+            parts = [(w.req, i, w.start, 1) for i, (w, _) in enumerate(decode)]
+            out = self._run(torch.tensor([w.ids for w, _ in decode], device=dev), ctx, parts, last_only=True)  # (B, V)
             logits.update({id(w): out[i] for i, (w, _) in enumerate(decode)})
         for w, slot in zip(work, slots, strict=True):
             if id(w) in logits:
@@ -315,16 +365,20 @@ class Engine:
                 input_pos=torch.arange(w.start, end, device=dev)[None], cache=self.cache,
                 slots=torch.tensor([slot], device=dev), kv_len=end,
             )  # fmt: skip
-            logits[id(w)] = self.model(torch.tensor([w.ids], device=dev), ctx, last_only=True)[0]
+            logits[id(w)] = self._run(torch.tensor([w.ids], device=dev), ctx, [(w.req, 0, w.start, len(w.ids))], last_only=True)[0]
         sampled = [logits[id(w)] for w in work if w.sample]
         return torch.stack(sampled) if sampled else None
 
     def _forward_uncached(self, work: list[Work]) -> torch.Tensor | None:
         """No cache: each sampled request's whole sequence again."""
-        rows = [w.req.all_ids for w in work if w.sample]
-        if not rows:
+        reqs = [w.req for w in work if w.sample]
+        if not reqs:
             return None
-        return torch.cat([self.model(torch.tensor([ids], device=self.device), last_only=True) for ids in rows])
+        out = []
+        for r in reqs:
+            tokens = torch.tensor([r.all_ids], device=self.device)
+            out.append(self._run(tokens, ForwardContext.full(tokens), [(r, 0, 0, len(r.all_ids))], last_only=True))
+        return torch.cat(out)
 
     def _sample_and_update(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         try:
@@ -383,7 +437,7 @@ class Engine:
         req.finish_reason = reason
         if req.slot is not None and self.cache is not None:
             held = req.all_ids[: req.num_computed] if self.prefix_cache and self.fused() else None
-            self.cache.release(req.slot, held)
+            self.cache.release(req.slot, held, steer_key(req))
             req.slot = None
         if req in self.running and reason == "abort":
             self.running.remove(req)

@@ -29,6 +29,7 @@ class KVCache:
         self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))  # (S, K, max_len, D) each
         self.free = list(range(n_slots))  # least recently released first
         self.held: dict[int, list[int]] = {}  # free slot -> the token ids its positions 0.. still hold
+        self.held_key: dict[int, bytes | None] = {}  # free slot -> the steering they were computed under
 
     @property
     def bytes_per_token(self) -> int:
@@ -49,14 +50,17 @@ class KVCache:
         """Allocate this free slot (its positions still hold `held[slot]` until overwritten)."""
         self.free.remove(slot)
         self.held.pop(slot, None)
+        self.held_key.pop(slot, None)
         return slot
 
-    def release(self, slot: int, tokens: list[int] | None = None) -> None:
-        """Free `slot`; `tokens`: the ids whose keys and values its positions 0.. hold, kept for reuse."""
+    def release(self, slot: int, tokens: list[int] | None = None, key: bytes | None = None) -> None:
+        """Free `slot`; `tokens`: the ids whose keys and values its positions 0.. hold, kept for reuse
+        by a request steered the same way (`key`: pellucid.steering.Steer.key, None: unsteered)."""
         assert slot not in self.free, f"slot {slot} released twice"
         self.free.append(slot)
         if tokens:
             self.held[slot] = tokens
+            self.held_key[slot] = key
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Positions 0..n-1 of slot `src` into slot `dst`, every layer."""

@@ -71,6 +71,16 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.max_len = 0  # set by the engine: the last position this request may reach
+        self.steer = None  # pellucid.steering.Steer: vectors added to its rows' residual stream
+        self.capture = None  # pellucid.steering.Capture: what of its residual stream to read
+        self.capture_positions: list[int] = []  # the prompt positions read, ascending
+        self.captured: dict[int, list] = {}  # layer -> (rows, E) pieces, in position order
+
+    def activations(self) -> dict:
+        """What was captured: layer -> (positions, E) tensor."""
+        import torch
+
+        return {i: torch.cat(parts) for i, parts in sorted(self.captured.items())}
 
     @property
     def all_ids(self) -> list[int]:

@@ -269,3 +269,31 @@ def ablation_plot(result, path: str | Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+# -- steering -----------------------------------------------------------------------------------
+
+
+def steering_plot(vector, path: str | Path) -> Path:
+    """A steering vector by layer: how far its two example sets lie apart along it (bars), and its norm (line)."""
+    layers = vector.layers
+    norms = [vector.norms()[i] for i in layers]
+    sep = dict(zip([int(i) for i in vector.meta.get("separation_layers", [])], vector.meta.get("separation", []), strict=False))
+    fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(layers) + 3), 4.5))
+    if sep:
+        ax.bar(layers, [sep.get(i, 0.0) for i in layers], color="tab:blue", label="separation (difference of mean projections / pooled std)")
+        ax.set_ylabel("separation of positive and negative examples")
+    ax2 = ax.twinx()
+    ax2.plot(layers, norms, marker="o", ms=3, color="black", label="‖direction‖")
+    ax2.set_ylabel("L2 norm of the direction")
+    ax.set_xlabel("layer (the direction is added after this block)")
+    what = vector.meta.get("positives"), vector.meta.get("negatives")
+    made = f" from {what[0]} positive / {what[1]} negative examples" if all(what) else ""
+    ax.set_title(f"Steering vector '{vector.name}'{made}")
+    ax.set_xticks(layers)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
+    return _save(fig, path)

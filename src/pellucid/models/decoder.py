@@ -168,9 +168,20 @@ class Decoder(HookedMixin, nn.Module):
         x = self.embed_positions(self.embed_tokens(tokens), ctx)
         ropes = {name: Rope(getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin"), ctx.input_pos)
                  for name in self.rotary()}  # fmt: skip
-        for block in self.blocks:
+        return self.norm(self.run_blocks(x, ropes, ctx))
+
+    def run_blocks(self, x: torch.Tensor, ropes: dict[str, Rope], ctx: ForwardContext) -> torch.Tensor:
+        """The blocks in order; after block i, the rows `ctx.steer[i]` names get their vectors added
+        and the rows `ctx.capture[i]` names are copied out (no hook: the fused path stays fused)."""
+        steer, capture = ctx.steer or {}, ctx.capture or {}
+        for i, block in enumerate(self.blocks):
             x = block(x, ropes.get(block.rope), ctx)
-        return self.norm(x)
+            if i in steer:
+                rows, vectors = steer[i]
+                x = x.reshape(-1, x.shape[-1]).index_add(0, rows, vectors).view(x.shape)
+            if i in capture:
+                ctx.captured[i] = x.reshape(-1, x.shape[-1]).index_select(0, capture[i])
+        return x
 
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
                 rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -179,8 +190,7 @@ class Decoder(HookedMixin, nn.Module):
         x = self.embed_positions(self.embed_tokens(tokens), ctx)
         ropes = {name: Rope(getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin"), ctx.input_pos)
                  for name in self.rotary()}  # fmt: skip
-        for block in self.blocks:
-            x = block(x, ropes.get(block.rope), ctx)
+        x = self.run_blocks(x, ropes, ctx)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows]  # (R, E)
         elif last_only:

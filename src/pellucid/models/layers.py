@@ -111,6 +111,12 @@ class ForwardContext:
     cache: object | None = None  # engine.kv_cache.KVCache
     slots: torch.Tensor | None = None  # (B,) int64
     kv_len: int = 0
+    # Per-row edits of the residual stream after block i (pellucid.steering): rows index the
+    # flattened (B*T) tokens. steer[i] = (rows, vectors (R, E)) added there; capture[i] = rows
+    # whose stream is copied into captured[i] (R, E).
+    steer: dict | None = None
+    capture: dict | None = None
+    captured: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
 
     @classmethod

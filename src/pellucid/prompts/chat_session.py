@@ -73,6 +73,7 @@ class ChatSession:
     now: datetime | None = None
     history: list[Message] = field(default_factory=list)
     dropped_total: int = 0  # history messages dropped so far
+    steer: Any = None  # steering for every reply (pellucid.steering.resolve's input)
 
     def __post_init__(self) -> None:
         if self.params is None:
@@ -91,6 +92,12 @@ class ChatSession:
                                 f"got {self.window!r}", param="window")  # fmt: skip
         if self.reserve is None:
             self.reserve = self.params.max_tokens or 0
+        self.resolved_steer = None
+        if self.steer is not None:
+            from pellucid import steering
+
+            self.resolved_steer = steering.resolve(self.steer, self.llm.config, self.llm.steering,
+                                                   dtype=self.llm.engine_dtype, device=self.llm.engine.device)  # fmt: skip
         # fixed for the whole conversation: resolved once, so 'today' does not move mid-chat
         self.prefix = system_messages(self.system, self.style, now=self.now, store=self.store)
         self.check_style = effective_style(self.system, self.style, self.store)
@@ -126,7 +133,7 @@ class ChatSession:
             raise PellucidError("this turn was already answered; prepare a new one", param="turn")
         self._make_room(turn.prompt_tokens + (turn.max_tokens or 0))
         params = dataclasses.replace(self.params, max_tokens=turn.max_tokens)
-        req = self.llm.engine.make_request(turn.prompt_ids, params)
+        req = self.llm.engine.make_request(turn.prompt_ids, params, steer=self.resolved_steer)
         for out in self.llm.engine.run(req):
             if out.new_text:
                 yield out.new_text
