@@ -48,6 +48,7 @@ def serve(
     replicas: Annotated[int | None, typer.Option("--replicas", help="Serve with N engine replicas on Ray Serve, each its own process with --threads threads and its own KV cache (needs pellucid[ray]; docs/scale-out.md).")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --replicas: join this Ray cluster ('auto', 'ray://HOST:10001') instead of starting a local one.")] = None,
     ingress: Annotated[str | None, typer.Option("--ingress", help="With --replicas: who answers HTTP: 'pellucid' (this process relays to the replicas: one hop, the default) or 'ray-proxy' (Ray Serve's HTTP proxy and an ingress deployment).")] = None,
+    steer_dir: Annotated[str | None, typer.Option("--steer-dir", help="The folder of named steering vectors requests may name in `steer` (default: $PELLUCID_HOME/steering; GET /v1/steering lists them).")] = None,
     stream_interval_ms: Annotated[int | None, typer.Option("--stream-interval-ms", help="With --replicas: a stream's tokens that come within this many ms of the last one sent are relayed together, the first at once (default 100; 0: each token on its own, at more CPU per token).")] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and Anthropic's /v1/messages."""
@@ -76,7 +77,7 @@ def serve(
     sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
                       max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
                       prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, num_threads=threads,
-                      served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt,
+                      served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt, steer_dir=steer_dir,
                       quant=None if quant in ("", "none") else quant)  # fmt: skip
     deploy = dict(cfg.deploy) if cfg is not None else {}
     for flag, value in (("--stream-interval-ms", stream_interval_ms), ("--ingress", ingress)):

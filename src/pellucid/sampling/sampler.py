@@ -345,7 +345,9 @@ def _output(tokens: torch.Tensor, raw: torch.Tensor, masked: torch.Tensor, final
     else:
         assert final is not None
         src = final if all(processed) else torch.where(torch.tensor(processed, device=raw.device)[:, None], final, raw)
-    log_total = src.logsumexp(dim=-1, keepdim=True)  # (B, 1): log-probs without a (B, V) log_softmax
+    # (B, 1): log-probs without a (B, V) log_softmax. Row by row: torch reduces a (B, V) batch in
+    # another order than one row, and a request's log-probs must not depend on its batch.
+    log_total = torch.cat([row.logsumexp(dim=-1, keepdim=True) for row in src.split(1)])
     chosen = (src.gather(1, tokens[:, None]) - log_total).squeeze(1)  # (B,)
     k = max(s.params.top_logprobs for s in seqs)
     if k == 0:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import from_response_format
-from pellucid.server.build import Plan, Received, receive
+from pellucid.server.build import Plan, Received, receive, with_activations
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest, extras
 from pellucid.server.state import ServerState, collect, joined_text
@@ -188,12 +188,12 @@ async def messages(http: HttpRequest):
         if calls:  # (a call cut by max_tokens stays the text it is: its input is not JSON yet)
             content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(t) for t in tool_calls]
     stop_reason, stop_sequence = _stop(c.finish_reason, c.stop_reason, calls)
-    return {
+    return with_activations(r, {
         "id": r.id, "type": "message", "role": "assistant", "model": model,
         "content": content,
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": _usage(plan.prompt_tokens, c.cached_tokens, c.completion_tokens),
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict[str, int]:

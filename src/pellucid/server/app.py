@@ -28,7 +28,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from pellucid.errors import PellucidError
-from pellucid.server import anthropic, inspector, openai, responses
+from pellucid.server import anthropic, inspector, openai, residual, responses
 from pellucid.server.errors import ApiError, error_response
 from pellucid.server.protocol import DetokenizeRequest, TokenizeRequest
 from pellucid.server.state import ServerConfig, ServerState, off_loop, parse_body
@@ -100,6 +100,7 @@ def create_app(config: ServerConfig | None = None, *, loader: Callable[[ServerCo
     app.include_router(openai.router, dependencies=auth)
     app.include_router(responses.router, dependencies=auth)
     app.include_router(anthropic.router, dependencies=auth)
+    app.include_router(residual.router, dependencies=auth)
     app.include_router(tokens, dependencies=auth)
     inspector.install(app, auth)  # the web inspector at / and /v1/inspect/...
     app.add_middleware(_CountRequests, metrics=state.metrics)

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 
-from pellucid import runtime
+from pellucid import runtime, steering
 from pellucid.engine.async_engine import RequestGroup
 from pellucid.errors import PellucidError
 from pellucid.sampling.params import SamplingParams
@@ -39,6 +39,8 @@ class Plan:
     rename: dict[str, str] | None = None  # engine field names -> this API's, in errors
     queue: bool = True  # False: the handler answers without the engine (echo with max_tokens 0)
     extra: dict[str, Any] = field(default_factory=dict)  # what one API keeps for its answer
+    steer: Any = None  # pellucid.steering.Steer, resolved from the body's `steer`
+    capture: Any = None  # pellucid.steering.Capture, from the body's `capture`
 
     @property
     def n(self) -> int:
@@ -73,6 +75,7 @@ async def receive(http: HttpRequest, model_cls, prepare: Callable[[ServerState, 
         body = decode_body(raw, model_cls)
         try:
             plan = prepare(state, body)
+            stream_edits(state, body, plan)
         except PellucidError as e:
             raise ApiError.from_pellucid(e) from None
         try:
@@ -101,5 +104,24 @@ def make_requests(state: ServerState, plan: Plan, rid: str) -> list:
             one = params if n == 1 else replace(params, seed=None if params.seed is None else params.seed + i, n=1)
             c = plan.constraint.copy() if plan.constraint is not None else None
             watch = repeat_watch(plan.tools) if plan.tools is not None else None  # a model repeating its call is done
-            reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c, watch))
+            reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c, watch, steer=plan.steer, capture=plan.capture))
     return reqs
+
+
+def stream_edits(state: ServerState, body: Any, plan: Plan) -> None:
+    """The body's `steer` and `capture` (every generation API takes them as extras), checked and resolved."""
+    spec, cap = getattr(body, "steer", None), getattr(body, "capture", None)
+    if spec is None and cap is None:
+        return
+    llm = state.llm
+    plan.steer = steering.resolve(spec, llm.config, llm.steering, dtype=llm.engine_dtype, device=llm.engine.device)
+    plan.capture = steering.parse_capture(cap, llm.config)
+    if plan.capture is not None and getattr(body, "stream", False):
+        raise PellucidError("capture returns the activations with the whole answer: send it with stream false", param="capture")
+
+
+def with_activations(r: Received, answer: dict[str, Any]) -> dict[str, Any]:
+    """`answer` with each engine request's captured residual stream (pellucid.steering.encode), when the body asked."""
+    if r.plan.capture is not None and r.group is not None:
+        answer["activations"] = [steering.encode(q.activations(), q.capture_positions) for q in r.group.requests]
+    return answer

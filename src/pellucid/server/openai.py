@@ -21,7 +21,7 @@ from pellucid.engine.async_engine import RequestGroup
 from pellucid.engine.request import RequestOutput, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import check_output, from_response_format
-from pellucid.server.build import Plan, Received, receive
+from pellucid.server.build import Plan, Received, receive, with_activations
 from pellucid.server.errors import ApiError, error_body
 from pellucid.server.protocol import ChatCompletionRequest, CompletionRequest, InfillRequest, extras
 from pellucid.server.state import Choice, ServerState, cached_tokens, collect, trim_stop_token
@@ -204,10 +204,10 @@ async def chat_completions(http: HttpRequest):
         msg, calls = _message(c, plan.tools, plan.constraint)
         out.append({"index": i, "message": msg, "logprobs": lps, "finish_reason": _finish_reason(c.finish_reason, calls),
                     "stop_reason": c.stop_reason})  # fmt: skip
-    return {
+    return with_activations(r, {
         "id": r.id, "object": "chat.completion", "created": created, "model": state.config.model_name,
         "system_fingerprint": FINGERPRINT, "choices": out, "usage": _usage(plan.prompt_tokens, choices, plan.n),
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 async def _chat_stream(r: Received, created: int, include_usage: bool, t0: float) -> AsyncIterator[str]:
@@ -348,10 +348,10 @@ async def completions(http: HttpRequest):
         if c.finish_reason == "stop" and (err := check_output(plan.constraint, c.text)) is not None:
             choice["schema_error"] = err
         out.append(choice)
-    return {
+    return with_activations(r, {
         "id": r.id, "object": "text_completion", "created": created, "model": state.config.model_name,
         "system_fingerprint": FINGERPRINT, "choices": out, "usage": _usage(plan.prompt_tokens, choices, plan.n),
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 async def _echo(http: HttpRequest, r: Received, t0: float) -> dict[str, Any] | JSONResponse:

@@ -32,11 +32,28 @@ class _Extras(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     processed_logprobs: bool | None = None
+    # the residual stream (pellucid.steering), checked by the request builder
+    steer: Any = None
+    capture: dict[str, Any] | None = None
+
+
+STREAM_FIELDS = ("steer", "capture")
 
 
 def extras(body: _Extras) -> dict[str, Any]:
-    """The extras a body holds, by their SamplingParams names (None: not given)."""
-    return {name: getattr(body, name) for name in _Extras.model_fields}
+    """The sampling extras a body holds, by their SamplingParams names (None: not given)."""
+    return {name: getattr(body, name) for name in _Extras.model_fields if name not in STREAM_FIELDS}
+
+
+class ActivationsRequest(_Body):
+    """POST /v1/activations: the residual stream of a batch of texts, for probes."""
+
+    model: str | None = None
+    input: str | list[str] | list[list[int]]
+    layers: int | list[int] | str
+    positions: str | list[int] = "last"
+    steer: Any = None
+    format: str = "safetensors"
 
 
 class StreamOptions(_Body):

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.constraints import check_output
-from pellucid.server.build import Plan, Received, receive
+from pellucid.server.build import Plan, Received, receive, with_activations
 from pellucid.server.errors import ApiError
 from pellucid.server.openai import MAX_STOP, SSE_HEADERS, _chat_logprobs, chat_plan
 from pellucid.server.protocol import ResponsesRequest, extras
@@ -226,7 +226,7 @@ async def create(http: HttpRequest):
     output += [_call_item(new_id("fc_"), t.id, t.name, t.arguments, "completed") for t in calls]
     response = _response(r, status, output, _usage(plan, c), created)
     _keep(r, response, c, calls)
-    return response
+    return with_activations(r, response)
 
 
 async def _stream(r: Received, created: int, t0: float) -> AsyncIterator[str]:

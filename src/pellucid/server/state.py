@@ -53,6 +53,7 @@ class ServerConfig:
     llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
     defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields for requests that omit them
     system_prompt: str | None = None  # added to chat requests that have no system message
+    steer_dir: str | None = None  # the folder of named steering vectors (default: $PELLUCID_HOME/steering)
 
     @property
     def served_names(self) -> list[str]:
@@ -100,6 +101,10 @@ class ServerState:
             llm = self.loader(self.config)
             self.engine = AsyncEngine(llm.engine, max_waiting=self.config.max_waiting, num_threads=self.config.num_threads,
                                       on_step=self.metrics.observe_step).start()  # fmt: skip
+            if self.config.steer_dir is not None:
+                from pellucid.steering import SteeringLibrary
+
+                llm.steering = SteeringLibrary(self.config.steer_dir)
             self.llm = llm
             path = getattr(llm.loaded, "path", None)
             if path is not None:
