@@ -18,6 +18,7 @@ from pellucid.engine.request import Request, RequestOutput, TokenLogprob
 from pellucid.engine.speculative import from_option
 from pellucid.errors import PellucidError
 from pellucid.loading import LoadedModel, load_model
+from pellucid.models.layers import ForwardContext
 from pellucid.prompts.chat_session import ChatSession
 from pellucid.prompts.compose import with_system
 from pellucid.sampling.constraints import (
@@ -141,16 +142,23 @@ class LLM:
         return ChatSession(self, system=system, style=style, **kw)
 
     @torch.inference_mode()
-    def prompt_logprobs(self, prompt: str | list[int], top: int = 0, *, chunk: int = 256) -> list[TokenLogprob | None]:
+    def prompt_logprobs(self, prompt: str | list[int], top: int = 0, *, chunk: int = 256,
+                        steer: Any = None) -> list[TokenLogprob | None]:  # fmt: skip
         """Each prompt token's log-probability given the tokens before it (None for the first),
         with the `top` most likely alternatives: what a completion with echo and logprobs
         returns, and what evaluation harnesses score answers by. One forward over the prompt
-        (the readable path, float32 log-softmax of the raw logits), the head in `chunk`-row pieces."""
+        (the readable path, float32 log-softmax of the raw logits), the head in `chunk`-row pieces;
+        `steer` as in `generate`, on every position."""
         ids = self.encode_prompt(prompt)
         if not 0 <= top <= 20:
             raise PellucidError(f"top = {top} is out of range; allowed: 0 to 20", param="logprobs")
         x = torch.tensor([ids], device=self.engine.device)
-        hidden = self.model.final_hidden(x)[0]  # (T, E), after the final norm
+        ctx = ForwardContext.full(x)
+        s = steering.resolve(steer, self.config, self.steering, dtype=self.engine_dtype, device=self.engine.device)
+        if s is not None:
+            rows = torch.arange(len(ids), device=x.device)
+            ctx.steer = {i: (rows, v.expand(len(ids), -1)) for i, v in s.layers.items()}
+        hidden = self.model.final_hidden(x, ctx)[0]  # (T, E), after the final norm
         out: list[TokenLogprob | None] = [None]
         for a in range(0, len(ids) - 1, chunk):
             logp = torch.log_softmax(self.model.unembed(hidden[a : min(a + chunk, len(ids) - 1)]).float(), dim=-1)  # (n, V)

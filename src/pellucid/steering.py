@@ -440,7 +440,8 @@ def make_vector(llm, positive: Sequence[str], negative: Sequence[str], *, layers
                 position: str = "mean", name: str = "", progress: Any = None) -> SteeringVector:  # fmt: skip
     """The difference of mean residual streams, positive minus negative, at each of `layers`
     (default: every block but the first). position "mean": each example's mean over its
-    tokens; "last": its last token. Runs on the model as it serves (its format, fused path)."""
+    tokens but the first (an attention sink); "last": its last token. Runs on the model as it
+    serves (its format, fused path)."""
     cfg = llm.config
     if not positive or not negative:
         raise PellucidError("making a steering vector needs positive and negative examples (at least one each)")
@@ -453,7 +454,11 @@ def make_vector(llm, positive: Sequence[str], negative: Sequence[str], *, layers
     cap = Capture(tuple(layers), "all" if position == "mean" else "last")
     texts = list(positive) + list(negative)
     acts = llm.activations(texts, cap, progress=progress)  # per text: {layer: (P, E)}
-    pooled = torch.stack([torch.stack([a[i].float().mean(0) for i in layers]) for a in acts])  # (N, L, E)
+    # "mean" leaves out each text's first token: the stream there is many times larger than
+    # elsewhere (an attention sink) and would swamp the difference with the first words'.
+    skip = 1 if position == "mean" else 0
+    pooled = torch.stack([torch.stack([a[i][skip:].float().mean(0) if len(a[i]) > skip else a[i].float().mean(0) for i in layers])
+                          for a in acts])  # (N, L, E)  # fmt: skip
     pos, neg = pooled[: len(positive)], pooled[len(positive) :]
     diff = pos.mean(0) - neg.mean(0)  # (L, E)
     separation = []

@@ -41,6 +41,7 @@ from pellucid.models.layers import ForwardContext
 from pellucid.runtime import ENGINE
 from pellucid.sampling.params import SamplingParams
 from pellucid.sampling.sampler import SequenceSampler, sample
+from pellucid.steering import Steer
 from pellucid.text.detokenizer import Detokenizer
 
 
@@ -315,15 +316,12 @@ class Engine:
         parts: (request, its first row of the flattened tokens, its first position, its row count)."""
         if not any(r.steer is not None or r.capture is not None for r, *_ in parts):
             return self.model(tokens, ctx, **kw)  # nothing to do: the plain forward, untouched
-        steer: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        steered: dict[bytes, tuple[Steer, list[int]]] = {}  # the same steering's rows together
         capture: dict[int, list[int]] = {}
         takers: dict[int, list[tuple[Request, int]]] = {}
         for req, row, start, n in parts:
             if req.steer is not None:
-                for layer, vec in req.steer.layers.items():
-                    rows, vecs = steer.setdefault(layer, ([], []))
-                    rows += range(row, row + n)
-                    vecs.append(vec.expand(n, -1))
+                steered.setdefault(req.steer.key, (req.steer, []))[1].extend(range(row, row + n))
             if req.capture is not None:
                 lo = max(start, req.num_computed)  # (without a cache, positions read before come again)
                 want = [p for p in req.capture_positions if lo <= p < start + n]
@@ -331,8 +329,14 @@ class Engine:
                     capture.setdefault(layer, []).extend(row + p - start for p in want)
                     takers.setdefault(layer, []).append((req, len(want)))
         dev = tokens.device
-        if steer:
-            ctx.steer = {i: (torch.tensor(rows, device=dev), torch.cat(vecs)) for i, (rows, vecs) in steer.items()}
+        if steered:
+            per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for s, rows in steered.values():
+                at = torch.tensor(rows, device=dev)
+                for layer, vec in s.layers.items():
+                    per_layer.setdefault(layer, []).append((at, vec.expand(len(rows), -1)))
+            ctx.steer = {i: got[0] if len(got) == 1 else (torch.cat([r for r, _ in got]), torch.cat([v for _, v in got]))
+                         for i, got in per_layer.items()}  # fmt: skip
         if capture:
             ctx.capture = {i: torch.tensor(rows, device=dev) for i, rows in capture.items()}
         out = self.model(tokens, ctx, **kw)

@@ -161,10 +161,10 @@ class Decoder(HookedMixin, nn.Module):
         parts = [m for b in self.blocks for m in (b.attn.qkv_proj, b.attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj)]
         return all(hasattr(m, "mm") for m in [*parts, self.lm_head])
 
-    def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, tokens: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """tokens (B, T) -> the final norm's output (B, T, E) for every position: the whole
         sequence at once (no cache), what unembed turns into logits a chunk at a time."""
-        ctx = ForwardContext.full(tokens)
+        ctx = ctx or ForwardContext.full(tokens)
         x = self.embed_positions(self.embed_tokens(tokens), ctx)
         ropes = {name: Rope(getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin"), ctx.input_pos)
                  for name in self.rotary()}  # fmt: skip
@@ -178,7 +178,11 @@ class Decoder(HookedMixin, nn.Module):
             x = block(x, ropes.get(block.rope), ctx)
             if i in steer:
                 rows, vectors = steer[i]
-                x = x.reshape(-1, x.shape[-1]).index_add(0, rows, vectors).view(x.shape)
+                flat = x.reshape(-1, x.shape[-1])  # (a view: x is contiguous)
+                if block.fusable and ctx.cache is not None and not any(block._hook_lists):
+                    flat.index_add_(0, rows, vectors)  # the fused block's own output: nothing else holds it
+                else:
+                    x = flat.index_add(0, rows, vectors).view(x.shape)
             if i in capture:
                 ctx.captured[i] = x.reshape(-1, x.shape[-1]).index_select(0, capture[i])
         return x
