@@ -161,7 +161,8 @@ def main() -> None:
     if args.skip_effect:
         return
 
-    from pellucid.quantization.report import DEFAULT_TEXT  # WikiText-2's test text, an excerpt shipped with pellucid
+    # WikiText-2's test text: the excerpt shipped with pellucid
+    from pellucid.quantization.report import DEFAULT_TEXT
 
     wiki = DEFAULT_TEXT.read_text(encoding="utf-8")
     ids = llm.tokenizer.encode(wiki)[: args.ppl_tokens]

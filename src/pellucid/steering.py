@@ -442,24 +442,37 @@ def make_vector(llm, positive: Sequence[str], negative: Sequence[str], *, layers
     (default: every block but the first). position "mean": each example's mean over its
     tokens but the first (an attention sink); "last": its last token. Runs on the model as it
     serves (its format, fused path)."""
-    cfg = llm.config
+    cap = make_capture(llm.config, positive, negative, layers, position)
+    acts = llm.activations(list(positive) + list(negative), cap, progress=progress)  # per text: {layer: (P, E)}
+    return from_activations(llm, acts[: len(positive)], acts[len(positive) :], position, name)
+
+
+def make_capture(cfg, positive: Sequence[str], negative: Sequence[str], layers: Iterable[int] | None, position: str) -> Capture:
+    """What making a vector reads of each example; checks the inputs first."""
     if not positive or not negative:
-        raise PellucidError("making a steering vector needs positive and negative examples (at least one each)")
+        raise PellucidError("making a steering vector needs positive and negative examples (at least one each)", param="positive")
     if position not in ("mean", "last"):
         raise PellucidError(f"position {position!r} must be 'mean' or 'last'", param="position")
     layers = sorted(set(layers)) if layers is not None else list(range(1, cfg.n_layers))
     bad = [i for i in layers if not 0 < i < cfg.n_layers]
-    if bad:
-        raise PellucidError(f"layer {bad[0]} cannot be steered from a file; this model's are 1..{cfg.n_layers - 1}", param="layers")
-    cap = Capture(tuple(layers), "all" if position == "mean" else "last")
-    texts = list(positive) + list(negative)
-    acts = llm.activations(texts, cap, progress=progress)  # per text: {layer: (P, E)}
+    if bad or not layers:
+        raise PellucidError(f"layer {bad[0] if bad else 'none'} cannot be steered from a file; this model's are 1..{cfg.n_layers - 1}",
+                            param="layers")  # fmt: skip
+    return Capture(tuple(layers), "all" if position == "mean" else "last")
+
+
+def from_activations(llm, pos_acts: list[dict], neg_acts: list[dict], position: str, name: str = "") -> SteeringVector:
+    """The vector from captured streams (each example: {layer: (positions, E)}), with its metadata."""
+    cfg = llm.config
+    layers = sorted(pos_acts[0])
     # "mean" leaves out each text's first token: the stream there is many times larger than
     # elsewhere (an attention sink) and would swamp the difference with the first words'.
     skip = 1 if position == "mean" else 0
-    pooled = torch.stack([torch.stack([a[i][skip:].float().mean(0) if len(a[i]) > skip else a[i].float().mean(0) for i in layers])
-                          for a in acts])  # (N, L, E)  # fmt: skip
-    pos, neg = pooled[: len(positive)], pooled[len(positive) :]
+
+    def pool(a: dict) -> torch.Tensor:
+        return torch.stack([(a[i][skip:] if len(a[i]) > skip else a[i]).float().mean(0) for i in layers])  # (L, E)
+
+    pos, neg = torch.stack([pool(a) for a in pos_acts]), torch.stack([pool(a) for a in neg_acts])  # (N, L, E)
     diff = pos.mean(0) - neg.mean(0)  # (L, E)
     separation = []
     for j in range(len(layers)):
@@ -468,6 +481,6 @@ def make_vector(llm, positive: Sequence[str], negative: Sequence[str], *, layers
         spread = math.sqrt((float(pp.var(unbiased=False)) + float(nn.var(unbiased=False))) / 2) or 1e-12
         separation.append((float(pp.mean()) - float(nn.mean())) / spread)
     meta = {"model": llm.model_name, "method": "mean_difference", "position": position, "n_layers": cfg.n_layers,
-            "positives": len(positive), "negatives": len(negative), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "positives": len(pos_acts), "negatives": len(neg_acts), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "separation": separation, "separation_layers": layers}  # fmt: skip
     return SteeringVector({i: diff[j].contiguous() for j, i in enumerate(layers)}, cfg.arch, meta, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import math
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -228,3 +229,27 @@ def test_streams_are_unchanged_while_inspecting(client, srv):
     assert text == solo
     assert results and set(results) == {200}
     assert srv.state.llm.engine.fused()
+
+
+def test_steering_compare_and_make(client, srv):
+    """steer/make saves a vector in the server's folder; steer continues the context without
+    and with it through the engine: the plain side is the server's own greedy answer, scale 0
+    makes both sides equal, and bad input is a 400 naming the field."""
+    made = post(client, "/v1/inspect/steer/make", {
+        "name": "joy", "layers": "4-12",
+        "positive": ["I love this, it is wonderful!", "What a joyful, fantastic day.", "This is the best thing ever."],
+        "negative": ["I hate this, it is awful.", "What a miserable, terrible day.", "This is the worst thing ever."]})  # fmt: skip
+    assert made["layers"] == list(range(4, 13)) and str(made["best_layer"]) in made["separation"]
+    assert Path(srv.steer_dir, "joy.gguf").is_file()
+    assert error(client, "/v1/inspect/steer/make", {"name": "joy", "positive": ["a"], "negative": ["b"]})["param"] == "name"
+    listed = client.get("/v1/steering").json()["data"]
+    assert [v["name"] for v in listed] == ["joy"]
+    body = {"messages": QUESTION, "max_tokens": 12}
+    r = post(client, "/v1/inspect/steer", {**body, "steer": [{"vector": "joy", "layers": [6, 7, 8, 9, 10], "scale": 0.5}]})
+    served = post(client, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
+    assert r["plain"]["text"] == served["choices"][0]["message"]["content"]
+    assert not r["same"] and r["steered"]["text"] != r["plain"]["text"]
+    assert len(r["plain"]["top"]) == 8 and abs(sum(c["p"] for c in r["plain"]["top"])) <= 1.0001
+    zero = post(client, "/v1/inspect/steer", {**body, "steer": "joy:0"})
+    assert zero["same"] and zero["steered"]["text"] == r["plain"]["text"]
+    assert "no direction for layer 2" in error(client, "/v1/inspect/steer", {**body, "steer": "joy@2"})["message"]

@@ -269,3 +269,35 @@ def test_too_long_prompt_shows_the_servers_error(page):
     page.fill("#prompt", "word " * 400)
     page.wait_for_selector("#panel-next[data-state=error]", timeout=WAIT_MS)
     assert "the inspector looks at most 256" in page.text_content("#panel-next .panel-error")
+
+
+def test_steering_panel_makes_a_vector_and_compares(page, srv):
+    """The Steering tab: make a vector from examples typed into the page, then see the prompt
+    continued without and with it; scale 0 makes the two sides the same."""
+    page.wait_for_selector("#panel-next[data-state=ready]", timeout=WAIT_MS)
+    page.fill("#prompt", "Tell me about your weekend.")
+    page.click(".tabs button[data-tab=steer]")
+    page.click("#steer-make summary")
+    page.fill("#make-name", "joy")
+    page.fill("#make-layers", "4-12")
+    page.fill("#make-positive", "I love this, it is wonderful!\nWhat a joyful, fantastic day.\nThis is the best thing ever.")
+    page.fill("#make-negative", "I hate this, it is awful.\nWhat a miserable, terrible day.\nThis is the worst thing ever.")
+    before = updates(page, "steer")
+    page.click("#make-go")
+    page.wait_for_function("document.getElementById('make-info').textContent.includes('separate most')", timeout=WAIT_MS)
+    assert Path(srv.steer_dir, "joy.gguf").is_file()
+    assert page.input_value("#steer-vector") == "joy"
+    set_control(page, "steer-layers", "6-10")
+    page.dispatch_event("#steer-layers", "change")
+    set_control(page, "steer-scale", "0.4")
+    wait_update(page, "steer", before)
+    page.wait_for_function("document.getElementById('panel-steer').dataset.state === 'ready'", timeout=WAIT_MS)
+    plain, steered = page.text_content("#steer-plain-text"), page.text_content("#steer-steered-text")
+    assert plain and steered and plain != steered
+    assert page.locator("#steer-plain-top .hbar").count() == 8
+    shot(page.locator("#panel-steer"), "inspector_steering")
+    before = updates(page, "steer")
+    set_control(page, "steer-scale", "0")
+    wait_update(page, "steer", before)
+    assert page.get_attribute("#panel-steer", "data-same") == "true"
+    assert page.text_content("#steer-steered-text") == plain

@@ -24,7 +24,16 @@ from pellucid.engine.async_engine import RequestGroup
 from pellucid.errors import PellucidError
 from pellucid.sampling.params import SamplingParams
 from pellucid.server.errors import ApiError
-from pellucid.server.state import ServerState, check_media_type, decode_body, new_id, read_body
+from pellucid.server.state import (
+    Choice,
+    ServerState,
+    check_media_type,
+    collect,
+    decode_body,
+    new_id,
+    off_loop,
+    read_body,
+)
 from pellucid.text.tools import repeat_watch
 
 
@@ -106,6 +115,18 @@ def make_requests(state: ServerState, plan: Plan, rid: str) -> list:
             watch = repeat_watch(plan.tools) if plan.tools is not None else None  # a model repeating its call is done
             reqs.append(eng.make_request(ids, one, f"{rid}-{p * n + i}", c, watch, steer=plan.steer, capture=plan.capture))
     return reqs
+
+
+async def run_engine(http: HttpRequest, state: ServerState, make: Callable[[], list]) -> tuple[list, list[Choice]] | None:
+    """Engine requests made by make() on a worker thread, queued, and all their outputs
+    (None: the client went away). For endpoints that answer with the engine's work whole."""
+    try:
+        reqs = await off_loop(make)
+        group = state.engine.add_many(reqs)
+    except PellucidError as e:
+        raise ApiError.from_pellucid(e) from None
+    choices = await collect(group, http)
+    return None if choices is None else (reqs, choices)
 
 
 def stream_edits(state: ServerState, body: Any, plan: Plan) -> None:

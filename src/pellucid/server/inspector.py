@@ -34,14 +34,14 @@ import torch
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from pellucid.errors import PellucidError
 from pellucid.sampling.params import BIAS_BAN, SamplingParams
 from pellucid.sampling.params import FIELDS as SAMPLING_FIELDS
 from pellucid.server.errors import ApiError
-from pellucid.server.state import ServerState, off_loop, parse_body
+from pellucid.server.state import ServerState, new_id, off_loop, parse_body
 
 STATIC = Path(__file__).parent / "static"
 MAX_TOKENS = 256  # the longest context an inspection looks at
@@ -459,3 +459,85 @@ async def system(http: HttpRequest):
     extra = style.render()
     text = f"{text}\n\n{extra}" if text and extra else text or extra
     return {"messages": [{"role": "system", "content": text}] if text else []}
+
+
+# -- steering ---------------------------------------------------------------------------------------
+class SteerBody(_Context):
+    steer: Any  # as a generation request's `steer` (pellucid.steering.resolve)
+    max_tokens: int = Field(24, ge=1, le=256)
+    top: int = Field(8, ge=1, le=20)
+
+
+class MakeVectorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    positive: list[str] = Field(min_length=1, max_length=256)
+    negative: list[str] = Field(min_length=1, max_length=256)
+    layers: str | list[int] | None = None
+    position: str = "mean"
+    overwrite: bool = False
+
+
+@router.post("/v1/inspect/steer")
+async def steer_compare(http: HttpRequest):
+    """The context continued greedily without and with `steer`, side by side: the first
+    token's most likely candidates and the continuation. Both run in the serving engine."""
+    from pellucid import steering
+    from pellucid.server.build import run_engine
+
+    state, _, body = await _begin(http, SteerBody)
+    llm = state.llm
+
+    def make() -> list:
+        ids = context_ids(state, body)
+        s = steering.resolve(body.steer, llm.config, llm.steering, dtype=llm.engine_dtype, device=llm.engine.device)
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=0.0, logprobs=True, top_logprobs=body.top)
+        rid = new_id("steer-")
+        return [llm.engine.make_request(ids, params, f"{rid}-{i}", steer=x) for i, x in enumerate((None, s))]
+
+    done = await run_engine(http, state, make)
+    if done is None:
+        return Response(status_code=499)
+    tok = llm.tokenizer
+
+    def side(c) -> dict[str, Any]:
+        first = c.logprobs[0].top if c.logprobs else []
+        return {"text": c.text, "tokens": len(c.token_ids),
+                "top": [{"id": i, "piece": tok.piece(i), "p": _round(math.exp(lp))} for i, lp in first]}  # fmt: skip
+
+    plain, steered = done[1]
+    return {"plain": side(plain), "steered": side(steered), "same": plain.token_ids == steered.token_ids}
+
+
+@router.post("/v1/inspect/steer/make")
+async def steer_make(http: HttpRequest):
+    """A steering vector from the examples (difference of means, pellucid.steering), saved in the
+    server's steering folder under `name`; its layers, norms and separation."""
+    from pellucid import steering
+    from pellucid.server.build import run_engine
+
+    state, _, body = await _begin(http, MakeVectorBody)
+    llm = state.llm
+    path = llm.steering.folder / f"{body.name}.gguf"
+    if path.exists() and not body.overwrite:
+        raise ApiError(400, f"a steering vector named {body.name!r} exists already; choose another name or send overwrite: true", param="name")
+    layers = steering.parse_layers(body.layers) if isinstance(body.layers, str) else body.layers
+
+    def make() -> list:
+        cap = steering.make_capture(llm.config, body.positive, body.negative, layers, body.position)
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        rid = new_id("make-")
+        return [llm.engine.make_request(llm.encode_prompt(t, limit=state.max_len), params, f"{rid}-{i}", capture=cap)
+                for i, t in enumerate(body.positive + body.negative)]  # fmt: skip
+
+    done = await run_engine(http, state, make)
+    if done is None:
+        return Response(status_code=499)
+    acts = [q.activations() for q in done[0]]
+    n = len(body.positive)
+    vec = steering.from_activations(llm, acts[:n], acts[n:], body.position, body.name)
+    await off_loop(vec.save, path)
+    sep = dict(zip(vec.meta["separation_layers"], vec.meta["separation"], strict=True))
+    return {"name": body.name, "layers": vec.layers, "norms": {str(i): _round(v) for i, v in vec.norms().items()},
+            "separation": {str(i): _round(v) for i, v in sep.items()}, "best_layer": max(sep, key=sep.get)}  # fmt: skip

@@ -15,11 +15,11 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from pellucid import steering
-from pellucid.errors import PellucidError
 from pellucid.sampling.params import SamplingParams
+from pellucid.server.build import run_engine
 from pellucid.server.errors import ApiError
 from pellucid.server.protocol import ActivationsRequest
-from pellucid.server.state import ServerState, collect, new_id, off_loop, parse_body
+from pellucid.server.state import ServerState, new_id, off_loop, parse_body
 
 router = APIRouter()
 
@@ -61,13 +61,10 @@ async def activations(http: HttpRequest):
         return [llm.engine.make_request(llm.encode_prompt(t, limit=state.max_len), params, f"{rid}-{i}", steer=steer, capture=cap)
                 for i, t in enumerate(inputs)]  # fmt: skip
 
-    try:
-        reqs = await off_loop(build)
-        group = state.engine.add_many(reqs)
-    except PellucidError as e:
-        raise ApiError.from_pellucid(e) from None
-    if await collect(group, http) is None:
+    done = await run_engine(http, state, build)
+    if done is None:
         return Response(status_code=499)
+    reqs = done[0]
     if body.format == "json":
         return {"object": "list", "model": state.config.model_name,
                 "data": [steering.encode(q.activations(), q.capture_positions) for q in reqs]}  # fmt: skip

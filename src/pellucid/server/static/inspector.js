@@ -587,7 +587,55 @@ function hbars(box, entries, fmt) {
   }
 }
 
-const PANELS = { next: nextToken, attention, lens, budget, model };
+// Steering: the prompt continued without and with a steering vector
+function steerItem() {
+  const item = { vector: $("steer-vector").value, scale: Number($("steer-scale").value) };
+  const layers = $("steer-layers").value.trim();
+  if (layers) item.layers = layers;
+  return item;
+}
+
+function steer(t0) {
+  $("steer-scale-out").textContent = $("steer-scale").value;
+  if (!$("steer-vector").value || !S.promptIds.length) { $("panel-steer").dataset.state = "ready"; return; }
+  const body = { tokens: S.promptIds, steer: [steerItem()], max_tokens: Number($("steer-tokens").value) || 24, top: 8 };
+  ask("steer", "/v1/inspect/steer", body, t0, (r) => {
+    for (const side of ["plain", "steered"]) {
+      hbars($(`steer-${side}-top`), r[side].top.map((c) => [label(c.piece), c.p]), pct);
+      $(`steer-${side}-text`).textContent = r[side].text;
+    }
+    $("panel-steer").dataset.same = r.same;
+  });
+}
+
+async function loadVectors(select) {
+  const r = await api("/v1/steering");
+  const sel = $("steer-vector");
+  sel.textContent = "";
+  if (!r.data.length) sel.append(el("option", { value: "", text: "(none yet: make one below)" }));
+  for (const v of r.data) {
+    const span = v.layers.length ? `${v.layers[0]}-${v.layers[v.layers.length - 1]}` : "";
+    sel.append(el("option", { value: v.name, text: `${v.name} (layers ${span})${v.fits_model ? "" : ": made for another model"}` }));
+  }
+  if (select) sel.value = select;
+}
+
+async function makeVector() {
+  const lines = (id) => $(id).value.split("\n").map((x) => x.trim()).filter((x) => x);
+  const body = { name: $("make-name").value.trim(), positive: lines("make-positive"), negative: lines("make-negative") };
+  const layers = $("make-layers").value.trim();
+  if (layers) body.layers = layers;
+  $("make-info").textContent = "making...";
+  try {
+    const r = await api("/v1/inspect/steer/make", body);
+    $("make-info").textContent = `${r.name}: ${r.layers.length} layers; the examples separate most after layer ${r.best_layer}`;
+    await loadVectors(r.name);
+    S.shown.steer = null;
+    steer(performance.now());
+  } catch (e) { $("make-info").textContent = e.message; }
+}
+
+const PANELS = { next: nextToken, attention, lens, steer, budget, model };
 
 // -- logit bias -----------------------------------------------------------------------------------
 async function addBiasFromText() {
@@ -658,6 +706,9 @@ async function start() {
   $("att-layer").addEventListener("change", () => attention(performance.now()));
   $("att-head").addEventListener("change", () => attention(performance.now()));
   $("lens-target").addEventListener("change", () => lens(performance.now()));
+  for (const id of ["steer-vector", "steer-layers", "steer-tokens"]) $(id).addEventListener("change", () => steer(performance.now()));
+  $("steer-scale").addEventListener("input", onControl);
+  $("make-go").addEventListener("click", makeVector);
   $("generate").addEventListener("click", generate);
   $("stop-gen").addEventListener("click", () => S.generating && S.generating.abort());
   $("bias-add").addEventListener("click", addBiasFromText);
@@ -694,6 +745,7 @@ async function init() {
       for (const p of presets) $("style-" + dim).append(el("option", { value: p, text: p }));
     }
   } catch (e) { $("status").textContent = e.message; return; }
+  loadVectors().catch((e) => window.inspector.errors.push(e.message));
   renderPrompt(performance.now());
 }
 
