@@ -135,3 +135,24 @@ def test_prefix_cache_leaves_outputs_unchanged(llm):
     plain, cached = outs
     assert [r.output_ids for r in plain] == [r.output_ids for r in cached]
     assert cached[0].cached_tokens == 0 and all(r.cached_tokens >= 20 for r in cached[1:])
+
+
+def test_steering_and_capture_on_the_big_model(llm):
+    """A vector made on the 1.5B changes its answer; a steered row in a batch with a plain one
+    equals its run alone, bit for bit; scale 0 is no steering; capture reads every layer's width."""
+    vec = llm.make_steering_vector(["I love this, it is wonderful!", "What a joyful, fantastic day."],
+                                   ["I hate this, it is awful.", "What a miserable, terrible day."], layers=range(8, 14))  # fmt: skip
+    text = llm.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
+    p = SamplingParams(max_tokens=12, temperature=0, logprobs=True, ignore_eos=True)
+    item = {"vector": vec, "scale": 0.6}
+
+    def run(specs):
+        reqs = [llm.request(text, p, steer=s) for s in specs]
+        return [(c.token_ids, [x.logprob for x in c.logprobs]) for c in llm._run_batch(reqs, [text] * len(reqs))]
+
+    both = run([item, None])
+    assert both == [run([item])[0], run([None])[0]]
+    assert both[0][0] != both[1][0]
+    assert run([{**item, "scale": 0}])[0] == both[1]
+    c = llm.generate("def add(a, b):", max_tokens=1, capture={"layers": [27], "positions": "last"})
+    assert c.activations[27].shape == (1, llm.config.d_model)
