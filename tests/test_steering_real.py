@@ -291,6 +291,34 @@ def test_server_capture_and_activations(server, llm):
     assert [v["name"] for v in listed["data"]] == ["happy"] and listed["data"][0]["fits_model"]
 
 
+def test_server_capture_on_streams(server, llm):
+    """A streamed answer carries the same activations as the whole one: on the finishing chunk
+    of each choice (OpenAI), the message_delta event (Anthropic), the completed response (Responses)."""
+    import openai
+
+    cap = {"layers": [7], "positions": [0, -1]}
+    msgs = [{"role": "user", "content": PROMPT}]
+    whole = llm.chat(msgs, max_tokens=4, temperature=0, capture=cap)
+    want = torch.stack([whole.activations[7]]).to(torch.float16).numpy()
+    oc = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    chunks = list(oc.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=4, temperature=0,
+                                             stream=True, extra_body={"capture": cap}))  # fmt: skip
+    found = [c.choices[0].model_extra["activations"] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(found) == 1 and found[0]["positions"] == whole.capture_positions
+    assert np.array_equal(steering.decode(found[0]), want)
+
+    def events(path: str, body: dict) -> list[dict]:
+        with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
+            return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+    base = {"model": "smollm2-135m-instruct", "max_tokens": 4, "temperature": 0, "stream": True, "capture": cap}
+    delta = [e for e in events("/v1/messages", {**base, "messages": msgs}) if e["type"] == "message_delta"]
+    assert np.array_equal(steering.decode(delta[0]["activations"]), want)
+    done = [e for e in events("/v1/responses", {**{k: v for k, v in base.items() if k != "max_tokens"}, "input": PROMPT,
+                                                 "max_output_tokens": 4}) if e["type"].startswith("response.") and "response" in e]  # fmt: skip
+    assert np.array_equal(steering.decode(done[-1]["response"]["activations"][0]), want)
+
+
 def server_tmp(data: bytes) -> str:
     import tempfile
 
@@ -304,7 +332,6 @@ def server_tmp(data: bytes) -> str:
     ({"steer": [{"vector": [0.1, 0.2], "layers": [3]}]}, "576 numbers"),
     ({"steer": [{"vector": "happy", "layers": [99]}]}, "no direction for layer 99"),
     ({"steer": "sad:2"}, "no steering vector named 'sad'"),
-    ({"capture": {"layers": [1]}, "stream": True}, "stream false"),
     ({"capture": {"layers": [31]}}, "out of range"),
 ])  # fmt: skip
 def test_server_refuses_bad_steering_and_keeps_serving(server, extra, words):

@@ -259,8 +259,9 @@ async def _stream(r: Received, t0: float) -> AsyncIterator[str]:
             yield start({"type": "text", "text": ""})
         yield stop()
         stop_reason, stop_sequence = _stop(last.finish_reason, last.stop_reason, parser is not None and parser.complete)
-        yield _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                       "usage": _usage(input_tokens, cached, last.num_output_tokens)})  # fmt: skip
+        yield _event("message_delta", with_activations(r, {
+            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": _usage(input_tokens, cached, last.num_output_tokens)}, 0))  # fmt: skip
         yield _event("message_stop", {"type": "message_stop"})
         state.metrics.observe_latency(time.perf_counter() - t0)
     except PellucidError as e:

@@ -137,12 +137,14 @@ def stream_edits(state: ServerState, body: Any, plan: Plan) -> None:
     llm = state.llm
     plan.steer = steering.resolve(spec, llm.config, llm.steering, dtype=llm.engine_dtype, device=llm.engine.device)
     plan.capture = steering.parse_capture(cap, llm.config)
-    if plan.capture is not None and getattr(body, "stream", False):
-        raise PellucidError("capture returns the activations with the whole answer: send it with stream false", param="capture")
 
 
-def with_activations(r: Received, answer: dict[str, Any]) -> dict[str, Any]:
-    """`answer` with each engine request's captured residual stream (pellucid.steering.encode), when the body asked."""
-    if r.plan.capture is not None and r.group is not None:
-        answer["activations"] = [steering.encode(q.activations(), q.capture_positions) for q in r.group.requests]
-    return answer
+def with_activations(r: Received, answer: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    """`answer` and the captured residual stream (pellucid.steering.encode), when the body asked:
+    a list, one per engine request, or with `index` (a stream's finishing choice) that one's alone.
+    A new dict: what else holds `answer` (the Responses API's store) keeps it without."""
+    if r.plan.capture is None or r.group is None:
+        return answer
+    qs = r.group.requests if index is None else [r.group.requests[index]]
+    acts = [steering.encode(q.activations(), q.capture_positions) for q in qs]
+    return {**answer, "activations": acts if index is None else acts[0]}

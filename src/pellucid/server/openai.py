@@ -222,6 +222,7 @@ async def _chat_stream(r: Received, created: int, include_usage: bool, t0: float
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
+            choice = with_activations(r, choice, i)
         if schema_error is not None:
             choice["schema_error"] = schema_error
         return _sse({**head, "choices": [choice]})
@@ -428,6 +429,7 @@ async def _completion_stream(r: Received, created: int, include_usage: bool, wan
                     choice = {"index": i, "text": text, "logprobs": lp_obj, "finish_reason": finish}
                     if finish is not None:
                         choice["stop_reason"] = last.stop_reason
+                        choice = with_activations(r, choice, i)
                     yield _sse({**head, "choices": [choice]})
         state.metrics.observe_latency(time.perf_counter() - t0)
         if include_usage:

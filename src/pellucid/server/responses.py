@@ -333,7 +333,7 @@ async def _stream(r: Received, created: int, t0: float) -> AsyncIterator[str]:
         state.metrics.observe_latency(time.perf_counter() - t0)
         response = _response(r, status, output, _usage(plan, c), created)
         _keep(r, response, c, parser.calls if parser is not None and any(i["type"] == "function_call" for i in output) else [])
-        yield event(f"response.{status}", response=response)
+        yield event(f"response.{status}", response=with_activations(r, response))
     except PellucidError as e:
         err = ApiError.from_pellucid(e)
         yield event("error", code=err.code, message=err.message, param=err.param)
