@@ -151,7 +151,8 @@ class Decoder(HookedMixin, nn.Module):
 
     def runs_fused(self) -> bool:
         """Every block runs pellucid's fused ops (packed, and no hook attached in it)."""
-        return all(b.fusable and not any(b._hook_lists) for b in self.blocks)
+        hooks = self.__dict__.get("_block_hooks")  # every block's hook lists, when all blocks are packed
+        return hooks is not None and not any(hooks)
 
     def batch_invariant(self) -> bool:
         """A token's results do not depend on the other rows of its batch: fused blocks whose projections
@@ -174,6 +175,9 @@ class Decoder(HookedMixin, nn.Module):
         """The blocks in order; after block i, the rows `ctx.steer[i]` names get their vectors added
         and the rows `ctx.capture[i]` names are copied out (no hook: the fused path stays fused)."""
         steer, capture = ctx.steer or {}, ctx.capture or {}
+        stack = self.__dict__.get("_stack")
+        if stack is not None and ctx.cache is not None and x.dtype == torch.float32 and self.runs_fused():
+            return self._run_stack(stack, x, ctx, steer, capture)
         for i, block in enumerate(self.blocks):
             x = block(x, ropes.get(block.rope), ctx)
             if i in steer:
@@ -185,6 +189,20 @@ class Decoder(HookedMixin, nn.Module):
                     x = flat.index_add(0, rows, vectors).view(x.shape)
             if i in capture:
                 ctx.captured[i] = x.reshape(-1, x.shape[-1]).index_select(0, capture[i])
+        return x
+
+    def _run_stack(self, stack, x: torch.Tensor, ctx: ForwardContext, steer: dict, capture: dict) -> torch.Tensor:
+        """run_blocks on pellucid.Stack: the blocks between two edited layers in one C++ call each."""
+        x = x.contiguous()
+        k, v, first = ctx.cache.k, ctx.cache.v, 0
+        for i in sorted({*steer, *capture, len(self.blocks) - 1}):
+            x = stack.run(x, k, v, ctx.slots, ctx.input_pos, first, i + 1)
+            first = i + 1
+            if i in steer:
+                rows, vectors = steer[i]
+                x.view(-1, x.shape[-1]).index_add_(0, rows, vectors)
+            if i in capture:
+                ctx.captured[i] = x.view(-1, x.shape[-1]).index_select(0, capture[i])
         return x
 
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
@@ -233,4 +251,53 @@ def pack_for_cpu_ops(model: nn.Module) -> int:
         block._hook_lists = tuple(m.fns for m in block.modules() if isinstance(m, HookPoint))
         block.fusable = True
         n += 1
+    if n == len(model.blocks):
+        model.__dict__["_block_hooks"] = tuple(fns for b in model.blocks for fns in b._hook_lists)
+        build_stack(model)
     return n
+
+
+def _mm_parts(linear: nn.Module) -> tuple | None:
+    """A projection as block_mm's arguments (block tensors, types, bias, out_index); None: not block kernels."""
+    if "_ws" in linear.__dict__:  # FusedBlockLinear
+        return linear.__dict__["_ws"], linear.__dict__["_types"], linear.bias, linear.out_index
+    if "data" in getattr(linear, "_buffers", {}) and hasattr(linear, "qtype"):  # BlockLinear
+        return [linear._buffers["data"]], [linear.qtype], linear._buffers.get("bias"), linear._buffers.get("out_index")
+    return None
+
+
+def build_stack(model: nn.Module) -> bool:
+    """Give a packed model whose projections all run pellucid's block kernels a pellucid.Stack:
+    the whole block stack in one C++ call per step (Decoder.run_blocks), the same ops in the
+    same order as Block.fused. Layout of its lists, per layer: ints n_qkv, n_o, n_gate_up,
+    n_down, heads, kv heads, window, act, post norms, then each part's block type; tensors
+    attention norm, q norm, k norm, post-attention norm, MLP norm, post-MLP norm, cos, sin,
+    (bias, out index) of each projection, then each part's blocks; floats the norms' eps and
+    offsets and the attention scale. An empty tensor is "none"."""
+    try:
+        make = torch.classes.pellucid.Stack
+    except RuntimeError:  # kernels built before it existed, or not loaded
+        return False
+    none = torch.empty(0)
+    T: list[torch.Tensor] = []
+    ints: list[int] = [len(model.blocks)]
+    floats: list[float] = []
+    for b in model.blocks:
+        attn, mlp = b.attn, b.mlp
+        parts = [_mm_parts(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(p is None for p in parts):
+            return False
+        qn = attn.q_norm if "q_norm" in attn._modules else None
+        pa = b.post_attention_norm if b._post_norms else None
+        pm = b.post_mlp_norm if b._post_norms else None
+        cos, sin = getattr(model, f"{b.rope}_cos"), getattr(model, f"{b.rope}_sin")
+        ints += [len(p[0]) for p in parts] + [attn.n_heads, attn.n_kv_heads, attn.window or 0, 0 if mlp.act == "silu" else 1, int(b._post_norms)]
+        ints += [int(t) for p in parts for t in p[1]]
+        T += [b.attention_norm.weight, qn.weight if qn is not None else none, attn.k_norm.weight if qn is not None else none,
+              pa.weight if pa is not None else none, b.mlp_norm.weight, pm.weight if pm is not None else none, cos, sin]  # fmt: skip
+        T += [t if t is not None else none for p in parts for t in (p[2], p[3])]
+        T += [w for p in parts for w in p[0]]
+        norm = [(m.eps, m.offset) if m is not None else (0.0, 0.0) for m in (b.attention_norm, qn, pa, b.mlp_norm, pm)]
+        floats += [*norm[0], attn.scale, *norm[1], *norm[2], *norm[3], *norm[4]]
+    model.__dict__["_stack"] = make(T, ints, [float(f) for f in floats])
+    return True

@@ -220,6 +220,9 @@ def shadow_tensors(model: torch.nn.Module) -> dict[int, torch.Tensor]:
 def shadow_model(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model`'s modules (own hook points) that shares every tensor with it."""
     memo: dict[int, Any] = dict(shadow_tensors(model))
+    stack = model.__dict__.get("_stack")  # pellucid.Stack (C++): shared, as the tensors it holds are
+    if stack is not None:
+        memo[id(stack)] = stack
     shadow = copy.deepcopy(model, memo)
     if hasattr(shadow, "reset_hooks"):
         shadow._hook_points = {}
