@@ -40,6 +40,13 @@ class EngineConfig:
 
 ENGINE = EngineConfig()
 
+# The server's event loop: asyncio's own, not uvloop (which uvicorn picks when installed).
+# uvloop writes to the socket holding the GIL, so each streamed token's write stalls the
+# engine thread's Python; asyncio's sock.send lets it go. Measured (benchmarks/server.py,
+# SmolLM2, two alternating rounds, 2-core AVX-512 host, 2026-12-05): 1 client 142.5/168.0
+# tok/s against uvloop's 132.7/155.4, 16 clients 481.2/501.3 against 413.0/417.9.
+EVENT_LOOP = "asyncio"
+
 # The quality rule: a quantized format is a model's default only if its mean KL from float32
 # is no worse than llama.cpp's on the same file. Measured with `pellucid quantize-report MODEL
 # --tokens 1024 --window 256 --peer-python ...` (BENCHMARKS.md); a model not listed gets int4.

@@ -107,7 +107,7 @@ def serve(
     _check_port(host, port)  # before any "serving" line: a busy port is the first thing said
     state = ServerState(sc, loader=_loader(cfg))
     server = _Server(state, uvicorn.Config(create_app(state=state), host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=3))  # fmt: skip
+                                           timeout_graceful_shutdown=3, loop=runtime.EVENT_LOOP))  # fmt: skip
 
     def failed(message: str) -> None:
         server.should_exit = True

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 
+from pellucid import runtime
 from pellucid.errors import PellucidError
 from pellucid.server import anthropic, inspector, openai, residual, responses
 from pellucid.server.errors import ApiError, error_response
@@ -222,7 +223,7 @@ class ServerThread:
 
         self.app = app
         self.state: ServerState = app.state.server
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=runtime.EVENT_LOOP,
                                                     timeout_graceful_shutdown=2))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, name="pellucid-http", daemon=True)
         self.host = host
