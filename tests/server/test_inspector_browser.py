@@ -286,7 +286,7 @@ def test_steering_panel_makes_a_vector_and_compares(page, srv):
     page.click("#make-go")
     page.wait_for_function("document.getElementById('make-info').textContent.includes('separate most')", timeout=WAIT_MS)
     assert Path(srv.steer_dir, "joy.gguf").is_file()
-    assert page.input_value("#steer-vector") == "joy"
+    page.wait_for_function("document.getElementById('steer-vector').value === 'joy'", timeout=WAIT_MS)
     set_control(page, "steer-layers", "6-10")
     page.dispatch_event("#steer-layers", "change")
     set_control(page, "steer-scale", "0.4")

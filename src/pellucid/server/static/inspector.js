@@ -628,8 +628,8 @@ async function makeVector() {
   $("make-info").textContent = "making...";
   try {
     const r = await api("/v1/inspect/steer/make", body);
-    $("make-info").textContent = `${r.name}: ${r.layers.length} layers; the examples separate most after layer ${r.best_layer}`;
     await loadVectors(r.name);
+    $("make-info").textContent = `${r.name}: ${r.layers.length} layers; the examples separate most after layer ${r.best_layer}`;
     S.shown.steer = null;
     steer(performance.now());
   } catch (e) { $("make-info").textContent = e.message; }
