@@ -149,6 +149,7 @@ class SteeringLibrary:
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder is not None else default_dir()
         self._vectors: dict[str, SteeringVector] = {}
+        self._bad: dict[str, str] = {}  # NAME.gguf files that are not control vectors: why
         self._stamp: tuple | None = None
 
     def _scan(self) -> None:
@@ -156,13 +157,13 @@ class SteeringLibrary:
         stamp = tuple((p.name, p.stat().st_mtime_ns) for p in files)
         if stamp == self._stamp:
             return
-        vectors = {}
+        vectors, bad = {}, {}
         for p in files:
             try:
                 vectors[p.stem] = SteeringVector.load(p)
-            except PellucidError:
-                continue  # listed by nobody: `pellucid steer show` says what is wrong with it
-        self._vectors, self._stamp = vectors, stamp
+            except PellucidError as e:
+                bad[p.stem] = e.message  # not listed; naming it says why
+        self._vectors, self._bad, self._stamp = vectors, bad, stamp
 
     def names(self) -> list[str]:
         self._scan()
@@ -170,6 +171,8 @@ class SteeringLibrary:
 
     def get(self, name: str) -> SteeringVector:
         self._scan()
+        if name in self._bad:
+            raise PellucidError(f"steering vector {name!r} cannot be used: {self._bad[name]}", param="steer")
         if name not in self._vectors:
             known = self.names()
             hint = did_you_mean(name, known)
