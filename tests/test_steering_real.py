@@ -65,11 +65,15 @@ def test_control_vector_file_has_llama_cpps_layout(happy, folder, llm):
     assert not (folder / "bad.gguf").exists()
 
 
-def test_steering_in_float32_equals_a_transformers_hook(real_llm, real_path, happy):
-    """The same vector added after the same block in transformers (a forward hook): same logits."""
+@pytest.fixture(scope="module")
+def hf(real_path):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(real_path.parent, gguf_file=real_path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(real_path.parent, gguf_file=real_path.name, dtype=torch.float32).eval()
+
+
+def test_steering_in_float32_equals_a_transformers_hook(real_llm, hf, happy):
+    """The same vector added after the same block in transformers (a forward hook): same logits."""
     layer, scale = 9, 4.0
     vec = happy.directions[layer]
 
@@ -93,10 +97,7 @@ def test_steering_in_float32_equals_a_transformers_hook(real_llm, real_path, hap
     assert steered.token_ids == ref_text and steered.token_ids != plain.token_ids
 
 
-def test_capture_equals_transformers_hidden_states(real_llm, real_path):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(real_path.parent, gguf_file=real_path.name, dtype=torch.float32).eval()
+def test_capture_equals_transformers_hidden_states(real_llm, hf):
     ids = real_llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     with torch.no_grad():
         hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states  # [embeddings, after block 0, ...]
