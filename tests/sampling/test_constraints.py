@@ -398,19 +398,3 @@ def test_sampler_honours_mask_with_every_control(tok):
     json.loads(tok.decode(seq.output_ids))
     assert outside > 0
 
-
-def test_batch_masks_on_llguidances_threads_equal_each_rows_own(tok):
-    """prepare_masks computes a batch's masks in one parallel call: each equals the mask the
-    constraint computes alone, in every state (start, inside a string, after a key, a number)."""
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}
-    texts = ["", '{"name":"Al', '{"name":"Ann","age"', '{"name":"Bo","age":4', '{"name":"Cy","age":17}']
-    batch = [C.make_constraint(tok, json_schema=schema) for _ in texts]
-    alone = [C.make_constraint(tok, json_schema=schema) for _ in texts]
-    for c, d, t in zip(batch, alone, texts, strict=True):
-        replay(c, tok, t)
-        replay(d, tok, t)
-        c._mask = d._mask = None
-    C.prepare_masks([batch[0], None, *batch[1:]])
-    assert all(c._mask is not None for c in batch)
-    for c, d in zip(batch, alone, strict=True):
-        assert torch.equal(c._mask, d.allowed_mask())

@@ -294,3 +294,12 @@ def test_trace_snapshots_each_stage():
     assert seen["logit_bias"] == [0, 5, 0, 0, 0, 0]
     assert seen["penalties"] == [0, 4, 0, 0, 0, 0]
     assert seen["mask"] == [-math.inf, 4, 0, 0, 0, 0]
+
+
+def test_bitmask_unpacking_reads_bit_i_of_word_w_as_token_32w_plus_i():
+    from pellucid.sampling.constraints import unpack_bitmask
+
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    got = unpack_bitmask(bits, 150)
+    want = torch.tensor([[(int(bits[b, t // 32]) >> (t % 32)) & 1 for t in range(150)] for b in range(3)], dtype=torch.bool)
+    assert got.shape == (3, 150) and torch.equal(got, want)

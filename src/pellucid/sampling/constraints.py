@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import functools
 import json as _json
-import os
 import re
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -193,38 +193,14 @@ def mask_words(vocab_size: int) -> int:
 
 
 def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 (B, W) bitmask -> bool (B, V)."""
+    """int32 (B, W) bitmask -> bool (B, V): token 32 w + i is bit i of word w."""
+    if bits.device.type == "cpu" and sys.byteorder == "little":  # numpy's unpackbits: ~10x faster than the shifts
+        import numpy as np
+        import torch
+
+        u8 = bits.contiguous().numpy().view(np.uint8)  # word w's bit i is byte 4 w + i // 8's bit i % 8
+        return torch.from_numpy(np.unpackbits(u8, axis=1, bitorder="little").view(np.bool_))[:, :vocab_size]
     return ((bits[:, :, None] >> _shifts()) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab_size]  # (B, V)
-
-
-@functools.cache
-def _executor() -> llg.LLExecutor:
-    return llg.LLExecutor(num_threads=max(1, os.cpu_count() or 1))
-
-
-def prepare_masks(constraints: list[Constraint | None]) -> None:
-    """Compute the masks a batch's constraints will be asked for, all at once on llguidance's
-    own threads (it lets go of the GIL): between two forwards the cores are otherwise idle,
-    and rows one after another left one of them so. Each mask is the one `allowed_mask()`
-    computes alone, bit for bit; a batch llguidance refuses falls back to that, row by row."""
-    import torch
-
-    todo = [c for c in constraints if isinstance(c, Constraint) and c._mask is None]
-    if len(todo) < 2 or len({(c.tokenizer_vocab, c.vocab_size) for c in todo}) != 1:
-        return
-    words, vocab = mask_words(todo[0].tokenizer_vocab), todo[0].vocab_size
-    bits = torch.zeros((len(todo), max(words, mask_words(vocab))), dtype=torch.int32)  # (B, W)
-    own = torch.empty((len(todo), words), dtype=torch.int32)  # the rows as llguidance writes them
-    try:
-        _executor().unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(todo)], own.data_ptr(), words * 4, len(todo))
-    except (RuntimeError, ValueError):
-        return
-    bits[:, :words] = own
-    tv = todo[0].tokenizer_vocab
-    if tv % 32 and tv < vocab:
-        bits[:, words - 1] &= (1 << (tv % 32)) - 1
-    for c, m in zip(todo, unpack_bitmask(bits, vocab), strict=True):
-        c._mask = m
 
 
 def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor | None:

@@ -199,10 +199,6 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     """Step 3: the grammar's mask and min_tokens' bans; a row left with no token at all
     falls back to its raw logits."""
     dev, V = x.device, x.shape[1]
-    if sum(s.constraint is not None for s in seqs) > 1:
-        from pellucid.sampling.constraints import prepare_masks
-
-        prepare_masks([s.constraint for s in seqs])  # all rows' masks at once, on llguidance's threads
     masks = [s.constraint.allowed_mask() if s.constraint is not None else None for s in seqs]
     if any(m is not None for m in masks):
         x = processors.apply_mask(x, _allowed(masks, V, dev))
