@@ -303,7 +303,7 @@ def resolve(spec: Any, cfg, library: SteeringLibrary | None = None, *, dtype: to
             missing = [i for i in layers if i not in v.directions]
             if missing:
                 raise PellucidError(f"steering vector {v.name!r} has no direction for layer {missing[0]}; it has "
-                                    f"{ranges(v.layers)}", param="steer")  # fmt: skip
+                                    f"{ranges(v.layers) or 'none'}", param="steer")  # fmt: skip
             parts = {i: v.directions[i] for i in layers}
         elif isinstance(vec, list):
             if len(vec) != cfg.d_model or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec):
@@ -336,6 +336,7 @@ def resolve(spec: Any, cfg, library: SteeringLibrary | None = None, *, dtype: to
 
 
 def ranges(xs: Sequence[int]) -> str:
+    """Ascending layer indices as text: [0, 1, 2, 5] -> '0-2,5' ('' for none)."""
     out, start = [], None
     for i, x in enumerate(xs):
         if start is None:
@@ -343,7 +344,7 @@ def ranges(xs: Sequence[int]) -> str:
         if i + 1 == len(xs) or xs[i + 1] != x + 1:
             out.append(str(start) if start == x else f"{start}-{x}")
             start = None
-    return ",".join(out) or "none"
+    return ",".join(out)
 
 
 # -- capture -------------------------------------------------------------------------------------

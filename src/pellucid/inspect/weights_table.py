@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from pellucid.errors import PellucidError
+from pellucid.steering import ranges
 
 # module leaf name -> the concept note's symbol
 ROLES = {
@@ -170,18 +171,6 @@ def _group(label: str, section: str, rows: list[WeightRow]) -> WeightGroup:
                        sum(r.memory_bytes for r in rows))  # fmt: skip
 
 
-def _ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    out, start = [], None
-    for i, x in enumerate(layers):
-        if start is None:
-            start = x
-        if i + 1 == len(layers) or layers[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(out)
-
-
 def collapse_layers(rows: list[WeightRow]) -> list[WeightRow]:
     """The same parameter across layers -> one row with summed counts and bytes."""
     by_key: dict[tuple[str, tuple[int, ...]], list[WeightRow]] = {}
@@ -198,7 +187,7 @@ def collapse_layers(rows: list[WeightRow]) -> list[WeightRow]:
             else ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
         )
         out.append(WeightRow(
-            name=f"blocks.{{{_ranges(layers)}}}.{rest}", section=rs[0].section, part=rs[0].part,
+            name=f"blocks.{{{ranges(layers)}}}.{rest}", section=rs[0].section, part=rs[0].part,
             component=rs[0].component, shape=shape, storage=storage, params=sum(r.params for r in rs),
             stored_bytes=sum(r.stored_bytes for r in rs), memory_bytes=sum(r.memory_bytes for r in rs),
             layers=layers, tied_to=rs[0].tied_to,

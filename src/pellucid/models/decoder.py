@@ -180,15 +180,10 @@ class Decoder(HookedMixin, nn.Module):
             return self._run_stack(stack, x, ctx, steer, capture)
         for i, block in enumerate(self.blocks):
             x = block(x, ropes.get(block.rope), ctx)
-            if i in steer:
-                rows, vectors = steer[i]
-                flat = x.reshape(-1, x.shape[-1])  # (a view: x is contiguous)
-                if block.fusable and ctx.cache is not None and not any(block._hook_lists):
-                    flat.index_add_(0, rows, vectors)  # the fused block's own output: nothing else holds it
-                else:
-                    x = flat.index_add(0, rows, vectors).view(x.shape)
-            if i in capture:
-                ctx.captured[i] = x.reshape(-1, x.shape[-1]).index_select(0, capture[i])
+            if i in steer or i in capture:
+                # a fused block's output is its own (no hook holds it): steer it in place
+                fused = block.fusable and ctx.cache is not None and not any(block._hook_lists)
+                x = _edit_stream(x, i, ctx, steer, capture, in_place=fused)
         return x
 
     def _run_stack(self, stack, x: torch.Tensor, ctx: ForwardContext, steer: dict, capture: dict) -> torch.Tensor:
@@ -196,13 +191,8 @@ class Decoder(HookedMixin, nn.Module):
         x = x.contiguous()
         k, v, first = ctx.cache.k, ctx.cache.v, 0
         for i in sorted({*steer, *capture, len(self.blocks) - 1}):
-            x = stack.run(x, k, v, ctx.slots, ctx.input_pos, first, i + 1)
+            x = _edit_stream(stack.run(x, k, v, ctx.slots, ctx.input_pos, first, i + 1), i, ctx, steer, capture, in_place=True)
             first = i + 1
-            if i in steer:
-                rows, vectors = steer[i]
-                x.view(-1, x.shape[-1]).index_add_(0, rows, vectors)
-            if i in capture:
-                ctx.captured[i] = x.view(-1, x.shape[-1]).index_select(0, capture[i])
         return x
 
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None, *, last_only: bool = False,
@@ -221,6 +211,22 @@ class Decoder(HookedMixin, nn.Module):
         if self.blocks[-1].fusable and ctx.cache is not None:  # the same norm as one op
             return self.unembed(torch.ops.pellucid.rms_norm(x, n.weight, n.eps, n.offset))
         return self.unembed(n(x))
+
+
+def _edit_stream(x: torch.Tensor, i: int, ctx: ForwardContext, steer: dict, capture: dict, *, in_place: bool) -> torch.Tensor:
+    """After block i: add the steered rows' vectors (in place where nothing else holds x) and
+    copy the captured rows into ctx.captured[i]."""
+    flat = x.reshape(-1, x.shape[-1])  # (a view: x is contiguous)
+    if i in steer:
+        rows, vectors = steer[i]
+        if in_place:
+            flat.index_add_(0, rows, vectors)
+        else:
+            flat = flat.index_add(0, rows, vectors)
+            x = flat.view(x.shape)
+    if i in capture:
+        ctx.captured[i] = flat.index_select(0, capture[i])
+    return x
 
 
 def pack_for_cpu_ops(model: nn.Module) -> int:
