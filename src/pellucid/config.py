@@ -60,7 +60,7 @@ SCHEMA: dict[str, dict[str, str | None]] = {
                "stream_interval_ms": None, "ingress": None},
 }  # fmt: skip
 TOP_LEVEL = ["model", "sampling", "control", "system_prompt", "deploy"]
-# deploy.ingress, who answers HTTP for the Ray Serve replicas (pellucid/server/ray_serve.py): the
+# deploy.ingress, who answers HTTP for the Ray Serve replicas (pellucid/server/ray_serve/): the
 # `pellucid serve` process itself (one hop), or Ray Serve's HTTP proxy and an ingress deployment
 DEPLOY_INGRESS = ("pellucid", "ray-proxy")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ import pytest
 
 from pellucid.config import parse_config
 from pellucid.errors import PellucidError
+from pellucid.server import ray_serve
 
 
 def test_serve_without_replicas_imports_nothing_of_ray():
@@ -49,16 +50,22 @@ def test_deploy_section_of_the_config():
         parse_config("deploy:\n  ingress: nginx\n")
 
 
-try:
-    with warnings.catch_warnings():  # Ray's own pydantic deprecation notes, not ours
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from pellucid.server import ray_serve
-except ImportError:  # the tests below skip; the two above run without Ray
-    ray_serve = None
-needs_ray = pytest.mark.skipif(ray_serve is None, reason="Ray Serve is not installed: pip install 'pellucid[ray]' (make setup does)")
+def test_the_ray_serve_modules_import_nothing_of_ray():
+    """Ray is imported by lifecycle.start, after Ray Serve's settings are in the environment."""
+    mods = ", ".join(f"pellucid.server.ray_serve.{m}" for m in ("config", "routing", "replica", "relay", "metrics", "lifecycle"))
+    code = (f"import sys, os, pellucid.server.ray_serve, {mods}; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')), "
+            "sorted(k for k in os.environ if k.startswith('RAY_SERVE_')))")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[] []"
 
 
-@needs_ray
+# The unit tests below need no Ray; the ones marked needs_ray start it.
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray Serve is not installed: pip install 'pellucid[ray]' (make setup does)")  # fmt: skip
+
+
 def test_deploy_config_checks_name_the_value():
     DC = ray_serve.DeployConfig
     with pytest.raises(PellucidError, match=r"replicas = 0 is out of range; allowed: an integer, 1 or more"):
@@ -94,7 +101,6 @@ def test_cli_refuses_a_bad_replica_count():
     assert "replicas = 0 is out of range; allowed: an integer, 1 or more" in r.stderr + r.stdout
 
 
-@needs_ray
 def test_routing_key_follows_the_conversation_start():
     key = ray_serve.routing_key
     system = {"role": "system", "content": "You are terse."}
@@ -112,7 +118,6 @@ def test_routing_key_follows_the_conversation_start():
         assert key(path, raw) is None
 
 
-@needs_ray
 def test_rendezvous_moves_only_the_keys_of_a_replica_that_goes():
     keys = [f"k{i}" for i in range(400)]
     three = {k: ray_serve.rendezvous(k, ["a", "b", "c"])[0] for k in keys}
@@ -122,7 +127,6 @@ def test_rendezvous_moves_only_the_keys_of_a_replica_that_goes():
     assert 0.25 < share < 0.42  # about a third each
 
 
-@needs_ray
 def test_a_stream_starts_with_its_first_output():
     co = ray_serve.carries_output
     role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}\n\n'
@@ -138,7 +142,6 @@ def test_a_stream_starts_with_its_first_output():
     assert json.loads(ray_serve.stream_error("/v1/chat/completions", RuntimeError("gone"))[6:])["error"]["code"] == "replica_died"
 
 
-@needs_ray
 @pytest.mark.parametrize("interval_ms", [0, 40])
 def test_a_streams_close_chunks_travel_together(interval_ms):
     """The replica's outbox: with an interval, the chunks that come close behind the last
@@ -170,7 +173,6 @@ def test_a_streams_close_chunks_travel_together(interval_ms):
         assert bodies == [b"data: 0\n\n", b"data: 1\n\ndata: 2\n\n", b"data: 3\n\n", b"data: 4\n\ndata: 5\n\ndata: [DONE]\n\n"]
 
 
-@needs_ray
 def test_merged_metrics_label_every_sample_with_its_replica():
     page = ("# HELP pellucid_x An x.\n# TYPE pellucid_x counter\npellucid_x 3\n"
             "# HELP pellucid_y A y.\n# TYPE pellucid_y gauge\npellucid_y{path=\"/a\",status=\"200\"} 1\n")  # fmt: skip
