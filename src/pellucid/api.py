@@ -74,7 +74,8 @@ class LLM:
                  max_batch: int = runtime.ENGINE.max_batch, max_len: int | None = None, use_cache: bool = True,
                  loaded: LoadedModel | None = None, quant: str | None = runtime.DEFAULT_QUANT,
                  speculative: Any = None, prefix_cache: bool | None = None,
-                 prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib, prefill_chunk: int = runtime.ENGINE.prefill_chunk,
+                 prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib, kv_cache_mib: int | None = None,
+                 prefill_chunk: int = runtime.ENGINE.prefill_chunk,
                  step_tokens: int = runtime.ENGINE.step_tokens, progress: Any = None, steering_dir: Any = None):  # fmt: skip
         """The defaults are the CLI's and the server's (pellucid.runtime): the file's quantized
         blocks (quant="int4"), activations in the dtype "auto" picks. quant: "int8", "int4"
@@ -82,7 +83,9 @@ class LLM:
         (not batches, not structured output) decode speculatively (engine/speculative/).
         prefix_cache: reuse the cached keys and values of earlier prompts that start the same
         way (default: on where that leaves outputs unchanged, the fused CPU path), keeping up
-        to prefix_cache_mib MiB of finished requests' caches (engine/engine.py). progress: a
+        to prefix_cache_mib MiB of finished requests' caches (engine/engine.py). max_len: the
+        context window (default: the model's); kv_cache_mib: the memory every request's keys and
+        values share (default: a quarter of what is available; engine/kv_cache.py). progress: a
         pellucid.progress.Progress told each phase of the load. steering_dir: the folder of named
         steering vectors (default $PELLUCID_HOME/steering; pellucid.steering)."""
         self.loaded = loaded or load_model(model, dtype=dtype, device=device, max_len=max_len, quant=quant, progress=progress)
@@ -92,8 +95,8 @@ class LLM:
         self.chat_template = self.loaded.chat_template
         self.config = self.loaded.config
         self.engine = Engine(self.loaded, max_batch=max_batch, max_len=max_len, use_cache=use_cache, device=device,
-                             prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, prefill_chunk=prefill_chunk,
-                             step_tokens=step_tokens)  # fmt: skip
+                             prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, kv_cache_mib=kv_cache_mib,
+                             prefill_chunk=prefill_chunk, step_tokens=step_tokens)  # fmt: skip
         self.steering = steering.SteeringLibrary(steering_dir)  # named vectors (pellucid steer make)
         self.speculative = None
         if speculative is not None:

@@ -27,15 +27,21 @@ class EngineConfig:
 
     max_batch: int = 4  # requests decoded together (KV-cache slots) for the Python API and one-shot commands
     serve_max_batch: int = 16  # the same for `pellucid serve`
-    max_len_cap: int = 4096  # context window when none is asked for: the model's, at most this
+    kv_memory_fraction: float = 0.25  # KV-cache budget when none is asked for: this share of the memory available at start
     prefill_chunk: int = 512  # prompt tokens per step while no request is generating
     step_tokens: int = 128  # tokens per step (generated + prompt) while some are
-    prefix_cache_mib: int = 1024  # memory for finished requests' keys and values kept for reuse
+    prefix_cache_mib: int = 1024  # of the KV-cache budget, at most this for finished requests' keys and values kept for reuse
     max_waiting: int = 256  # the server's waiting requests beyond which new ones get 429
 
     def context(self, model_context: int, asked: int | None = None) -> int:
-        """The context window served: the one asked for, else the model's up to max_len_cap."""
-        return asked or min(model_context, self.max_len_cap)
+        """The context window served: the one asked for, else the model's."""
+        return asked or model_context
+
+    def kv_cache_mib(self, available: int | None = None) -> int:
+        """The KV-cache budget when none is asked for: kv_memory_fraction of `available` bytes
+        (default: the memory available now)."""
+        avail = available_memory() if available is None else available
+        return max(64, int(avail * self.kv_memory_fraction) >> 20)
 
 
 ENGINE = EngineConfig()
@@ -87,6 +93,30 @@ def physical_cores() -> int:
     except (OSError, ValueError):
         per_core = 1
     return max(1, n // max(1, per_core))
+
+
+def available_memory() -> int:
+    """Bytes this process could still use: the system's MemAvailable, or its cgroup's room where less."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                room = int(limit) - int(g.read())
+                avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+    return max(avail, 0)
 
 
 def cpu_flags() -> set[str]:

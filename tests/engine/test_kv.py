@@ -23,7 +23,8 @@ def test_bytes_per_token_is_2_layers_kvheads_headdim_bytes(tiny_lm, dtype, nbyte
     cfg = tiny_lm.config
     cache = KVCache(cfg, n_slots=2, max_len=32, dtype=dtype)
     assert cache.bytes_per_token == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * nbytes == 2 * 3 * 2 * 16 * nbytes
-    assert cache.nbytes == cache.bytes_per_token * 2 * 32
+    assert cache.nbytes == (0 if cache.lazy else cache.bytes_per_token * 2 * 32)  # lazy: only what slots drew
+    assert cache.reserve(0, 32) and cache.reserve(1, 32) and cache.nbytes == cache.bytes_per_token * 2 * 32
 
 
 def test_real_model_kv_bytes_per_token(real_path):

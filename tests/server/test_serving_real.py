@@ -89,16 +89,21 @@ def test_prefix_cache_leaves_outputs_unchanged(default_llm):
 
 
 def test_prefix_cache_evicts_least_recently_used(default_llm):
-    """A cache with one spare slot: a third conversation evicts the oldest one's prefix, not the newest."""
+    """Room kept for two finished conversations: a third evicts the oldest one's prefix, not the newest."""
     from pellucid.engine.engine import Engine
 
     llm = default_llm
-    slot_mib = 256 * llm.engine.cache.bytes_per_token / 2**20
-    eng = Engine(llm.loaded, max_batch=1, max_len=256, prefix_cache=True, prefix_cache_mib=int(slot_mib) + 1)
-    assert eng.cache.n_slots == 2
     systems = [f"You are assistant number {i}. You answer in one sentence, in English, about cooking only." for i in range(3)]
-    for s in systems:  # three conversations, one after another: two slots hold the last two
-        run_all(eng, [chat_ids(llm, "Hello!", system=s)])
+    prompts = [chat_ids(llm, "Hello!", system=s) for s in systems]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kept = [len(p) + params.max_tokens - 1 for p in prompts]  # a finished request keeps all but its last token
+    bpt = llm.engine.cache.bytes_per_token
+    mib = -(-(kept[1] + kept[2]) * bpt // 2**20)
+    eng = Engine(llm.loaded, max_batch=1, max_len=256, prefix_cache=True, prefix_cache_mib=mib)
+    assert kept[1] + kept[2] <= eng.cache.held_limit < sum(kept)
+    for p in prompts:  # three conversations, one after another: the room holds the last two
+        run_all(eng, [p], params)
+    assert eng.cache.held_tokens == kept[1] + kept[2]
     again = run_all(eng, [chat_ids(llm, "How do I boil an egg?", system=systems[2])])[0]
     assert again.cached_tokens >= 20  # the newest is still there
     gone = run_all(eng, [chat_ids(llm, "How do I boil an egg?", system=systems[0])])[0]

@@ -35,12 +35,13 @@ def serve(
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML inference config: model, default sampling and control values, system prompt.")] = None,
     dtype: Dtype = DEFAULT_DTYPE,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together (continuous batching slots).")] = ENGINE.serve_max_batch,
-    max_len: Annotated[int | None, typer.Option("--max-len", help=f"Context window served, tokens (default: the model's, at most {ENGINE.max_len_cap}).")] = None,
+    max_len: Annotated[int | None, typer.Option("--max-len", help="Context window served, tokens (default: the model's).")] = None,
+    kv_cache_mib: Annotated[int | None, typer.Option("--kv-cache-mib", help=f"Memory all requests' keys and values share, MiB: one long request may use it all, or many short ones share it (default: {ENGINE.kv_memory_fraction:.0%} of the memory available at start).", show_default=False)] = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", help="Queued requests beyond which new ones get 429.")] = ENGINE.max_waiting,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per engine step while no request is generating.")] = ENGINE.prefill_chunk,
     step_tokens: Annotated[int, typer.Option("--step-tokens", help="Tokens per engine step while requests are generating (one each, then prompt chunks): lower keeps streams smoother under a burst of prompts, higher starts them sooner.")] = ENGINE.step_tokens,
     prefix_cache: Annotated[bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse the cached keys and values of earlier prompts that start the same way (default: on where outputs stay identical, the fused CPU path).", show_default=False)] = None,
-    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", help="Memory for finished requests' caches kept for reuse, MiB (least recently used go first).")] = ENGINE.prefix_cache_mib,
+    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", help="Of the KV-cache memory, at most this for finished requests' caches kept for reuse, MiB (least recently used go first).")] = ENGINE.prefix_cache_mib,
     quant: Quant = DEFAULT_QUANT,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for the engine (default: torch's choice).")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The model names clients may send, comma-separated; the first is reported (default: the registry name, or a file's stem).")] = None,
@@ -61,7 +62,8 @@ def serve(
     from pellucid.server.state import ServerConfig, ServerState
 
     for name, value, lo in (("--max-batch", max_batch, 1), ("--max-waiting", max_waiting, 0), ("--prefill-chunk", prefill_chunk, 1),
-                            ("--step-tokens", step_tokens, 1), ("--prefix-cache-mib", prefix_cache_mib, 0), ("--port", port, 0)):  # fmt: skip
+                            ("--step-tokens", step_tokens, 1), ("--prefix-cache-mib", prefix_cache_mib, 0), ("--port", port, 0),
+                            ("--kv-cache-mib", 1 if kv_cache_mib is None else kv_cache_mib, 1)):  # fmt: skip
         if value < lo:
             raise PellucidError(f"{name} = {value} is out of range; allowed: {lo} or more", param=name)
     defaults: dict = {}
@@ -76,7 +78,7 @@ def serve(
     model = model or DEFAULT_MODEL
     sc = ServerConfig(model=model, host=host, port=port, api_key=api_key or None, dtype=dtype, max_batch=max_batch,
                       max_len=max_len, max_waiting=max_waiting, prefill_chunk=prefill_chunk, step_tokens=step_tokens,
-                      prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, num_threads=threads,
+                      prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, kv_cache_mib=kv_cache_mib, num_threads=threads,
                       served_model_name=served_model_name, defaults=defaults, system_prompt=system_prompt, steer_dir=steer_dir,
                       quant=None if quant in ("", "none") else quant)  # fmt: skip
     deploy = dict(cfg.deploy) if cfg is not None else {}
@@ -97,10 +99,9 @@ def serve(
         deploy.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, deploy["replicas"])))
         if host not in LOOPBACK and not api_key:
             err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")
-        try:
-            from pellucid.server import ray_serve
-        except ImportError as e:
-            raise PellucidError(f"--replicas needs Ray Serve: pip install 'pellucid[ray]' ({e})", param="--replicas") from None
+        # (imports no ray: a missing Ray Serve is said when it starts)
+        from pellucid.server import ray_serve
+
         ray_serve.serve_forever(sc, ray_serve.DeployConfig(**deploy, ray_address=ray_address), ray_serve.ServeLoader(_loader, cfg),
                                 log=lambda m: err.print(m, highlight=False))  # fmt: skip
         return
@@ -178,8 +179,9 @@ def _loader(cfg):
             sc.defaults["logit_bias"] = resolve_logit_bias(sc.defaults["logit_bias"], llm.tokenizer,
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
         err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
-                  f"(max batch {sc.max_batch}, context {llm.engine.max_len}, prefix cache "
-                  f"{'on' if llm.engine.prefix_cache else 'off'}; kernels: {runtime.kernels()})", highlight=False)  # fmt: skip
+                  f"(max batch {sc.max_batch}, context {llm.engine.max_len:,}, prefix cache "
+                  f"{'on' if llm.engine.prefix_cache else 'off'}; {llm.engine.memory_line()}; kernels: {runtime.kernels()})",
+                  highlight=False)  # fmt: skip
         return llm
 
     return load

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pellucid.engine.kv_cache import KVCache, cache_dtype
+from pellucid.engine.kv_cache import KVCache, cache_dtype, lazy_memory
 from pellucid.engine.request import Request, RequestOutput, Status, TokenLogprob
 from pellucid.errors import PellucidError
 from pellucid.models.layers import ForwardContext
@@ -59,6 +59,7 @@ class EngineStats:
     token_latency: list[float] = field(default_factory=list)  # seconds per decode step
     prefix_query_tokens: int = 0  # prompt tokens of admitted requests
     prefix_hit_tokens: int = 0  # of those, taken from the prefix cache
+    preempted: int = 0  # requests taken out of the batch when the KV pool was full
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Work:
     start: int
     ids: list[int]
     sample: bool
+    decode: bool = False  # one generated token fed back (the others: prompt, or recomputed after a preemption)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -97,39 +99,73 @@ class Engine:
     def __init__(self, lm, *, max_batch: int = ENGINE.max_batch, max_len: int | None = None,
                  prefill_chunk: int = ENGINE.prefill_chunk, step_tokens: int = ENGINE.step_tokens,
                  prefix_cache: bool | None = None, prefix_cache_mib: int = ENGINE.prefix_cache_mib,
-                 use_cache: bool = True, device: str | None = None):  # fmt: skip
+                 kv_cache_mib: int | None = None, use_cache: bool = True, device: str | None = None):  # fmt: skip
+        """max_len: the context window (default: the model's); kv_cache_mib: the memory all requests'
+        keys and values share (default: runtime.ENGINE.kv_memory_fraction of what is available)."""
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.cfg = lm.config
-        self.device = device or next(self.model.parameters()).device
-        self.max_len = min(ENGINE.context(self.cfg.context_length, max_len), self.model.max_len)
+        self.device = torch.device(device or next(self.model.parameters()).device)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens per step while no request is generating
         self.step_tokens = step_tokens  # tokens per step (generated + prompt) while some are
         self.use_cache = use_cache
+        self.asked = (max_len, kv_cache_mib)
         kv_dtype = cache_dtype(self.model)
         # Reuse is exact only where a row's values do not depend on its batch (pellucid's integer kernels)
         if prefix_cache is None:
             prefix_cache = bool(getattr(self.model, "batch_invariant", lambda: False)())
         self.prefix_cache = use_cache and prefix_cache
         self.prefix_cache_mib = prefix_cache_mib
+        self.max_len = min(ENGINE.context(self.cfg.context_length, max_len), self.model.max_len)
         self.cache = None
         if use_cache:
-            slot_bytes = self.max_len * self.cfg.kv_bytes_per_token(kv_dtype.itemsize)
-            spare = prefix_cache_mib * 2**20 // slot_bytes if self.prefix_cache else 0
-            self.cache = KVCache(self.cfg, max_batch + spare, self.max_len, kv_dtype, self.device)
+            self.cache = self._make_cache(kv_dtype, max_len is not None, kv_cache_mib)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.lock = threading.Lock()  # add/abort may come from other threads than step()
 
+    def _make_cache(self, kv_dtype: torch.dtype, asked_len: bool, kv_cache_mib: int | None) -> KVCache:
+        """The KV pool: kv_cache_mib of memory, every slot able to reach the whole window where
+        memory is spent as written (Linux CPU); elsewhere whole slots sized to fit the budget."""
+        bpt = self.cfg.kv_bytes_per_token(kv_dtype.itemsize)
+        if kv_cache_mib is None:
+            avail = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            kv_cache_mib = ENGINE.kv_cache_mib(avail)
+        budget = kv_cache_mib * 2**20 // bpt  # tokens
+        lazy = lazy_memory(self.device)
+        rows = self.max_batch if lazy else max(1, budget // self.max_len)  # whole slots must fit in the budget
+        fits = min(budget, self.max_len) if lazy else min(self.max_len, budget // self.max_batch)
+        if fits < self.max_len:
+            if asked_len:
+                raise PellucidError(
+                    f"a context window of {self.max_len:,} tokens needs {self.max_len * bpt / 2**20:,.0f} MiB of KV cache "
+                    f"{'per request ' if not lazy else ''}and the budget is {kv_cache_mib:,} MiB; lower max_len or raise "
+                    f"kv_cache_mib (serve: --kv-cache-mib)", param="max_len")  # fmt: skip
+            self.max_len = max(1, fits)
+        spare = 2 * self.max_batch if self.prefix_cache else 0  # released slots that keep prompts for reuse
+        if not lazy:
+            spare = max(0, min(spare, rows - self.max_batch))
+        self.kv_cache_mib = kv_cache_mib
+        held = self.prefix_cache_mib * 2**20 // bpt
+        return KVCache(self.cfg, self.max_batch + spare, self.max_len, kv_dtype, self.device, budget=budget, held_limit=held)
+
+    def memory_line(self) -> str:
+        """The KV cache's budget, in words (printed by serve)."""
+        if self.cache is None:
+            return "no KV cache"
+        c = self.cache
+        return (f"KV cache {self.kv_cache_mib:,} MiB: {c.budget:,} tokens shared by all requests, "
+                f"one up to {self.max_len:,} (--kv-cache-mib)")  # fmt: skip
+
     def resized(self, max_len: int) -> Engine:
         """A new idle engine like this one with a context window of `max_len` positions."""
         return Engine(self.lm, max_batch=self.max_batch, max_len=max_len, prefill_chunk=self.prefill_chunk,
-                      step_tokens=self.step_tokens, prefix_cache=self.prefix_cache,
-                      prefix_cache_mib=self.prefix_cache_mib, use_cache=self.use_cache, device=str(self.device))  # fmt: skip
+                      step_tokens=self.step_tokens, prefix_cache=self.prefix_cache, prefix_cache_mib=self.prefix_cache_mib,
+                      kv_cache_mib=self.asked[1], use_cache=self.use_cache, device=str(self.device))  # fmt: skip
 
     def fused(self) -> bool:
         """Whether a step runs as one forward through pellucid's fused ops (see the module docstring)."""
@@ -192,7 +228,7 @@ class Engine:
         if work:
             t = time.perf_counter()
             outputs = self._execute(work)
-            if any(w.start >= len(w.req.prompt_ids) for w in work):  # a step that generated for running streams
+            if any(w.decode for w in work):  # a step that generated for running streams
                 self.stats.token_latency.append(time.perf_counter() - t)
         self.stats.steps += 1
         with self.lock:
@@ -201,9 +237,13 @@ class Engine:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
             if req.finished:  # aborted while waiting
+                self.waiting.popleft()
                 continue
+            if self.cache is not None and self.running and self.cache.room < min(req.fill_len, self.prefill_chunk):
+                break  # the pool is full: wait for a request to finish rather than take a slot it cannot fill
+            self.waiting.popleft()
             if self.cache is not None:
                 self._place(req)
             req.status = Status.RUNNING
@@ -215,9 +255,11 @@ class Engine:
         if not self.prefix_cache or not self.fused():  # hooks attached: rows take the readable path, not bit-equal
             req.slot = cache.allocate()
             return
-        ids = req.prompt_ids
-        limit = len(ids) - 1  # the last prompt token is always computed: its logits start the output
-        self.stats.prefix_query_tokens += len(ids)
+        ids = req.all_ids
+        # the last prompt token is always computed: its logits start the output (a preempted
+        # request's last output token is fed by its next decode step)
+        limit = req.fill_len if req.output_ids else len(ids) - 1
+        self.stats.prefix_query_tokens += len(req.prompt_ids)
         if req.capture is not None:  # what it reads must be computed
             req.slot = cache.allocate()
             return
@@ -234,9 +276,9 @@ class Engine:
                 source, n_run = r, n
         n_free, n_run = min(n_free, limit), min(n_run, limit)
         if n_free >= MIN_PREFIX and n_free >= n_run:
-            req.slot = cache.take(free_slot)
+            req.slot = cache.take(free_slot, n_free)
             req.num_computed = req.cached_tokens = n_free
-            self.stats.prefix_hit_tokens += n_free
+            self.stats.prefix_hit_tokens += min(n_free, len(req.prompt_ids))
             return
         req.slot = cache.allocate()
         if n_run >= MIN_PREFIX:
@@ -248,29 +290,70 @@ class Engine:
         if not source.finished and source.slot is not None and source.num_computed < n:
             return False
         req.share = None
-        if not source.finished and source.slot is not None:
-            self.cache.copy_prefix(source.slot, req.slot, n)
+        if not source.finished and source.slot is not None and self.cache.copy_prefix(source.slot, req.slot, n):
             req.num_computed = req.cached_tokens = n
             self.stats.prefix_hit_tokens += n
         return True
 
     def _schedule(self) -> list[Work]:
-        """This step's work: one token for each generating request, then prompt chunks within the budget."""
-        work = [Work(r, r.num_computed, [r.output_ids[-1]], True) for r in self.running if r.prefill_done]
+        """This step's work: one token for each generating request, then prompt chunks within the budget.
+
+        Every position a step writes is reserved in the KV pool first. When the pool is full,
+        released slots give their memory back, then the most recently admitted requests are
+        preempted (their memory freed, their tokens computed again when they return), so the
+        oldest requests always move (first come, first served, as vLLM schedules)."""
+        work: list[Work] = []
+        for r in list(self.running):
+            if r.prefill_done and r in self.running and self._room(r, r.num_computed + 1, work):
+                work.append(Work(r, r.num_computed, [r.output_ids[-1]], True, decode=True))
         limit = self.step_tokens if work else self.prefill_chunk
         budget = max(limit - len(work), limit // 4)  # prompts always move, even behind many streams
-        for r in self.running:
-            if r.prefill_done or budget <= 0:
+        for r in list(self.running):
+            if r.prefill_done or budget <= 0 or r not in self.running:
                 continue
             if r.share is not None and not self._resolve_share(r):
                 continue
-            n = min(len(r.prompt_ids) - r.num_computed, budget)
-            if self.cache is None:  # no cache: the whole prompt in one forward, when its turn comes
-                n = len(r.prompt_ids) - r.num_computed
             start = r.num_computed
-            work.append(Work(r, start, r.prompt_ids[start : start + n], start + n == len(r.prompt_ids)))
-            budget -= n
+            end = r.fill_len if self.cache is None else min(r.fill_len, start + budget)  # no cache: all at once
+            end = self._room(r, end, work, partial=True)
+            if end <= start:
+                continue
+            sample = end == len(r.prompt_ids) and not r.output_ids
+            work.append(Work(r, start, r.all_ids[start:end], sample))
+            budget -= end - start
         return work
+
+    def _room(self, req: Request, end: int, work: list[Work], partial: bool = False) -> int:
+        """Reserve `req`'s positions up to `end`, preempting later requests as needed; the end
+        reserved (partial: as far as the pool allows), or 0 when `req` itself had to yield."""
+        cache = self.cache
+        if cache is None or cache.reserve(req.slot, end):
+            return end
+        at = self.running.index(req)
+        while not cache.reserve(req.slot, end):
+            later = [r for r in self.running[at + 1 :] if r.slot is not None and cache.extent[r.slot] > 0]
+            if later:
+                self._preempt(later[-1], work)
+                continue
+            if partial:
+                have = cache.extent[req.slot]
+                grant = have + max(0, cache.room)
+                return grant if grant > req.num_computed and cache.reserve(req.slot, grant) else 0
+            self._preempt(req, work)
+            return 0
+        return end
+
+    def _preempt(self, req: Request, work: list[Work]) -> None:
+        """Take `req` out of the batch to free its memory; it waits at the front of the queue and
+        computes its tokens again when it returns (its outputs so far are kept)."""
+        work[:] = [w for w in work if w.req is not req]
+        self.cache.release(req.slot)
+        req.slot, req.share, req.num_computed = None, None, 0
+        req.captured = {}
+        req.status = Status.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.stats.preempted += 1
 
     def _execute(self, work: list[Work]) -> list[RequestOutput]:
         with self.lock:  # requests aborted since the schedule have no slot any more
@@ -350,7 +433,7 @@ class Engine:
     def _forward_parts(self, work: list[Work], slots: list[int]) -> torch.Tensor:
         """The generating requests as one (B, 1) batch, each prompt chunk as its own (1, T) forward."""
         dev = self.device
-        decode = [(w, s) for w, s in zip(work, slots, strict=True) if w.start >= len(w.req.prompt_ids)]
+        decode = [(w, s) for w, s in zip(work, slots, strict=True) if w.decode]
         logits = {}
         if decode:
             pos = [w.start for w, _ in decode]

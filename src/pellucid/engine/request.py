@@ -87,8 +87,14 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def fill_len(self) -> int:
+        """Tokens computed before the next one is decoded: the prompt, or after a preemption every
+        token but the last output (which the next decode step feeds)."""
+        return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+    @property
     def prefill_done(self) -> bool:
-        return self.num_computed >= len(self.prompt_ids)
+        return self.num_computed >= self.fill_len
 
     @property
     def finished(self) -> bool:

@@ -130,13 +130,14 @@ class Metrics:
                 gauge("engine_steps_total", "Engine steps run.", st.steps, "counter")
                 cache = engine.cache
                 if cache is not None:
-                    used = sum(min(r.num_computed, engine.max_len) for r in running)
-                    cap = cache.n_slots * cache.max_len
-                    gauge("kv_cache_usage_ratio", "Fraction of KV-cache token positions holding a running request's tokens.", f"{used / cap:.6f}")
-                    gauge("kv_cache_used_tokens", "KV-cache token positions in use.", used)
-                    gauge("kv_cache_capacity_tokens", "KV-cache token positions in all (slots x context).", cap)
+                    used = cache.used - cache.held_tokens
+                    gauge("kv_cache_usage_ratio", "Fraction of the KV-cache budget holding running requests' tokens.", f"{used / cache.budget:.6f}")
+                    gauge("kv_cache_used_tokens", "KV-cache token positions held by running requests.", used)
+                    gauge("kv_cache_held_tokens", "KV-cache token positions kept from finished requests for reuse.", cache.held_tokens)
+                    gauge("kv_cache_capacity_tokens", "KV-cache budget, token positions shared by all requests.", cache.budget)
                     gauge("kv_cache_slots_used", "KV-cache slots held by requests.", cache.used_slots)
-                    gauge("kv_cache_bytes", "Bytes of the preallocated KV cache.", cache.nbytes)
+                    gauge("kv_cache_bytes", "Bytes of memory the KV cache holds.", cache.nbytes)
+                    gauge("requests_preempted_total", "Requests taken out of the batch when the KV cache was full (computed again later).", st.preempted, "counter")
                     gauge("prefix_cache_enabled", "1 when prompts reuse the cached keys and values of earlier ones.", int(engine.prefix_cache))
                     gauge("prefix_cache_queries_tokens_total", "Prompt tokens looked up in the prefix cache.", st.prefix_query_tokens, "counter")
                     gauge("prefix_cache_hits_tokens_total", "Prompt tokens found in the prefix cache (not computed again).", st.prefix_hit_tokens, "counter")

@@ -42,12 +42,13 @@ class ServerConfig:
     dtype: str = runtime.DEFAULT_DTYPE  # decided by pellucid.runtime for the format and device
     quant: str | None = runtime.DEFAULT_QUANT
     max_batch: int = runtime.ENGINE.serve_max_batch
-    max_len: int | None = None  # context window served (default: the model's, at most runtime.ENGINE.max_len_cap)
+    max_len: int | None = None  # context window served (default: the model's)
     max_waiting: int = runtime.ENGINE.max_waiting  # waiting requests beyond which new ones get 429
     prefill_chunk: int = runtime.ENGINE.prefill_chunk  # prompt tokens per step while nothing is generating
     step_tokens: int = runtime.ENGINE.step_tokens  # tokens per step (generated + prompt) while requests are generating
     prefix_cache: bool | None = None  # reuse earlier prompts' keys and values (default: where exact)
     prefix_cache_mib: int = runtime.ENGINE.prefix_cache_mib  # memory for finished requests' caches kept for reuse
+    kv_cache_mib: int | None = None  # memory all requests' keys and values share (default: runtime.ENGINE.kv_cache_mib())
     num_threads: int | None = None  # torch threads of the engine (default: torch's)
     served_model_name: str | None = None  # the names clients use, comma-separated (default: --model as given)
     llm_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for LLM
@@ -285,7 +286,8 @@ def trim_stop_token(choice_logprobs: list[TokenLogprob], stop_reason) -> list[To
 def default_loader(config: ServerConfig):
 
     return LLM(config.model, dtype=config.dtype, quant=config.quant, max_batch=config.max_batch, max_len=config.max_len,
-               prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, prefill_chunk=config.prefill_chunk,
+               prefix_cache=config.prefix_cache, prefix_cache_mib=config.prefix_cache_mib, kv_cache_mib=config.kv_cache_mib,
+               prefill_chunk=config.prefill_chunk,
                step_tokens=config.step_tokens, **config.llm_options)  # fmt: skip
 
 

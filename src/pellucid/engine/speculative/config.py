@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pellucid.engine.speculative.decoder import SpeculativeDecoder
 from pellucid.engine.speculative.drafters import Drafter, ModelDrafter, NgramDrafter, truncated
 from pellucid.errors import PellucidError
-from pellucid.runtime import ENGINE
 
 # -- construction from names ---------------------------------------------------------------
 
@@ -36,7 +35,7 @@ class SpeculativeConfig:
             raise PellucidError(f"draft_layers = {self.draft_layers} is out of range; allowed: 1..the model's layers", param="draft_layers")
 
 
-def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int = ENGINE.max_len_cap) -> Drafter:
+def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int) -> Drafter:
     """Build the drafter a config asks for, checking that a draft model shares the tokenizer."""
     if cfg.draft == "ngram":
         return NgramDrafter(cfg.max_ngram, cfg.min_ngram)

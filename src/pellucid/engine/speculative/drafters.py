@@ -110,14 +110,14 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, model, *, vocab_size: int, max_len: int = ENGINE.max_len_cap, prefill_chunk: int = ENGINE.prefill_chunk,
+    def __init__(self, model, *, vocab_size: int, max_len: int | None = None, prefill_chunk: int = ENGINE.prefill_chunk,
                  name: str = "model"):  # fmt: skip
         self.model = model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model
         self.vocab_size = vocab_size
-        self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.name = name
         self.cfg = getattr(self.model, "cfg", None)
+        self.max_len = max_len or getattr(self.cfg, "context_length", 0)  # (used only with a cache, which needs cfg)
         self.use_cache = isinstance(self.model, nn.Module) and self.cfg is not None and hasattr(self.cfg, "n_kv_heads")
         if self.cfg is not None and getattr(self.cfg, "vocab_size", vocab_size) < vocab_size:
             raise PellucidError(f"the draft model's vocabulary ({self.cfg.vocab_size}) is smaller than the target's "
