@@ -223,10 +223,11 @@ def pellucid_server(model_file: Path, slots: int, extra: list[str], log: Path, n
     return Server(name, cmd, "/health", log)
 
 
-def llama_server(binary: str, model_file: Path, slots: int, ctx_per_slot: int, threads: int, log: Path) -> Server:
+def llama_server(binary: str, model_file: Path, slots: int, ctx_per_slot: int, threads: int, log: Path,
+                 extra: tuple[str, ...] = ()) -> Server:  # fmt: skip
     cmd = [binary, "-m", str(model_file), "--alias", "bench", "--host", "127.0.0.1", "--port", "{port}",
            "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
-           "--no-webui"]  # fmt: skip
+           "--no-webui", *extra]  # fmt: skip
     return Server("llama-server", cmd, "/health", log)
 
 

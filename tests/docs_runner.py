@@ -400,6 +400,10 @@ class Session:
         code = block.text
         if "8000" in code:
             code = with_server(code, self.url())
+        if block.opts["continue"] and block.doc not in self.namespaces:  # its predecessor ran on another worker
+            before = [b for b in parse_doc(block.doc) if b.kind == "run" and b.lang == "python" and b.line < block.line]
+            if before and (why := self.run_python(before[-1])):
+                return f"the Python block it continues ({before[-1].id}) failed: {why}"
         ns = self.namespaces.get(block.doc, {}) if block.opts["continue"] else {}
         ns.setdefault("__name__", "__docs__")
         out = io.StringIO()

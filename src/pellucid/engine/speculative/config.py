@@ -35,7 +35,7 @@ class SpeculativeConfig:
             raise PellucidError(f"draft_layers = {self.draft_layers} is out of range; allowed: 1..the model's layers", param="draft_layers")
 
 
-def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int) -> Drafter:
+def make_drafter(cfg: SpeculativeConfig, lm, *, max_len: int | None = None) -> Drafter:
     """Build the drafter a config asks for, checking that a draft model shares the tokenizer."""
     if cfg.draft == "ngram":
         return NgramDrafter(cfg.max_ngram, cfg.min_ngram)
