@@ -82,6 +82,7 @@ def test_group_of_requests_shares_one_queue(tiny_lm):
 
 def test_a_step_fills_its_token_budget_with_prompt_chunks(tiny_lm):
     eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16, step_tokens=8)
+    eng.attention_share = 0  # tokens alone (what attention adds to a chunk's cost: the next test)
     prompts = [[1] * 5, [2] * 5, [3] * 5, [4] * 20]
     reqs = [eng.add_request(eng.make_request(p, GREEDY)) for p in prompts]
     eng.step()  # nobody generates yet: prompts fill prefill_chunk (16) = 5 + 5 + 5 + the long one's first token
@@ -95,6 +96,27 @@ def test_a_step_fills_its_token_budget_with_prompt_chunks(tiny_lm):
         eng.step()
     assert [r.output_ids for r in reqs] == _sync_greedy(tiny_lm, prompts)
 
+
+
+def test_short_prompts_go_first_and_deep_chunks_are_shorter(tiny_lm):
+    """A long prompt admitted first does not hold back a short one behind it; the further into
+    a prompt, the fewer tokens a chunk takes (their attention counts toward the step's budget)."""
+    eng = Engine(tiny_lm, max_batch=4, max_len=256, prefill_chunk=64, step_tokens=64)
+    eng.attention_share = 0.02  # one position attended costs 2% of a token's weights
+    long_req = eng.add_request(eng.make_request([5] * 200, GREEDY))
+    short = eng.add_request(eng.make_request([6] * 10, GREEDY))
+    eng.step()
+    assert len(short.output_ids) == 1 and 0 < long_req.num_computed < 54  # 64 - 10, less the attention's share
+    chunks, last = [], long_req.num_computed
+    while not long_req.prefill_done:
+        eng.step()
+        chunks.append(long_req.num_computed - last)
+        last = long_req.num_computed
+    assert chunks[-2] < chunks[0] and all(c >= 1 for c in chunks)
+    assert eng._cost(0, 10) == 10 * (1 + 0.02 * 4.5)
+    for start, budget in ((0, 64), (100, 64), (180, 7.5)):
+        n = eng._chunk(start, 1000, budget)
+        assert eng._cost(start, n) <= budget < eng._cost(start, n + 1)
 
 def test_aborts_from_another_thread_while_stepping(tiny_lm):
     """Requests aborted at random moments from another thread: no step fails, every slot comes back."""

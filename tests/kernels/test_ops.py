@@ -214,6 +214,42 @@ def test_attention_rows_keep_their_bits_whatever_the_batch(dtype, n, chunkings, 
         assert torch.equal(k1[2], k0[2]) and torch.equal(v1[2], v0[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 200])
+def test_a_long_prompt_chunk_in_tiles_keeps_every_bit(dtype, window):
+    """Deep in a long prompt, a chunk's tokens attend in tiles (the keys in blocks shared by up to
+    16 tokens): the same bits as each token alone, beside a decode row of another slot, and close
+    to the reference composition. Six query heads per kv head, as Qwen2.5's."""
+    torch.manual_seed(window)
+    H, K, n = 12, 2, 700
+    rope = rope_table(D, n, 10_000.0)
+    seq = torch.randn(n, (H + 2 * K) * D)
+    pieces = {}
+    for name, chunks in (("whole", [400, 300]), ("odd", [390, 1, 309]), ("alone", [400] + [1] * 300)):
+        kc, vc = torch.zeros(3, K, n, D, dtype=dtype), torch.zeros(3, K, n, D, dtype=dtype)
+        out, p = [], 0
+        for c in chunks:
+            out.append(call(seq[None, p : p + c], kc, vc, torch.tensor([1]), torch.arange(p, p + c)[None], rope, H, K,
+                            0.125, window)[0])  # fmt: skip
+            p += c
+        pieces[name] = (torch.cat(out), kc, vc)
+    z, kc, vc = pieces["whole"]
+    for other, k2, v2 in (pieces["odd"], pieces["alone"]):
+        assert torch.equal(other, z) and torch.equal(k2, kc) and torch.equal(v2, vc)
+    # rows of one forward: the chunk's last 300 tokens (slot 1) and a decode row of slot 2
+    kb, vb = kc.clone(), vc.clone()
+    kb[2], vb[2] = kc[1], vc[1]
+    kb[1, :, 400:], vb[1, :, 400:] = 0, 0
+    rows = torch.cat([seq[400:], seq[650:651]])[:, None]  # (301, 1, ...): each row its own slot and position
+    pos = torch.cat([torch.arange(400, 700), torch.tensor([650])])[:, None]
+    slots = torch.tensor([1] * 300 + [2])
+    zr = call(rows, kb, vb, slots, pos, rope, H, K, 0.125, window)[:, 0]
+    assert torch.equal(zr[:300], z[400:]) and torch.equal(zr[300], z[650])
+    ref = reference_attention(seq[None, 400:], kc[1:2].clone(), vc[1:2].clone(), torch.tensor([0]),
+                              torch.arange(400, 700)[None], *rope, H, K, 0.125, window)[0]  # fmt: skip
+    assert torch.allclose(z[400:], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_rounds_to_the_cache_type_as_torch_does(dtype):
     """Values written to the cache: ties to even, overflow, infinities, denormals as .to(dtype)."""

@@ -119,6 +119,7 @@ class Engine:
         self.prefix_cache = use_cache and prefix_cache
         self.prefix_cache_mib = prefix_cache_mib
         self.max_len = min(ENGINE.context(self.cfg.context_length, max_len), self.model.max_len)
+        self.attention_share = self.cfg.attention_share()  # (the schedule's cost of a deep prompt chunk)
         self.cache = None
         if use_cache:
             self.cache = self._make_cache(kv_dtype, max_len is not None, kv_cache_mib)
@@ -308,20 +309,36 @@ class Engine:
                 work.append(Work(r, r.num_computed, [r.output_ids[-1]], True, decode=True))
         limit = self.step_tokens if work else self.prefill_chunk
         budget = max(limit - len(work), limit // 4)  # prompts always move, even behind many streams
-        for r in list(self.running):
-            if r.prefill_done or budget <= 0 or r not in self.running:
+        # the shortest prompts first: a chat's prompt starts streaming at once beside a long document's
+        for r in sorted((r for r in self.running if not r.prefill_done), key=lambda r: r.fill_len - r.num_computed):
+            if budget <= 0 or r not in self.running:
                 continue
             if r.share is not None and not self._resolve_share(r):
                 continue
             start = r.num_computed
-            end = r.fill_len if self.cache is None else min(r.fill_len, start + budget)  # no cache: all at once
+            end = r.fill_len if self.cache is None else start + self._chunk(start, r.fill_len - start, budget)
             end = self._room(r, end, work, partial=True)
             if end <= start:
                 continue
             sample = end == len(r.prompt_ids) and not r.output_ids
             work.append(Work(r, start, r.all_ids[start:end], sample))
-            budget -= end - start
+            budget -= self._cost(start, end - start)
         return work
+
+    def _cost(self, start: int, n: int) -> float:
+        """A prompt chunk's work in tokens' worth of weights: its n tokens, and their attention to
+        the positions before each (which, deep in a long prompt, costs more than the weights)."""
+        return n * (1 + self.attention_share * (start + (n - 1) / 2))
+
+    def _chunk(self, start: int, left: int, budget: float) -> int:
+        """The most of `left` prompt tokens from position `start` whose cost fits `budget` (at least one)."""
+        a = self.attention_share
+        if self._cost(start, left) <= budget:
+            return left
+        # n (1 + a (start + (n - 1) / 2)) = budget, a quadratic in n
+        b = 1 + a * (start - 0.5)
+        n = budget / b if a == 0 else (-b + (b * b + 2 * a * budget) ** 0.5) / a
+        return max(1, min(left, int(n)))
 
     def _room(self, req: Request, end: int, work: list[Work], partial: bool = False) -> int:
         """Reserve `req`'s positions up to `end`, preempting later requests as needed; the end

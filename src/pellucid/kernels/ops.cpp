@@ -522,6 +522,166 @@ void attend_range(const AttnShape& a, int64_t g0, int64_t g1, float* z, const T*
 
 inline int64_t n_keys(const AttnShape& a, int64_t p) { return a.window > 0 ? std::min(p + 1, a.window) : p + 1; }
 
+// ---- a prompt chunk's tokens together
+//
+// Consecutive tokens of one sequence (a prompt chunk) attend to the same keys. One token at a
+// time, each query head run reads all its keys and values from memory: deep in a long prompt
+// that traffic, not arithmetic, sets the speed. A tile takes up to kTileTokens such tokens
+// and all query heads of one kv head, and walks the keys in blocks of kTileKeys, each block
+// used by every token of the tile while it is in cache. Every number is computed as in
+// attend(): each score by the same dot product, each row's softmax over its whole row, each
+// output element by the same chain of FMAs over the keys in order (its running sum is kept
+// in memory between blocks, which changes no bit), so a token's result is the same whether
+// it comes alone or in a tile.
+
+constexpr int64_t kTileTokens = 16;
+constexpr int64_t kTileKeys = 128;  // 64 KiB of float32 keys at D = 128
+
+// pv_tile with its running sums read from and written back to acc (no scaling).
+template <typename T, int R, int NV>
+inline void pv_tile_acc(const float* p, int64_t stride, const T* v, int64_t n, int64_t D, int64_t d0, float* const* acc) {
+  __m256 s[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) s[r][u] = _mm256_loadu_ps(acc[r] + d0 + 8 * u);
+  const T* vr = v + d0;
+  for (int64_t j = 0; j < n; ++j, vr += D) {
+    __m256 pj[R];
+    for (int r = 0; r < R; ++r) pj[r] = _mm256_broadcast_ss(p + r * stride + j);
+    for (int u = 0; u < NV; ++u) {
+      __m256 vv = Elem<T>::load8(vr + 8 * u);
+      for (int r = 0; r < R; ++r) s[r][u] = _mm256_fmadd_ps(pj[r], vv, s[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc[r] + d0 + 8 * u, s[r][u]);
+}
+
+template <typename T, int R>
+void tile_heads(const float* const* q, const T* k, const T* v, int64_t n, int64_t D, float scale, float* sc,
+                int64_t stride, float* const* acc, bool values) {
+  constexpr int NV = R == 1 ? 8 : (R <= 3 ? 4 : 2);
+  if (!values) {
+    scores<T, R>(q, k, n, D, scale, sc, stride);
+    return;
+  }
+  int64_t d0 = 0;
+  for (; d0 + 8 * NV <= D; d0 += 8 * NV) pv_tile_acc<T, R, NV>(sc, stride, v, n, D, d0, acc);
+  for (; d0 < D; d0 += 8) pv_tile_acc<T, R, 1>(sc, stride, v, n, D, d0, acc);
+}
+
+thread_local std::vector<float> tl_tile;
+
+// Tokens [t0, t1) of the flattened (b, t) order, all of one slot, and the query heads of kv head kh.
+template <typename T>
+void attend_tile(const AttnShape& a, int64_t t0, int64_t t1, int64_t kh, float* z, const T* kc, const T* vc,
+                 const int64_t* slots, const int64_t* pos) {
+  const int64_t D = a.D, G = t1 - t0, rep = a.rep;
+  const T* k = kc + (slots[t0 / a.T] * a.K + kh) * a.Lmax * D;
+  const T* v = vc + (slots[t0 / a.T] * a.K + kh) * a.Lmax * D;
+  int64_t lo[kTileTokens], n[kTileTokens], stride[kTileTokens], off[kTileTokens];
+  int64_t total = 0, jlo = INT64_MAX, jhi = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t p = pos[t0 + g];
+    n[g] = n_keys(a, p);
+    lo[g] = p + 1 - n[g];
+    stride[g] = (n[g] + 15) / 8 * 8;
+    off[g] = total;
+    total += rep * stride[g];
+    jlo = std::min(jlo, lo[g]);
+    jhi = std::max(jhi, p + 1);
+  }
+  if (static_cast<int64_t>(tl_tile.size()) < total + G * rep * (D + 1)) tl_tile.resize(total + G * rep * (D + 1));
+  float* sc = tl_tile.data();
+  float* acc = sc + total;
+  float* inv = acc + G * rep * D;
+  std::fill(acc, acc + G * rep * D, 0.0f);
+  for (int pass = 0; pass < 2; ++pass) {  // 0: every score; (softmax); 1: the values
+    if (pass == 1) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t h = 0; h < rep; ++h) inv[g * rep + h] = 1.0f / softmax_exp(sc + off[g] + h * stride[g], n[g]);
+    }
+    for (int64_t j0 = jlo; j0 < jhi; j0 += kTileKeys) {
+      const int64_t j1 = std::min(j0 + kTileKeys, jhi);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t s = std::max(j0, lo[g]), e = std::min(j1, lo[g] + n[g]);
+        if (s >= e) continue;
+        for (int64_t h = 0; h < rep;) {
+          const int64_t left = rep - h;
+          const int64_t r = left <= 4 ? left : (left <= 8 ? (left + 1) / 2 : 4);
+          float* q[4];
+          float* out[4];
+          for (int64_t i = 0; i < r; ++i) {
+            q[i] = z + ((t0 + g) * a.H + kh * rep + h + i) * D;
+            out[i] = acc + (g * rep + h + i) * D;
+          }
+          float* row = sc + off[g] + h * stride[g] + (s - lo[g]);
+          const bool values = pass == 1;
+          switch (r) {
+            case 1: tile_heads<T, 1>(q, k + s * D, v + s * D, e - s, D, a.scale, row, stride[g], out, values); break;
+            case 2: tile_heads<T, 2>(q, k + s * D, v + s * D, e - s, D, a.scale, row, stride[g], out, values); break;
+            case 3: tile_heads<T, 3>(q, k + s * D, v + s * D, e - s, D, a.scale, row, stride[g], out, values); break;
+            default: tile_heads<T, 4>(q, k + s * D, v + s * D, e - s, D, a.scale, row, stride[g], out, values); break;
+          }
+          h += r;
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)  // out = sums x 1/total, into the queries' places
+    for (int64_t h = 0; h < rep; ++h) {
+      float* o = z + ((t0 + g) * a.H + kh * rep + h) * D;
+      const float* sum = acc + (g * rep + h) * D;
+      const __m256 iv = _mm256_set1_ps(inv[g * rep + h]);
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(sum + d), iv));
+    }
+}
+
+// The attention of a step with prompt chunks: work items of a tile (a chunk's tokens, one kv
+// head) or one token's heads of one kv head, split among threads by keys read.
+template <typename T>
+void attend_tiled(const AttnShape& a, int64_t nt, float* z, const T* kc, const T* vc, const int64_t* slots,
+                  const int64_t* pos) {
+  struct Item {
+    int64_t t0, t1, kh, cost;
+  };
+  std::vector<Item> items;
+  const int64_t BT = a.B * a.T;
+  int64_t total = 0;
+  for (int64_t t = 0; t < BT;) {
+    int64_t e = t + 1;  // a run of one slot's consecutive positions, at most kTileTokens
+    while (e < BT && e - t < kTileTokens && slots[e / a.T] == slots[t / a.T] && pos[e] == pos[e - 1] + 1) ++e;
+    int64_t cost = 0;
+    for (int64_t i = t; i < e; ++i) cost += n_keys(a, pos[i]);
+    for (int64_t kh = 0; kh < a.K; ++kh) items.push_back({t, e, kh, cost});
+    total += cost * a.K;
+    t = e;
+  }
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      if (it.t1 - it.t0 == 1)
+        attend_range<T>(a, it.t0 * a.H + it.kh * a.rep, it.t0 * a.H + (it.kh + 1) * a.rep, z, kc, vc, slots, pos);
+      else
+        attend_tile<T>(a, it.t0, it.t1, it.kh, z, kc, vc, slots, pos);
+    }
+  };
+  const int64_t m = static_cast<int64_t>(items.size());
+  if (nt <= 1 || m == 1) {
+    run(0, m);
+    return;
+  }
+  std::vector<int64_t> cut(nt + 1, m);
+  cut[0] = 0;
+  int64_t tid = 1, done = 0;
+  for (int64_t i = 0; i < m && tid < nt; ++i) {
+    while (tid < nt && done * nt >= tid * total) cut[tid++] = i;
+    done += items[i].cost;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run(cut[t], cut[t + 1]);
+  });
+}
+
 template <typename T>
 void attention_impl(const AttnShape& a, const float* qkv, float* z, T* kc, T* vc, const int64_t* slots,
                     const int64_t* pos, const float* cos, const float* sin, const float* qn, const float* kn, float eps,
@@ -538,9 +698,18 @@ void attention_impl(const AttnShape& a, const float* qkv, float* z, T* kc, T* vc
   // Every write is done: now attention, each thread a contiguous range of query heads of about
   // equal work (keys attended to), cut anywhere, even inside a kv group.
   int64_t keys = 0;
-  for (int64_t bt = 0; bt < BT; ++bt) keys += n_keys(a, pos[bt]);
+  bool chunk = false;  // two consecutive positions of one slot: a prompt chunk, attended in tiles
+  for (int64_t bt = 0; bt < BT; ++bt) {
+    keys += n_keys(a, pos[bt]);
+    chunk = chunk || (bt > 0 && slots[bt / a.T] == slots[(bt - 1) / a.T] && pos[bt] == pos[bt - 1] + 1);
+  }
   const int64_t heads = BT * a.H, nt = std::min<int64_t>(at::get_num_threads(), kMaxThreads);
-  if (keys * a.H * a.D < kAttnParallel || heads == 1 || nt == 1 || at::in_parallel_region()) {
+  const bool one_thread = keys * a.H * a.D < kAttnParallel || heads == 1 || nt == 1 || at::in_parallel_region();
+  if (chunk && keys >= kTileKeys * 2) {
+    attend_tiled<T>(a, one_thread ? 1 : nt, z, kc, vc, slots, pos);
+    return;
+  }
+  if (one_thread) {
     attend_range<T>(a, 0, heads, z, kc, vc, slots, pos);
     return;
   }

@@ -38,6 +38,13 @@ class ModelConfig:
         """KV-cache bytes per token position: 2 (K and V) x layers x K heads x D x bytes per element."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element_bytes
 
+    def attention_share(self) -> float:
+        """Multiply-adds a token spends attending to one earlier position (scores and values, every
+        layer and query head), as a fraction of those it spends in the weights (projections, MLP, head)."""
+        E, H, K, D, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        weights = self.n_layers * (E * (H + 2 * K) * D + H * D * E + 3 * E * F) + E * self.vocab_size
+        return 2 * self.n_layers * H * D / weights
+
 
 def gguf_getter(meta: dict, arch: str):
     """`g(key, default)`: the GGUF metadata value `{arch}.{key}`; KeyError naming it when missing without a default."""
