@@ -130,3 +130,21 @@ def test_a_budget_below_the_window(real_lm):
     with pytest.raises(PellucidError, match="max_len") as e:
         Engine(real_lm, max_len=8192, kv_cache_mib=100)
     assert "100 MiB" in str(e.value) and "kv_cache_mib" in str(e.value)
+
+
+def test_whole_slots_where_the_system_refuses_address_space(lm, monkeypatch):
+    """Under strict overcommit (vm.overcommit_memory=2) the reserved mapping is refused: the
+    engine falls back to whole slots sized to the budget, with the same outputs."""
+    import mmap
+
+    prompts = [[(3 * i + j) % 200 + 3 for j in range(40)] for i in range(3)]
+    want = greedy(Engine(lm, max_batch=2, kv_cache_mib=2), prompts, 12)
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    eng = Engine(lm, max_batch=2, kv_cache_mib=2)
+    assert not eng.cache.lazy and eng.cache.n_slots == 2 and eng.max_len == 256
+    assert eng.cache.nbytes == 2 * 256 * eng.cache.bytes_per_token <= 2 * 2**20
+    assert greedy(eng, prompts, 12) == want

@@ -137,22 +137,27 @@ class Engine:
             avail = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             kv_cache_mib = ENGINE.kv_cache_mib(avail)
         budget = kv_cache_mib * 2**20 // bpt  # tokens
-        lazy = lazy_memory(self.device)
-        rows = self.max_batch if lazy else max(1, budget // self.max_len)  # whole slots must fit in the budget
-        fits = min(budget, self.max_len) if lazy else min(self.max_len, budget // self.max_batch)
-        if fits < self.max_len:
-            if asked_len:
+        self.kv_cache_mib = kv_cache_mib
+        held = self.prefix_cache_mib * 2**20 // bpt
+        want = self.max_len
+        for lazy in dict.fromkeys((lazy_memory(self.device), False)):
+            rows = self.max_batch if lazy else max(1, budget // want)  # whole slots must fit in the budget
+            fits = min(budget, want) if lazy else min(want, budget // self.max_batch)
+            if fits < want and asked_len:
                 raise PellucidError(
-                    f"a context window of {self.max_len:,} tokens needs {self.max_len * bpt / 2**20:,.0f} MiB of KV cache "
+                    f"a context window of {want:,} tokens needs {want * bpt / 2**20:,.0f} MiB of KV cache "
                     f"{'per request ' if not lazy else ''}and the budget is {kv_cache_mib:,} MiB; lower max_len or raise "
                     f"kv_cache_mib (serve: --kv-cache-mib)", param="max_len")  # fmt: skip
             self.max_len = max(1, fits)
-        spare = 2 * self.max_batch if self.prefix_cache else 0  # released slots that keep prompts for reuse
-        if not lazy:
-            spare = max(0, min(spare, rows - self.max_batch))
-        self.kv_cache_mib = kv_cache_mib
-        held = self.prefix_cache_mib * 2**20 // bpt
-        return KVCache(self.cfg, self.max_batch + spare, self.max_len, kv_dtype, self.device, budget=budget, held_limit=held)
+            spare = 2 * self.max_batch if self.prefix_cache else 0  # released slots that keep prompts for reuse
+            if not lazy:
+                spare = max(0, min(spare, rows - self.max_batch))
+            try:
+                return KVCache(self.cfg, self.max_batch + spare, self.max_len, kv_dtype, self.device, budget=budget,
+                               held_limit=held, lazy=lazy)  # fmt: skip
+            except OSError:  # the system refused the address space (vm.overcommit_memory=2): whole slots then
+                continue
+        raise AssertionError("unreachable: whole slots raise no OSError")
 
     def memory_line(self) -> str:
         """The KV cache's budget, in words (printed by serve)."""

@@ -36,12 +36,14 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu", *, budget: int | None = None, held_limit: int | None = None):  # fmt: skip
+                 device: str | torch.device = "cpu", *, budget: int | None = None, held_limit: int | None = None,
+                 lazy: bool | None = None):  # fmt: skip
         """budget: tokens of memory all slots together may hold (None: n_slots x max_len);
-        held_limit: of those, tokens kept in released slots for reuse (None: the budget)."""
+        held_limit: of those, tokens kept in released slots for reuse (None: the budget);
+        lazy: memory on demand (None: where the device allows it, lazy_memory)."""
         self.cfg = cfg
         self.shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.lazy = lazy_memory(device)
+        self.lazy = lazy_memory(device) if lazy is None else lazy and lazy_memory(device)
         self.k, self._k_map = _tensor(self.shape, dtype, device, self.lazy)
         self.v, self._v_map = _tensor(self.shape, dtype, device, self.lazy)
         self.n_slots, self.max_len = n_slots, max_len
