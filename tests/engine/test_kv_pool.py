@@ -147,3 +147,24 @@ def test_whole_slots_where_the_system_refuses_address_space(lm, monkeypatch):
     assert not eng.cache.lazy and eng.cache.n_slots == 2 and eng.max_len == 256
     assert eng.cache.nbytes == 2 * 256 * eng.cache.bytes_per_token <= 2 * 2**20
     assert greedy(eng, prompts, 12) == want
+
+
+def test_an_abort_during_a_forward_frees_its_slot_after_it(lm):
+    """An abort from another thread while the forward writes the request's positions: the slot is
+    released once the forward is done, so no written page stays outside the pool's count."""
+    eng = Engine(lm, max_batch=2, prefill_chunk=16, kv_cache_mib=8, prefix_cache=True)
+    req = eng.add_request(eng.make_request(list(range(3, 43)), SamplingParams(max_tokens=4, temperature=0)))
+    eng.step()  # the first chunk
+    slot, run, n = req.slot, eng._run, req.num_computed
+    assert 0 < n < 40
+
+    def aborting(*args, **kwargs):
+        eng.abort(req.request_id)  # (the engine's lock is free during the forward, as for a server thread)
+        assert req.slot is None and slot not in eng.cache.free  # not yet: the forward still writes the next chunk
+        return run(*args, **kwargs)
+
+    eng._run = aborting
+    eng.step()
+    assert req.finished and req.finish_reason == "abort" and slot in eng.cache.free
+    assert eng.cache.extent[slot] == n and eng.cache.held[slot] == list(range(3, 3 + n))
+    assert eng.cache.used == eng.cache.held_tokens == n

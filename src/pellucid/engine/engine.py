@@ -128,6 +128,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.lock = threading.Lock()  # add/abort may come from other threads than step()
+        self._forwarding = False  # a forward is writing the cache (an abort's release waits for it)
+        self._late: list[tuple] = []  # releases that wait for the forward
 
     def _make_cache(self, kv_dtype: torch.dtype, asked_len: bool, kv_cache_mib: int | None) -> KVCache:
         """The KV pool: kv_cache_mib of memory, every slot able to reach the whole window where
@@ -265,7 +267,8 @@ class Engine:
         # the last prompt token is always computed: its logits start the output (a preempted
         # request's last output token is fed by its next decode step)
         limit = req.fill_len if req.output_ids else len(ids) - 1
-        self.stats.prefix_query_tokens += len(req.prompt_ids)
+        if not req.preempted:  # (a request placed again computes its tokens again: no new query)
+            self.stats.prefix_query_tokens += len(req.prompt_ids)
         if req.capture is not None:  # what it reads must be computed
             req.slot = cache.allocate()
             return
@@ -283,8 +286,8 @@ class Engine:
         n_free, n_run = min(n_free, limit), min(n_run, limit)
         if n_free >= MIN_PREFIX and n_free >= n_run:
             req.slot = cache.take(free_slot, n_free)
-            req.num_computed = req.cached_tokens = n_free
-            self.stats.prefix_hit_tokens += min(n_free, len(req.prompt_ids))
+            req.num_computed = n_free
+            self._count_hit(req, n_free)
             return
         req.slot = cache.allocate()
         if n_run >= MIN_PREFIX:
@@ -297,9 +300,15 @@ class Engine:
             return False
         req.share = None
         if not source.finished and source.slot is not None and self.cache.copy_prefix(source.slot, req.slot, n):
-            req.num_computed = req.cached_tokens = n
-            self.stats.prefix_hit_tokens += n
+            req.num_computed = n
+            self._count_hit(req, n)
         return True
+
+    def _count_hit(self, req: Request, n: int) -> None:
+        """n of req's tokens came from the prefix cache: its prompt's share counts, once per request."""
+        if not req.preempted:
+            req.cached_tokens = min(n, len(req.prompt_ids))
+            self.stats.prefix_hit_tokens += req.cached_tokens
 
     def _schedule(self) -> list[Work]:
         """This step's work: one token for each generating request, then prompt chunks within the budget.
@@ -372,6 +381,7 @@ class Engine:
         self.cache.release(req.slot)
         req.slot, req.share, req.num_computed = None, None, 0
         req.captured = {}
+        req.preempted += 1
         req.status = Status.WAITING
         self.running.remove(req)
         self.waiting.appendleft(req)
@@ -381,14 +391,22 @@ class Engine:
         with self.lock:  # requests aborted since the schedule have no slot any more
             work = [w for w in work if not w.req.finished]
             slots = [w.req.slot for w in work]
+            self._forwarding = bool(work)
         if not work:
             return []
-        if self.cache is None:
-            logits = self._forward_uncached(work)
-        elif self.fused():
-            logits = self._forward_rows(work, slots)
-        else:
-            logits = self._forward_parts(work, slots)
+        try:
+            if self.cache is None:
+                logits = self._forward_uncached(work)
+            elif self.fused():
+                logits = self._forward_rows(work, slots)
+            else:
+                logits = self._forward_parts(work, slots)
+        finally:
+            with self.lock:  # slots of requests aborted meanwhile: free now that nothing writes them
+                self._forwarding = False
+                for args in self._late:
+                    self.cache.release(*args)
+                self._late.clear()
         sampled = []
         for w in work:
             w.req.num_computed = w.start + len(w.ids)
@@ -546,7 +564,10 @@ class Engine:
         req.finish_reason = reason
         if req.slot is not None and self.cache is not None:
             held = req.all_ids[: req.num_computed] if self.prefix_cache and self.fused() else None
-            self.cache.release(req.slot, held, steer_key(req))
+            if self._forwarding:  # the forward still writes its positions: release the slot after it
+                self._late.append((req.slot, held, steer_key(req)))
+            else:
+                self.cache.release(req.slot, held, steer_key(req))
             req.slot = None
         if req in self.running and reason == "abort":
             self.running.remove(req)

@@ -195,6 +195,9 @@ def _tensor(shape: tuple[int, ...], dtype: torch.dtype, device, lazy: bool) -> t
     mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     # Pages of 4 KiB, not 2 MiB transparent huge pages: a huge page would give one short
     # request's (layer, head) row 2 MiB at its first write.
-    mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    try:
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages has none to refuse
+        pass
     t = torch.frombuffer(mapping, dtype=dtype, count=torch.Size(shape).numel()) if nbytes else torch.empty(0, dtype=dtype)
     return t.view(shape), mapping

@@ -63,6 +63,7 @@ class Request:
         self.cached_tokens = 0  # of the prompt, found in the prefix cache
         self.share: tuple[Request, int] | None = None  # (running request, n): copy its first n positions when computed
         self.slot: int | None = None
+        self.preempted = 0  # times taken out of the batch to free KV memory (its tokens computed again)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None  # set when the request failed inside the engine
