@@ -168,3 +168,9 @@ def test_an_abort_during_a_forward_frees_its_slot_after_it(lm):
     assert req.finished and req.finish_reason == "abort" and slot in eng.cache.free
     assert eng.cache.extent[slot] == n and eng.cache.held[slot] == list(range(3, 3 + n))
     assert eng.cache.used == eng.cache.held_tokens == n
+
+
+def test_a_budget_below_one_mib_is_refused_by_name(lm):
+    for bad in (0, -5):
+        with pytest.raises(PellucidError, match=f"kv_cache_mib = {bad} is out of range"):
+            Engine(lm, kv_cache_mib=bad)

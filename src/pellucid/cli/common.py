@@ -186,13 +186,3 @@ def check_params(defaults: dict[str, Any], config, flags: dict[str, Any], model:
     path = resolve(model)
     if path.is_file():
         command_params(defaults, config, flags, TokenCounter.for_model(path).tokenizer)
-
-
-def fit_context(llm, prompt_len: int, max_tokens: int | None) -> None:
-    """Grow the engine's context to the model's own window when prompt + max_tokens needs it,
-    instead of failing at the default 4,096 positions (one slot, so the cache stays small)."""
-    need = prompt_len + (max_tokens or 0)
-    eng = llm.engine
-    limit = min(llm.config.context_length, getattr(llm.model, "max_len", llm.config.context_length))
-    if need > eng.max_len and eng.max_len < limit:
-        llm.engine = eng.resized(min(need, limit))

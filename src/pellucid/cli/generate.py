@@ -19,7 +19,6 @@ from pellucid.cli.common import (
     Threads,
     check_params,
     command_params,
-    fit_context,
     load_llm,
     model_name,
     read_config,
@@ -88,7 +87,6 @@ def generate(
         err.print("[dim]note: the config's system_prompt is used by `pellucid chat`; generate is raw completion[/]")
     llm = load_llm(name, dtype, quant, threads=threads)
     params = command_params(defaults, cfg, flags, llm.tokenizer)
-    fit_context(llm, len(llm.encode_prompt(prompt)), params.max_tokens)
     constraint = from_cli(llm.tokenizer, **structured, vocab_size=llm.config.vocab_size)
     if constraint is None and cfg is not None and cfg.response_format:
         constraint = from_response_format(llm.tokenizer, cfg.response_format, vocab_size=llm.config.vocab_size)

@@ -21,7 +21,6 @@ from pellucid.cli.common import (
     Threads,
     check_params,
     command_params,
-    fit_context,
     load_llm,
     model_name,
     read_config,
@@ -111,7 +110,6 @@ def speculate(
     params = command_params(defaults, cfg, flags, llm.tokenizer)
     text = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = llm.encode_prompt(text)
-    fit_context(llm, len(ids), params.max_tokens)
     with err.status(f"preparing the {spec.draft} drafter"):
         drafter = make_drafter(spec, llm.loaded, max_len=llm.engine.max_len)
     dec = SpeculativeDecoder(llm.loaded, drafter, num_draft=num_draft, max_len=llm.engine.max_len)

@@ -111,7 +111,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # prompt tokens per step while no request is generating
         self.step_tokens = step_tokens  # tokens per step (generated + prompt) while some are
         self.use_cache = use_cache
-        self.asked = (max_len, kv_cache_mib)
+        if kv_cache_mib is not None and kv_cache_mib < 1:
+            raise PellucidError(f"kv_cache_mib = {kv_cache_mib} is out of range; allowed: 1 or more (MiB)", param="kv_cache_mib")
+        self.kv_cache_asked = kv_cache_mib  # (None: the default share of memory, worked out again by resized())
         kv_dtype = cache_dtype(self.model)
         # Reuse is exact only where a row's values do not depend on its batch (pellucid's integer kernels)
         if prefix_cache is None:
@@ -173,7 +175,7 @@ class Engine:
         """A new idle engine like this one with a context window of `max_len` positions."""
         return Engine(self.lm, max_batch=self.max_batch, max_len=max_len, prefill_chunk=self.prefill_chunk,
                       step_tokens=self.step_tokens, prefix_cache=self.prefix_cache, prefix_cache_mib=self.prefix_cache_mib,
-                      kv_cache_mib=self.asked[1], use_cache=self.use_cache, device=str(self.device))  # fmt: skip
+                      kv_cache_mib=self.kv_cache_asked, use_cache=self.use_cache, device=str(self.device))  # fmt: skip
 
     def fused(self) -> bool:
         """Whether a step runs as one forward through pellucid's fused ops (see the module docstring)."""
