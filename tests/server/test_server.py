@@ -432,7 +432,11 @@ def test_client_disconnect_stops_generation(srv, oa):
                 break  # dropping the line iterator closes the connection: the client is gone
     m = wait_idle(srv)
     assert m["pellucid_requests_aborted_total"] == before["pellucid_requests_aborted_total"] + 1
-    assert m["pellucid_kv_cache_slots_used"] == 0
+    t = time.monotonic()  # aborted while a forward wrote its positions, the slot goes back when that forward ends
+    while m["pellucid_kv_cache_slots_used"] != 0:
+        assert time.monotonic() - t < 10, m
+        time.sleep(0.05)
+        m = metrics(srv)
     generated = m["pellucid_generation_tokens_total"] - before["pellucid_generation_tokens_total"]
     assert generated < 1000  # stopped long before max_tokens
     time.sleep(0.3)
