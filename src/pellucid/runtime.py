@@ -158,7 +158,7 @@ def kernels(device: str = "cpu") -> str:
 
     if not kernels.available():
         return "torch's kernels (pellucid's CPU kernels unavailable)"
-    return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, int16 activations per block of 32)"
+    return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, int16 activations per block)"
 
 
 _helper = threading.local()

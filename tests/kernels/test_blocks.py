@@ -1,6 +1,7 @@
 """pellucid::block_mm / block_rows, the kernels on GGUF's block formats read in place: every
 block type's values equal to gguf's own dequantizer bit for bit, the matmul's exact
-arithmetic (int16 activations per block of 32, exact integer dots, float32 scaling)
+arithmetic (int16 activations per block of 32 or super-block of 256, exact integer dots,
+float32 scaling; the integer sums at their bound)
 against a float64 reference, bit-identical rows whatever the batch and thread count,
 several matrices of mixed types in one call (with a bias and reordered outputs), both ISA
 paths (AVX2 forced in a subprocess), and argument checks."""
@@ -49,11 +50,13 @@ def reference(data: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     return torch.from_numpy(dequantize(data.numpy(), GGMLQuantizationType(qtype)).reshape(data.shape[0], K))
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' activations as float64: per row and block of 32, dx = max|x| / 32767,
-    xq = round-half-even(x / dx) in float32 (0 when the block is all zero), xq * dx."""
+def quantized_activations(x: torch.Tensor, qtype: int) -> torch.Tensor:
+    """The kernels' activations as float64: per row and scale block (32 values; a super-block
+    of 256 for Q4_K and Q6_K), dx = max|x| / 32767, xq = round-half-even(x / dx) in float32
+    (0 when the block is all zero), xq * dx."""
     M, K = x.shape
-    xb = x.view(M, K // 32, 32)
+    block = 256 if qtype in (kernels.Q4_K, kernels.Q6_K) else 32
+    xb = x.view(M, K // block, block)
     dx = xb.abs().amax(-1, keepdim=True) / 32767
     xq = torch.where(dx > 0, torch.round(xb / torch.where(dx > 0, dx, 1)), 0)
     return (xq.double() * dx.double()).view(M, K)
@@ -70,7 +73,7 @@ def check_accuracy(qtype: int, N: int, K: int, M: int, seed: int = 0) -> None:
     x[0, :32] = 0.0  # an all-zero block: dx = 0
     y = mm(x, data, qtype)
     assert y.shape == (M, N) and y.dtype == torch.float32
-    ref = quantized_activations(x) @ w.t()
+    ref = quantized_activations(x, qtype) @ w.t()
     err = (y.double() - ref).abs().max().item()
     assert err <= 1e-5 * ref.abs().max().item(), (NAMES[qtype], N, K, M, err)
     exact = x.double() @ w.t()  # int16 activations are within ~1e-5 of float32's
@@ -151,6 +154,31 @@ def test_several_matrices_of_mixed_types_in_one_call():
     expect = torch.empty_like(alone)
     expect[:, perm] = alone
     assert torch.equal(y, expect + bias)
+
+
+@pytest.mark.parametrize("qtype", [kernels.Q4_K, kernels.Q6_K], ids=["Q4_K", "Q6_K"])
+def test_super_block_integer_sums_at_their_bound(qtype):
+    """Every product at its largest (Q4_K: q 15 times sub-block scale 63; Q6_K: q -32 times
+    scale -128) against activations all at the int16 limit: the int32 sums over a
+    super-block reach their bound (2,147,418,112 for Q6_K) without wrapping."""
+    K = 512
+    b = np.zeros((3, K // 256, kernels.BLOCK_SIZES[qtype][1]), dtype=np.uint8)
+    if qtype == kernels.Q4_K:
+        b[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d
+        b[..., 2:4] = np.frombuffer(np.float16(0.02).tobytes(), np.uint8)  # dmin
+        b[..., 4:16] = 0xFF  # every 6-bit scale and min 63
+        b[..., 16:] = 0xFF  # every q 15
+    else:
+        b[..., 0:192] = 0  # q = 0 - 32
+        b[..., 192:208] = 0x80  # every scale -128
+        b[..., 208:210] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    data = torch.from_numpy(b.reshape(3, -1))
+    w = reference(data, qtype, K).double()
+    for sign in (1.0, -1.0):
+        x = torch.full((2, K), sign * 3.5)
+        y = mm(x, data, qtype).double()
+        exact = x.double() @ w.t()
+        assert torch.allclose(y, exact, rtol=1e-6, atol=0), (NAMES[qtype], y[0, 0].item(), exact[0, 0].item())
 
 
 def test_cpu_isa_names_the_path():

@@ -6,8 +6,8 @@
 - ops.cpp: the fused decode ops (norms, rotary + cache write + attention, gated MLP).
 
 torch's weight-only CPU kernels are written for AVX-512 bfloat16; these quantize the
-float32 activations to int16 per block of 32 and sum exact integer dot products against
-the file's own blocks, so a quantized model reads each weight byte once per step and its
+float32 activations to int16 per block (32 values, or a K-quant's super-block of 256) and
+sum exact integer dot products against the file's own blocks, so a quantized model reads each weight byte once per step and its
 results do not depend on the batch.
 
 Built once per machine and torch version with torch.utils.cpp_extension (g++ and ninja)

@@ -13,16 +13,20 @@
 //   pellucid::read_bytes(buf uint8) -> int: a sum over every byte, read with all threads (a
 //       probe of the machine's read bandwidth)
 //
-// Arithmetic of block_mm: per row of x and block of 32, amax = max |x|, dx = amax / 32767,
-// xq = nearbyint(x / dx) as int16 (all 0 with dx = 0 when amax is 0). Per output and weight
-// scale group (32 values; 16 for Q6_K): isum = sum q * xq exactly in int32 (madd / VPDPWSSD),
-// acc += float(isum) * (dw * dx) and, for formats with an offset (w = dw * q + mw: Q4_0 with
-// mw = -8 dw, Q4_1, Q5_0 with -16 dw, Q4_K), acc += mw * (dx * sum xq); dw and mw are the
-// file's scales multiplied out in float32 exactly as ggml's dequantizer does (d * sc for
-// Q4_K and Q6_K: exact products). One fused multiply-add per vector lane; lanes summed once
-// at the end. Every output runs the same instruction sequence whatever M, the tile that
-// holds it, the thread or the other rows are (no split-K), so a row's result is
-// bit-identical batched or alone. AVX2 and AVX-512 paths differ in lane layout (and so in
+// Arithmetic of block_mm: per row of x and scale block (32 values; a super-block of 256 for
+// Q4_K and Q6_K), amax = max |x|, dx = amax / 32767, xq = nearbyint(x / dx) as int16 (all 0
+// with dx = 0 when amax is 0). Blocks of 32 (Q4_0, Q4_1, Q5_0, Q8_0): per output and block,
+// isum = sum q * xq exactly in int32 (madd / VPDPWSSD), acc += float(isum) * (dw * dx) and,
+// for formats with an offset (w = dw * q + mw: Q4_0 with mw = -8 dw, Q4_1, Q5_0 with -16 dw),
+// acc += mw * (dx * sum xq). Super-blocks (w = d * sc_j * q - dmin * mn_j in sub-block j):
+// per output, isum = sum (sc_j * q) * xq exactly in int32 over the super-block (over half of
+// it for Q6_K on AVX2: |isum| < 2^31 is guaranteed), acc += float(isum) * (d * dx), and for
+// Q4_K acc += -(dmin * mn_j) * (dx * sum of sub-block j's xq) per sub-block. So the weights
+// summed are exactly the file's dequantized values (d * sc * q is exact in float32), and one
+// float step serves a whole super-block. Every fused multiply-add is per vector lane; lanes
+// are summed once at the end. Every output runs the same instruction sequence whatever M,
+// the tile that holds it, the thread or the other rows are (no split-K), so a row's result
+// is bit-identical batched or alone. AVX2 and AVX-512 paths differ in lane layout (and so in
 // the last bits); PELLUCID_ISA=avx2|avx512 (read when the library is loaded) forces a
 // lower path.
 //
@@ -236,11 +240,11 @@ struct Job {
   int64_t M, K;
   int64_t ldy;        // floats per row of y
   int64_t KP;         // int16 per row of xq (whole units)
-  int64_t LP;         // floats per row of dxl / sxl (one per lane of every unit)
+  int64_t LP;         // floats per row of dxl / sxl (one per lane of every unit, or of every super-block)
   int64_t wrow;       // bytes per weight row
   const int16_t* xq;  // (M, KP) quantized activations in unit order
-  const float* dxl;   // (M, LP) each lane's activation scale dx
-  const float* sxl;   // (M, LP) dx * sum(xq) of the lane's block in its first float, 0 in the others
+  const float* dxl;   // (M, LP) activation scales dx (see prep_row)
+  const float* sxl;   // (M, LP) dx * sum(xq) of each group of 32 (see prep_row), or null
   const uint8_t* w;   // (N, wrow) the file's blocks
   const float* bias;  // (ldy,) in output order, or null
   const int64_t* col; // output column of each row, or null (column = n0 + row)
@@ -248,63 +252,71 @@ struct Job {
   float* y;           // (M, ldy)
 };
 
-// Quantize one row of x to int16 per block of 32 and write it in the unit order of a path
-// with `gpu` scale groups of `gs` elements per unit. Plain IEEE max / divide / round to
-// nearest even: the same bits whatever the path or vector width.
-void prep_row(const float* x, int64_t K, int gs, int gpu, int16_t* xq, int64_t KP, float* dxl, float* sxl,
-              int64_t LP) {
-  const int64_t B = K / 32, unit = static_cast<int64_t>(gpu) * gs, lanes = 4 * gpu;
+// Quantize one row of x to int16 per scale block (32 values, or 256 for the K-quant
+// super-block formats) and write it in the unit order of a path with `gpu` scale groups of
+// `gs` elements per unit. Plain IEEE max / divide / round to nearest even: the same bits
+// whatever the path or vector width. Scales and sums: per block of 32, dxl holds dx in each
+// lane of its group and sxl dx * sum(xq) in the group's first lane; per super-block c,
+// dxl[c] holds dx and sxl[c * lanes + lanes - 8 + j] dx * sum(xq) of its group j of 32.
+void prep_row(const float* x, int64_t K, int gs, int gpu, bool super, int16_t* xq, int64_t KP, float* dxl,
+              float* sxl, int64_t LP) {
+  const int64_t SB = super ? 256 : 32, unit = static_cast<int64_t>(gpu) * gs, lanes = 4 * gpu;
   std::memset(xq + KP - unit, 0, unit * sizeof(int16_t));  // the last unit may be part empty
   std::memset(dxl, 0, LP * sizeof(float));
   if (sxl) std::memset(sxl, 0, LP * sizeof(float));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   alignas(32) int16_t q[32];
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + 32 * b;
-    __m256 v[4];
+  for (int64_t c = 0; c < K / SB; ++c) {
     __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(xb + 8 * i);
-      mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+    for (int64_t i = 0; i < SB; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + SB * c + i);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
     float dx = amax / 32767.0f;
-    int32_t qsum = 0;
-    if (_mm256_movemask_ps(bad) != 0 || !std::isfinite(amax)) {  // NaN / inf in: NaN out
-      dx = std::numeric_limits<float>::quiet_NaN();
-      std::memset(q, 0, sizeof(q));
-    } else if (dx > 0.0f) {
-      const __m256 dv = _mm256_set1_ps(dx);
-      // |x / dx| <= 32767 but for a subnormal dx (amax < ~4e-34): clamp, so xq and its sum agree
-      const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
-      __m256i s = _mm256_setzero_si256();
-      for (int i = 0; i < 4; i += 2) {  // cvtps: the MXCSR rounding, to nearest even
-        __m256i a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(v[i], dv))));
-        __m256i c = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], dv))));
-        s = _mm256_add_epi32(s, _mm256_add_epi32(a, c));
-        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), _MM_SHUFFLE(3, 1, 2, 0));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), p);
+    const bool nan = _mm256_movemask_ps(bad) != 0 || !std::isfinite(amax);  // NaN / inf in: NaN out
+    if (nan) dx = std::numeric_limits<float>::quiet_NaN();
+    else if (!(dx > 0.0f)) dx = 0.0f;  // amax == 0 (or so small that dx underflows)
+    if (super) dxl[c] = dx;
+    for (int64_t b = SB * c / 32; b < SB * (c + 1) / 32; ++b) {  // blocks of 32
+      int32_t qsum = 0;
+      if (dx > 0.0f) {
+        const __m256 dv = _mm256_set1_ps(dx);
+        // |x / dx| <= 32767 but for a subnormal dx (amax < ~4e-34): clamp, so xq and its sum agree
+        const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
+        __m256i s = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i += 2) {  // cvtps: the MXCSR rounding, to nearest even
+          const __m256 va = _mm256_loadu_ps(x + 32 * b + 8 * i), vc = _mm256_loadu_ps(x + 32 * b + 8 * i + 8);
+          __m256i a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(va, dv))));
+          __m256i d = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(vc, dv))));
+          s = _mm256_add_epi32(s, _mm256_add_epi32(a, d));
+          __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, d), _MM_SHUFFLE(3, 1, 2, 0));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), p);
+        }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+        qsum = _mm_cvtsi128_si32(t);
+      } else {
+        std::memset(q, 0, sizeof(q));
       }
-      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
-      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
-      qsum = _mm_cvtsi128_si32(t);
-    } else {  // amax == 0 (or so small that dx underflows)
-      dx = 0.0f;
-      std::memset(q, 0, sizeof(q));
-    }
-    for (int c = 0; c < 4; ++c) {  // 8-element chunks to (unit, operand j, lane group g)
-      const int64_t e = 32 * b + 8 * c, g = e / gs, j = (e % gs) / 8, u = g / gpu, gg = g % gpu;
-      std::memcpy(xq + u * unit + j * (8 * gpu) + gg * 8, q + 8 * c, 16);
-    }
-    for (int64_t g = 32 * b / gs; g < 32 * (b + 1) / gs; ++g) {
-      float* p = dxl + (g / gpu) * lanes + (g % gpu) * 4;
-      p[0] = p[1] = p[2] = p[3] = dx;
-      if (sxl) sxl[(g / gpu) * lanes + (g % gpu) * 4] = dx * static_cast<float>(qsum);
+      for (int k = 0; k < 4; ++k) {  // 8-element pieces to (unit, operand j, lane group g)
+        const int64_t e = 32 * b + 8 * k, g = e / gs, j = (e % gs) / 8, u = g / gpu, gg = g % gpu;
+        std::memcpy(xq + u * unit + j * (8 * gpu) + gg * 8, q + 8 * k, 16);
+      }
+      if (super) {
+        if (sxl) sxl[c * lanes + lanes - 8 + (b - 8 * c)] = dx * static_cast<float>(qsum);
+        continue;
+      }
+      for (int64_t g = 32 * b / gs; g < 32 * (b + 1) / gs; ++g) {
+        float* p = dxl + (g / gpu) * lanes + (g % gpu) * 4;
+        p[0] = p[1] = p[2] = p[3] = dx;
+        if (sxl) sxl[(g / gpu) * lanes + (g % gpu) * 4] = dx * static_cast<float>(qsum);
+      }
     }
   }
 }
@@ -374,6 +386,8 @@ KernelFn pick(Isa isa, int64_t t) {
 
 bool has_offset(int64_t t) { return t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q4_K; }
 int group_size(int64_t t) { return t == Q6_K ? 16 : 32; }
+bool is_super(int64_t t) { return t == Q4_K || t == Q6_K; }  // activations scaled per super-block of 256
+int layout(int64_t t) { return t == Q6_K ? 2 : t == Q4_K ? 1 : 0; }  // one activation layout per value
 
 std::string dtype_name(at::ScalarType t) {  // torch's Python names
   switch (t) {
@@ -409,19 +423,20 @@ void check_weight(const char* op, const at::Tensor& w, int64_t t, int64_t K, siz
   TORCH_CHECK(w.stride(1) == 1 && w.stride(0) == w.size(1), op, ": weight ", i, " must be contiguous");
 }
 
-// Activations quantized for one layout (scale groups of gs), shared by the matrices that use it.
+// Activations quantized for one layout (scale groups of gs; scale blocks of 32 or of a
+// super-block of 256), shared by the matrices that use it.
 struct Prepared {
   int gs = 0;
   int64_t KP = 0, LP = 0;
   at::Tensor xq, dxl, sxl;
 };
 
-Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool offsets, const at::TensorOptions& opt) {
+Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool super, bool offsets, const at::TensorOptions& opt) {
   const int gpu = kIsa == Isa::avx2 ? 2 : 4;  // scale groups per unit (one per 128-bit lane)
   Prepared p;
   p.gs = gs;
   const int64_t unit = static_cast<int64_t>(gpu) * gs, U = (K + unit - 1) / unit;
-  p.KP = U * unit, p.LP = U * 4 * gpu;
+  p.KP = U * unit, p.LP = super ? K / 256 * 4 * gpu : U * 4 * gpu;
   p.xq = at::empty({M, p.KP}, opt.dtype(at::kShort));
   p.dxl = at::empty({M, p.LP}, opt.dtype(at::kFloat));
   if (offsets) p.sxl = at::empty({M, p.LP}, opt.dtype(at::kFloat));
@@ -431,7 +446,7 @@ Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool offsets, con
   const int64_t KP = p.KP, LP = p.LP;
   auto body = [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      prep_row(X + m * K, K, gs, gpu, xq + m * KP, KP, dxl + m * LP, sxl ? sxl + m * LP : nullptr, LP);
+      prep_row(X + m * K, K, gs, gpu, super, xq + m * KP, KP, dxl + m * LP, sxl ? sxl + m * LP : nullptr, LP);
   };
   if (M * K < (1 << 15)) body(0, M);
   else at::parallel_for(0, M, 16, body);
@@ -481,19 +496,17 @@ at::Tensor block_mm(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef typ
   auto x = x_.contiguous();
   const float* X = x.data_ptr<float>();
 
-  Prepared preps[2];  // gs 32, gs 16
+  Prepared preps[3];  // blocks of 32; Q4_K's super-blocks (groups of 32); Q6_K's (groups of 16)
   std::vector<Job> jobs(ws.size());
   std::vector<KernelFn> fns(ws.size());
   std::vector<int64_t> rows(ws.size()), cost(ws.size());
   int64_t n0 = 0;
   for (size_t i = 0; i < ws.size(); ++i) {
-    const int gs = group_size(types[i]);
-    Prepared& p = preps[gs == 32 ? 0 : 1];
-    const bool off = has_offset(types[i]);
-    if (p.gs == 0 || (off && !p.sxl.defined())) {
-      bool need_off = off;  // one preparation with offsets serves every matrix of this layout
-      for (size_t k = 0; k < ws.size(); ++k) need_off |= group_size(types[k]) == gs && has_offset(types[k]);
-      p = prepare(X, M, K, gs, need_off, x.options());
+    Prepared& p = preps[layout(types[i])];
+    if (p.gs == 0) {
+      bool off = false;  // one preparation with offsets serves every matrix of this layout
+      for (size_t k = 0; k < ws.size(); ++k) off |= layout(types[k]) == layout(types[i]) && has_offset(types[k]);
+      p = prepare(X, M, K, group_size(types[i]), is_super(types[i]), off, x.options());
     }
     Job& J = jobs[i];
     J.M = M, J.K = K, J.ldy = N, J.KP = p.KP, J.LP = p.LP;
@@ -664,6 +677,7 @@ constexpr int NR = 2;   // weight rows per tile
 inline iv ldi(const void* p) { return _mm512_loadu_si512(p); }
 inline fv ldf(const float* p) { return _mm512_loadu_ps(p); }
 inline fv fzero() { return _mm512_setzero_ps(); }
+inline fv fset1(float a) { return _mm512_set1_ps(a); }
 inline fv fmul(fv a, fv b) { return _mm512_mul_ps(a, b); }
 inline fv ffma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
 inline fv i2f(iv a) { return _mm512_cvtepi32_ps(a); }
@@ -684,12 +698,6 @@ inline float hsum(fv v) {
 inline fv per_lane(__m128 v) {
   return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                _mm512_castps128_ps512(v));
-}
-// floats i..i+3 of v, each over its lane
-inline fv per_lane_at(fv v, int i) {
-  return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i), _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1,
-                                                                                       1, 1, 0, 0, 0, 0)),
-                               v);
 }
 // 16 bytes at p + k s into lane k, for the first r lanes (zeros after)
 inline iv lanes16(const uint8_t* p, int64_t s, int r) {
@@ -777,13 +785,28 @@ struct FQ8_0 {
   }
 };
 
+// K-quant super-blocks: a unit's operands come out multiplied by their sub-block's integer
+// scale (q * sc: at most 945 for Q4_K, 4096 for Q6_K, exact in int16), so the integer sums
+// run over IPC units and one float step per IPC units scales them by the super-block's d.
+// lane g of unit k (element 8g..8g+7 of 32 int16) <- element 4k + g of v
+inline iv lanes_of(iv v, int k) {
+  const iv idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<short>(4 * k)),
+                                  _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18,
+                                                                     17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                                     2, 1, 0),
+                                                    3));
+  return _mm512_permutexvar_epi16(idx, v);
+}
+
 // Q4_K: a chunk is one super-block of 256 (144 bytes), two units of 4 sub-blocks.
 struct FQ4_K {
-  static constexpr int GS = 32, NOPS = 4, UPC = 2;
+  static constexpr int GS = 32, NOPS = 4, UPC = 2, IPC = 2;
   static constexpr int64_t CE = 256, CB = 144;
   static constexpr bool OFF = true;
   struct Chunk {
-    fv v;  // d * sc[0..7], -dmin * mn[0..7]
+    iv sc;   // int16 sc[0..7] in elements 0..7
+    fv d;    // d in every lane
+    fv mn;   // lanes 8..15: -(dmin * mn[0..7]); lanes 0..7: 0
     const uint8_t* q;
   };
   static inline Chunk begin(const uint8_t* p) {
@@ -794,35 +817,35 @@ struct FQ4_K {
     const __m128i b = _mm_setr_epi32(static_cast<int>(s_lo), static_cast<int>(s_hi), static_cast<int>(m_lo),
                                      static_cast<int>(m_hi));
     const fv s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-    const fv f = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16(p)), _mm512_set1_ps(-fp16(p + 2)));
-    return {fmul(s, f), p + 16};
+    return {_mm512_cvtepu8_epi16(_mm256_castsi128_si256(b)), _mm512_set1_ps(fp16(p)),
+            _mm512_maskz_mul_ps(0xFF00, s, _mm512_set1_ps(-fp16(p + 2))), p + 16};
   }
-  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv& mw) {
+  static inline void unit(const Chunk& c, int k, iv* W) {
     const iv raw = ldi(c.q + 64 * k), m = _mm512_set1_epi8(0x0F);
     const iv lo = _mm512_and_si512(raw, m), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
     // lo: lanes = sub-blocks A[0:16], A[16:32], C[0:16], C[16:32]; hi the same for B, D
     const iv P = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), hi);
     const iv Q = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2), hi);
     widen_u(P, Q, W);
-    dw = per_lane_at(c.v, 4 * k);
-    mw = per_lane_at(c.v, 8 + 4 * k);
+    const iv s = lanes_of(c.sc, k);
+    for (int j = 0; j < NOPS; ++j) W[j] = _mm512_mullo_epi16(W[j], s);
   }
 };
 
 // Q6_K: a chunk is one super-block of 256 (210 bytes), four units of 4 groups of 16.
 struct FQ6_K {
-  static constexpr int GS = 16, NOPS = 2, UPC = 4;
+  static constexpr int GS = 16, NOPS = 2, UPC = 4, IPC = 4;
   static constexpr int64_t CE = 256, CB = 210;
   static constexpr bool OFF = false;
   struct Chunk {
-    fv v;  // d * sc[0..15]
+    iv sc;  // int16 sc[0..15] in elements 0..15
+    fv d, mn;
     const uint8_t* p;
   };
   static inline Chunk begin(const uint8_t* p) {
-    const fv s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ldi1(p + 192)));
-    return {fmul(s, _mm512_set1_ps(fp16(p + 208))), p};
+    return {_mm512_castsi256_si512(_mm256_cvtepi8_epi16(ldi1(p + 192))), _mm512_set1_ps(fp16(p + 208)), fzero(), p};
   }
-  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv&) {
+  static inline void unit(const Chunk& c, int k, iv* W) {
     const int h = k >> 1, hi = k & 1;
     const iv L = ldi(c.p + 64 * h);
     const iv H = _mm512_broadcast_i64x4(ldi2(c.p + 128 + 32 * h));
@@ -836,9 +859,9 @@ struct FQ6_K {
     const iv nib = hi ? _mm512_and_si512(_mm512_srli_epi16(L, 4), m4) : _mm512_and_si512(L, m4);
     const iv top = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh), m2), 4);
     const iv q = _mm512_sub_epi8(_mm512_or_si512(nib, top), _mm512_set1_epi8(32));
-    W[0] = sext_lo(q);
-    W[1] = sext_hi(q);
-    dw = per_lane_at(c.v, 4 * k);
+    const iv s = lanes_of(c.sc, k);
+    W[0] = _mm512_mullo_epi16(sext_lo(q), s);
+    W[1] = _mm512_mullo_epi16(sext_hi(q), s);
   }
 };
 
@@ -853,6 +876,7 @@ constexpr int NR = 1;
 inline iv ldi(const void* p) { return ldi2(p); }
 inline fv ldf(const float* p) { return _mm256_loadu_ps(p); }
 inline fv fzero() { return _mm256_setzero_ps(); }
+inline fv fset1(float a) { return _mm256_set1_ps(a); }
 inline fv fmul(fv a, fv b) { return _mm256_mul_ps(a, b); }
 inline fv ffma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
 inline fv i2f(iv a) { return _mm256_cvtepi32_ps(a); }
@@ -860,7 +884,6 @@ inline iv madd(iv w, iv x) { return _mm256_madd_epi16(w, x); }
 inline iv iadd(iv a, iv b) { return _mm256_add_epi32(a, b); }
 inline iv dot(iv acc, iv w, iv x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
 inline float hsum(fv v) { return hsum2(v); }
-inline fv per_lane2(float a, float b) { return _mm256_setr_ps(a, a, a, a, b, b, b, b); }
 inline fv per_lane(__m128 v) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
@@ -933,49 +956,59 @@ struct FQ8_0 {
   }
 };
 
+// K-quant super-blocks (see the AVX-512 path): lane g of unit k holds group 2k + g.
+inline iv two_lanes(int16_t a, int16_t b) { return _mm256_setr_m128i(_mm_set1_epi16(a), _mm_set1_epi16(b)); }
+
 struct FQ4_K {
-  static constexpr int GS = 32, NOPS = 4, UPC = 4;
+  static constexpr int GS = 32, NOPS = 4, UPC = 4, IPC = 4;
   static constexpr int64_t CE = 256, CB = 144;
   static constexpr bool OFF = true;
   struct Chunk {
-    float d[8], m[8];
+    int16_t sc[8];
+    fv d, mn;  // d in every lane; -(dmin * mn[0..7])
     const uint8_t* q;
   };
   static inline Chunk begin(const uint8_t* p) {
     Chunk c;
     uint8_t sc[8], mn[8];
     q4k_scales(p + 4, sc, mn);
-    const float d = fp16(p), dmin = fp16(p + 2);
-    for (int j = 0; j < 8; ++j) c.d[j] = d * sc[j], c.m[j] = -(dmin * mn[j]);
+    const float dmin = fp16(p + 2);
+    alignas(32) float m[8];
+    for (int j = 0; j < 8; ++j) c.sc[j] = sc[j], m[j] = -(dmin * mn[j]);
+    c.d = _mm256_set1_ps(fp16(p));
+    c.mn = _mm256_load_ps(m);
     c.q = p + 16;
     return c;
   }
-  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv& mw) {
+  static inline void unit(const Chunk& c, int k, iv* W) {
     const iv raw = ldi(c.q + 32 * k), m = _mm256_set1_epi8(0x0F);
     const iv lo = _mm256_and_si256(raw, m), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
     widen_u(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31), W);
-    dw = per_lane2(c.d[2 * k], c.d[2 * k + 1]);
-    mw = per_lane2(c.m[2 * k], c.m[2 * k + 1]);
+    const iv s = two_lanes(c.sc[2 * k], c.sc[2 * k + 1]);
+    for (int j = 0; j < NOPS; ++j) W[j] = _mm256_mullo_epi16(W[j], s);
   }
 };
 
+// Q6_K: eight units of 2 groups of 16; sums of four units at most (2^31 / (32 * 4096 * 32767)).
 struct FQ6_K {
-  static constexpr int GS = 16, NOPS = 2, UPC = 8;
+  static constexpr int GS = 16, NOPS = 2, UPC = 8, IPC = 4;
   static constexpr int64_t CE = 256, CB = 210;
   static constexpr bool OFF = false;
   struct Chunk {
-    float d[16];
+    int16_t sc[16];
+    fv d, mn;
     const uint8_t* p;
   };
   static inline Chunk begin(const uint8_t* p) {
     Chunk c;
-    const float d = fp16(p + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-    for (int j = 0; j < 16; ++j) c.d[j] = d * sc[j];
+    for (int j = 0; j < 16; ++j) c.sc[j] = sc[j];
+    c.d = _mm256_set1_ps(fp16(p + 208));
+    c.mn = fzero();
     c.p = p;
     return c;
   }
-  static inline void unit(const Chunk& c, int k, iv* W, fv& dw, fv&) {
+  static inline void unit(const Chunk& c, int k, iv* W) {
     const int h = k >> 2, qq = k & 3;  // half, quarter of the half
     const iv L = ldi(c.p + 64 * h + 32 * (qq & 1));
     const iv H = ldi(c.p + 128 + 32 * h);
@@ -983,9 +1016,9 @@ struct FQ6_K {
     const iv nib = qq >= 2 ? _mm256_and_si256(_mm256_srli_epi16(L, 4), m4) : _mm256_and_si256(L, m4);
     const iv top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(H, _mm_cvtsi32_si128(2 * qq)), m2), 4);
     const iv q = _mm256_sub_epi8(_mm256_or_si256(nib, top), _mm256_set1_epi8(32));
-    W[0] = sext_lo(q);
-    W[1] = sext_hi(q);
-    dw = per_lane2(c.d[2 * k], c.d[2 * k + 1]);
+    const iv s = two_lanes(c.sc[2 * k], c.sc[2 * k + 1]);
+    W[0] = _mm256_mullo_epi16(sext_lo(q), s);
+    W[1] = _mm256_mullo_epi16(sext_hi(q), s);
   }
 };
 
@@ -1029,6 +1062,49 @@ __attribute__((always_inline)) inline void unit_step(fv (&acc)[mr][nr], const iv
   }
 }
 
+// Chunk c of a K-quant super-block format in an mr x nr tile, its units' operands from
+// get(nn, k, W): exact int32 sums over IPC units, then per output one convert, one scale
+// product (d * dx) and one fused add; with an offset, one more fused add per chunk for
+// sum_j mn_j * (dx * sum of group j's xq).
+template <class F, int mr, int nr, class Get>
+__attribute__((always_inline)) inline void super_step(fv (&acc)[mr][nr], Get get, const fv (&dc)[nr],
+                                                      const fv (&mn)[nr], const int16_t* const* xp,
+                                                      const float* const* xd, const float* const* xs, int64_t c) {
+  // independent integer chains per output: enough in flight to hide the dot's latency
+  constexpr int CH = mr * nr >= 8 ? 1 : mr * nr >= 4 ? 2 : 4;
+  for (int h = 0; h < F::UPC; h += F::IPC) {
+    iv ia[mr][nr][CH];
+    for (int k = h; k < h + F::IPC; ++k) {
+      iv W[nr][F::NOPS];
+      for (int nn = 0; nn < nr; ++nn) get(nn, k, W[nn]);
+      const int64_t u = c * F::UPC + k;
+      for (int mm = 0; mm < mr; ++mm) {
+        const int16_t* x = xp[mm] + u * (GPU * F::GS);
+        iv X[F::NOPS];
+        for (int j = 0; j < F::NOPS; ++j) X[j] = ldi(x + j * (8 * GPU));
+        for (int nn = 0; nn < nr; ++nn)
+          for (int j = 0; j < F::NOPS; ++j) {
+            const int t = (k - h) * F::NOPS + j;  // the t-th dot of this sum, on chain t % CH
+            ia[mm][nn][t % CH] = t < CH ? madd(W[nn][j], X[j]) : dot(ia[mm][nn][t % CH], W[nn][j], X[j]);
+          }
+      }
+    }
+    for (int mm = 0; mm < mr; ++mm) {
+      const fv dx = fset1(xd[mm][c]);
+      for (int nn = 0; nn < nr; ++nn) {
+        iv s = ia[mm][nn][0];  // exact: the same sum whatever the chains
+        for (int t = 1; t < CH; ++t) s = iadd(s, ia[mm][nn][t]);
+        acc[mm][nn] = ffma(i2f(s), fmul(dc[nn], dx), acc[mm][nn]);
+      }
+    }
+  }
+  if constexpr (F::OFF)
+    for (int mm = 0; mm < mr; ++mm) {
+      const fv sx = ldf(xs[mm] + c * L);
+      for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = ffma(mn[nn], sx, acc[mm][nn]);
+    }
+}
+
 // Chunk c of an mr x nr tile (r of its file blocks present: 32-formats only).
 template <class F, int mr, int nr, bool PF>
 __attribute__((always_inline)) inline void chunk_step(fv (&acc)[mr][nr], const uint8_t* const* wp,
@@ -1043,13 +1119,9 @@ __attribute__((always_inline)) inline void chunk_step(fv (&acc)[mr][nr], const u
   }
   if constexpr (IsSuper<F>::value) {
     typename F::Chunk ch[nr];
-    for (int nn = 0; nn < nr; ++nn) ch[nn] = F::begin(p[nn]);
-    for (int k = 0; k < F::UPC; ++k) {
-      iv W[nr][F::NOPS];
-      fv dw[nr], mw[nr];
-      for (int nn = 0; nn < nr; ++nn) F::unit(ch[nn], k, W[nn], dw[nn], mw[nn]);
-      unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, c * F::UPC + k);
-    }
+    fv dc[nr], mn[nr];
+    for (int nn = 0; nn < nr; ++nn) ch[nn] = F::begin(p[nn]), dc[nn] = ch[nn].d, mn[nn] = ch[nn].mn;
+    super_step<F, mr, nr>(acc, [&](int nn, int k, iv* W) { F::unit(ch[nn], k, W); }, dc, mn, xp, xd, xs, c);
   } else {
     iv W[nr][F::NOPS];
     fv dw[nr], mw[nr];
@@ -1109,75 +1181,91 @@ void rows(const Job& J, int64_t m0, int64_t n0, int64_t n1) {
 }
 
 // Many activation rows: a block of weight rows is decoded once into a panel of ready
-// operands (int16 in unit order, dw and mw per lane), which every tile of activation rows
-// then reads from cache. The arithmetic after decoding is unit_step's, as for a few rows,
-// so a row's result is the same bits either way.
+// operands (int16 in unit order and their scales), which every tile of activation rows
+// then reads from cache. The arithmetic after decoding is the same as for a few rows, so a
+// row's result is the same bits either way. Panel entries: per unit of a 32-format its
+// operands, dw and mw; per chunk of a super-block format its units' operands, d and mn.
 template <class F>
-constexpr int64_t panel_unit() {  // bytes of one decoded unit
-  return (F::NOPS + (F::OFF ? 2 : 1)) * static_cast<int64_t>(sizeof(iv));
+constexpr int64_t panel_entry() {  // bytes of one decoded unit (32-formats) or chunk (super-blocks)
+  if constexpr (IsSuper<F>::value) return (F::UPC * F::NOPS + 2) * static_cast<int64_t>(sizeof(iv));
+  else return (F::NOPS + (F::OFF ? 2 : 1)) * static_cast<int64_t>(sizeof(iv));
 }
 
 template <class F>
-void decode_rows(const Job& J, int64_t n0, int64_t n1, int64_t U, char* panel) {
-  const int64_t S = panel_unit<F>();
+void decode_rows(const Job& J, int64_t n0, int64_t n1, int64_t E, char* panel) {
+  const int64_t S = panel_entry<F>();
   const int64_t full = J.K / F::CE;
   const int rem = static_cast<int>((J.K % F::CE) / 32);
-  auto put = [&](char* out, const iv* W, const fv& dw, const fv& mw) {
-    for (int j = 0; j < F::NOPS; ++j) std::memcpy(out + j * sizeof(iv), &W[j], sizeof(iv));
-    std::memcpy(out + F::NOPS * sizeof(iv), &dw, sizeof(fv));
-    if constexpr (F::OFF) std::memcpy(out + (F::NOPS + 1) * sizeof(iv), &mw, sizeof(fv));
-  };
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = J.w + n * J.wrow;
-    char* out = panel + (n - n0) * U * S;
-    iv W[F::NOPS];
-    fv dw = fzero(), mw = fzero();
+    char* out = panel + (n - n0) * E * S;
     if constexpr (IsSuper<F>::value) {
       for (int64_t c = 0; c < full; ++c) {
         const typename F::Chunk ch = F::begin(w + c * F::CB);
+        iv* o = reinterpret_cast<iv*>(out + c * S);
         for (int k = 0; k < F::UPC; ++k) {
-          F::unit(ch, k, W, dw, mw);
-          put(out + (c * F::UPC + k) * S, W, dw, mw);
+          iv W[F::NOPS];
+          F::unit(ch, k, W);
+          for (int j = 0; j < F::NOPS; ++j) std::memcpy(o + k * F::NOPS + j, &W[j], sizeof(iv));
         }
+        std::memcpy(o + F::UPC * F::NOPS, &ch.d, sizeof(fv));
+        std::memcpy(o + F::UPC * F::NOPS + 1, &ch.mn, sizeof(fv));
       }
     } else {
-      for (int64_t c = 0; c < full; ++c) {
-        F::unit(w + c * F::CB, 0, GPU, W, dw, mw);
-        put(out + c * S, W, dw, mw);
-      }
-      if (rem) {
-        F::unit(w + full * F::CB, 0, rem, W, dw, mw);
-        put(out + full * S, W, dw, mw);
-      }
+      auto put = [&](int64_t c, int r) {
+        char* o = out + c * S;
+        iv W[F::NOPS];
+        fv dw = fzero(), mw = fzero();
+        F::unit(w + c * F::CB, 0, r, W, dw, mw);
+        for (int j = 0; j < F::NOPS; ++j) std::memcpy(o + j * sizeof(iv), &W[j], sizeof(iv));
+        std::memcpy(o + F::NOPS * sizeof(iv), &dw, sizeof(fv));
+        if constexpr (F::OFF) std::memcpy(o + (F::NOPS + 1) * sizeof(iv), &mw, sizeof(fv));
+      };
+      for (int64_t c = 0; c < full; ++c) put(c, GPU);
+      if (rem) put(full, rem);
     }
   }
 }
 
 // Outputs y[m0 + i, n0 + r + j] for i < mr, j < nr from the panel of rows n0...
 template <class F, int mr, int nr>
-void panel_tile(const Job& J, const char* panel, int64_t U, int64_t n0, int64_t r, int64_t m0) {
-  const int64_t S = panel_unit<F>();
+void panel_tile(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t r, int64_t m0) {
+  const int64_t S = panel_entry<F>();
   const int16_t* xp[mr];
   const float* xd[mr];
   const float* xs[mr];
   act_rows<mr>(J, m0, xp, xd, xs);
   int64_t n[nr];
   const char* pp[nr];
-  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + r + nn, pp[nn] = panel + (r + nn) * U * S;
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + r + nn, pp[nn] = panel + (r + nn) * E * S;
   fv acc[mr][nr];
   for (int mm = 0; mm < mr; ++mm)
     for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
-  for (int64_t u = 0; u < U; ++u) {
-    iv W[nr][F::NOPS];
-    fv dw[nr], mw[nr];
-    for (int nn = 0; nn < nr; ++nn) {
-      const char* q = pp[nn] + u * S;
-      for (int j = 0; j < F::NOPS; ++j) W[nn][j] = ldi(q + j * sizeof(iv));
-      dw[nn] = ldf(reinterpret_cast<const float*>(q + F::NOPS * sizeof(iv)));
-      if constexpr (F::OFF) mw[nn] = ldf(reinterpret_cast<const float*>(q + (F::NOPS + 1) * sizeof(iv)));
-      else mw[nn] = fzero();
+  for (int64_t e = 0; e < E; ++e) {
+    if constexpr (IsSuper<F>::value) {
+      const iv* q[nr];
+      fv dc[nr], mn[nr];
+      for (int nn = 0; nn < nr; ++nn) {
+        q[nn] = reinterpret_cast<const iv*>(pp[nn] + e * S);
+        dc[nn] = ldf(reinterpret_cast<const float*>(q[nn] + F::UPC * F::NOPS));
+        mn[nn] = F::OFF ? ldf(reinterpret_cast<const float*>(q[nn] + F::UPC * F::NOPS + 1)) : fzero();
+      }
+      auto get = [&](int nn, int k, iv* W) {
+        for (int j = 0; j < F::NOPS; ++j) W[j] = ldi(q[nn] + k * F::NOPS + j);
+      };
+      super_step<F, mr, nr>(acc, get, dc, mn, xp, xd, xs, e);
+    } else {
+      iv W[nr][F::NOPS];
+      fv dw[nr], mw[nr];
+      for (int nn = 0; nn < nr; ++nn) {
+        const char* q = pp[nn] + e * S;
+        for (int j = 0; j < F::NOPS; ++j) W[nn][j] = ldi(q + j * sizeof(iv));
+        dw[nn] = ldf(reinterpret_cast<const float*>(q + F::NOPS * sizeof(iv)));
+        if constexpr (F::OFF) mw[nn] = ldf(reinterpret_cast<const float*>(q + (F::NOPS + 1) * sizeof(iv)));
+        else mw[nn] = fzero();
+      }
+      unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, e);
     }
-    unit_step<F, mr, nr>(acc, W, dw, mw, xp, xd, xs, u);
   }
   store_tile<mr, nr>(J, acc, m0, n);
 }
@@ -1201,8 +1289,8 @@ void run(const Job& J, int64_t n_begin, int64_t n_end) {
     case 3: return rows<F, 3, NR, true>(J, 0, n_begin, n_end);
     default: break;
   }
-  const int64_t U = J.KP / (GPU * F::GS), S = panel_unit<F>();
-  if (U * S > (int64_t{8} << 10)) {  // long rows (K of several thousand): decoded rows would crowd L2; decode in place
+  const int64_t S = panel_entry<F>(), E = IsSuper<F>::value ? J.K / F::CE : J.KP / (GPU * F::GS);
+  if (E * S > (int64_t{8} << 10)) {  // long rows (K of several thousand): decoded rows would crowd L2; decode in place
     int64_t nb = (int64_t{256} << 10) / J.wrow;
     nb = nb < 8 ? 8 : nb - nb % 8;
     for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
@@ -1219,30 +1307,30 @@ void run(const Job& J, int64_t n_begin, int64_t n_end) {
     }
     return;
   }
-  int64_t nb = (int64_t{256} << 10) / (U * S);
+  int64_t nb = (int64_t{256} << 10) / (E * S);
   nb = nb < 2 ? 2 : nb - nb % 2;
-  char* panel = panel_buffer(nb * U * S);
+  char* panel = panel_buffer(nb * E * S);
   for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
     const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
-    decode_rows<F>(J, b0, b1, U, panel);
+    decode_rows<F>(J, b0, b1, E, panel);
     for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
       const int64_t left = J.M - m0;
       const int mr = left >= MR ? MR : static_cast<int>(left);
       int64_t r = 0;
       for (; r + NR <= b1 - b0; r += NR) {
         switch (mr) {
-          case 1: panel_tile<F, 1, NR>(J, panel, U, b0, r, m0); break;
-          case 2: panel_tile<F, 2, NR>(J, panel, U, b0, r, m0); break;
-          case 3: panel_tile<F, 3, NR>(J, panel, U, b0, r, m0); break;
-          default: panel_tile<F, MR, NR>(J, panel, U, b0, r, m0); break;
+          case 1: panel_tile<F, 1, NR>(J, panel, E, b0, r, m0); break;
+          case 2: panel_tile<F, 2, NR>(J, panel, E, b0, r, m0); break;
+          case 3: panel_tile<F, 3, NR>(J, panel, E, b0, r, m0); break;
+          default: panel_tile<F, MR, NR>(J, panel, E, b0, r, m0); break;
         }
       }
       for (; r < b1 - b0; ++r) {
         switch (mr) {
-          case 1: panel_tile<F, 1, 1>(J, panel, U, b0, r, m0); break;
-          case 2: panel_tile<F, 2, 1>(J, panel, U, b0, r, m0); break;
-          case 3: panel_tile<F, 3, 1>(J, panel, U, b0, r, m0); break;
-          default: panel_tile<F, MR, 1>(J, panel, U, b0, r, m0); break;
+          case 1: panel_tile<F, 1, 1>(J, panel, E, b0, r, m0); break;
+          case 2: panel_tile<F, 2, 1>(J, panel, E, b0, r, m0); break;
+          case 3: panel_tile<F, 3, 1>(J, panel, E, b0, r, m0); break;
+          default: panel_tile<F, MR, 1>(J, panel, E, b0, r, m0); break;
         }
       }
     }
