@@ -9,7 +9,7 @@
       top_k: 50
       frequency_penalty: 0.5
       presence_penalty: 0.0
-      # pellucid's extras: min_p, typical_p, repetition_penalty, seed
+      # and every other control of SamplingParams: min_p, repetition_penalty, seed, ...
     control:
       stop_sequences: ["\\n\\n", "END"]
       logit_bias: {}                # token id or the text of one token -> [-100, 100]
@@ -42,16 +42,12 @@ import yaml
 from pellucid import registry
 from pellucid.errors import PellucidError, did_you_mean
 from pellucid.sampling.bias import resolve_logit_bias
-from pellucid.sampling.params import SamplingParams, build_params, check_bias_value
+from pellucid.sampling.params import KNOBS, SamplingParams, build_params, check_bias_value
 
 # section -> key -> the SamplingParams field it sets (None: not a sampling parameter)
 SCHEMA: dict[str, dict[str, str | None]] = {
     "model": {"name": None, "max_tokens": "max_tokens"},
-    "sampling": {
-        "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-        "typical_p": "typical_p", "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
-        "repetition_penalty": "repetition_penalty", "seed": "seed",
-    },
+    "sampling": {**{name: name for name in KNOBS}, "seed": "seed"},  # every numeric control (sampling.params.KNOBS)
     "control": {
         "stop_sequences": "stop", "logit_bias": "logit_bias", "stop_token_ids": "stop_token_ids",
         "min_tokens": "min_tokens", "response_format": None,

@@ -19,6 +19,7 @@ from rich.console import Console
 from pellucid.config import load_config, merge_params
 from pellucid.registry import DEFAULT_MODEL, resolve
 from pellucid.sampling.bias import parse_bias_entry
+from pellucid.sampling.params import KNOBS
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Activations: auto (float32 for quantized weights on CPU; else bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
@@ -27,15 +28,7 @@ ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML in
 S = "Sampling"  # the help panel of the shared sampling flags
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.", rich_help_panel=S)]
 MinTokens = Annotated[int | None, typer.Option("--min-tokens", help="No end-of-generation or stop token before this many tokens.", rich_help_panel=S)]
-Temperature = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy.", rich_help_panel=S)]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling; same seed, same output.", rich_help_panel=S)]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).", rich_help_panel=S)]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Keep the smallest set with this much probability (1 = off).", rich_help_panel=S)]
-MinP = Annotated[float | None, typer.Option("--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).", rich_help_panel=S)]
-TypicalP = Annotated[float | None, typer.Option("--typical-p", help="Keep the tokens whose surprisal is closest to the entropy, up to this much probability (1 = off).", rich_help_panel=S)]
-FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="logit -= count * this, for generated tokens; -2..2.", rich_help_panel=S)]
-PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="logit -= this, for tokens generated at least once; -2..2.", rich_help_panel=S)]
-RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="Divide (multiply if negative) logits of tokens in prompt + output; 1 = off.", rich_help_panel=S)]
 LogitBias = Annotated[list[str] | None, typer.Option("--logit-bias", help='TOKEN=BIAS, TOKEN a token id or the text of one token: 9=5, " Paris=-100" (repeatable; -100 bans).', rich_help_panel=S)]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text, which is not included (repeatable).", rich_help_panel=S)]
 StopTokenIds = Annotated[list[int] | None, typer.Option("--stop-token-ids", help="Stop at this token id (repeatable).", rich_help_panel=S)]
@@ -47,11 +40,13 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_DTYPE", "DEFAULT_QUANT"]
 
 # The shared sampling flags: parameter (= SamplingParams field) -> (annotation, default).
 # Flags are the API's names in kebab case; each flag's default None means "not given".
+# The numeric controls come from their declaration (sampling.params.KNOBS).
 SAMPLING_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "max_tokens": (MaxTokens, None), "min_tokens": (MinTokens, None), "temperature": (Temperature, None),
-    "seed": (Seed, None), "top_k": (TopK, None), "top_p": (TopP, None), "min_p": (MinP, None),
-    "typical_p": (TypicalP, None), "frequency_penalty": (FrequencyPenalty, None), "presence_penalty": (PresencePenalty, None),
-    "repetition_penalty": (RepetitionPenalty, None), "logit_bias": (LogitBias, None), "stop": (Stop, None),
+    "max_tokens": (MaxTokens, None), "min_tokens": (MinTokens, None),
+    **{name: (Annotated[k.kind | None, typer.Option("--" + name.replace("_", "-"), *([k.short] if k.short else []),
+                                                    help=k.help, rich_help_panel=S)], None)
+       for name, k in KNOBS.items()},
+    "seed": (Seed, None), "logit_bias": (LogitBias, None), "stop": (Stop, None),
     "stop_token_ids": (StopTokenIds, None), "ignore_eos": (IgnoreEos, False),
 }  # fmt: skip
 

@@ -2,8 +2,8 @@
 
 `explain_next_token(llm, "The capital of France is", SamplingParams(top_k=3))` runs the
 model once and the real sampler once (the same `sample` the engine calls, through its
-trace hook), and returns one StageView per step: raw, after bias and penalties, after
-temperature, after top-k, after top-p, after min-p, and the draw.
+trace hook), and returns one StageView per step: raw, after bias and penalties, after each
+later stage of the chain (temperature, top-k, top-p, ...: sampler.STAGES), and the draw.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from pellucid.sampling.params import SamplingParams
-from pellucid.sampling.sampler import SequenceSampler, sample
+from pellucid.sampling.params import KNOBS, SamplingParams
+from pellucid.sampling.sampler import STAGES, SequenceSampler, sample
 
 
 @dataclass
@@ -88,13 +88,9 @@ def explain_next_token(llm, prompt: str | list[int], params: SamplingParams | No
         point[chosen] = 0.0
         stages.append(view("greedy", "greedy (temperature 0): the argmax", "temperature 0", point))
         return stages
-    stages += [
-        view("temperature", "after temperature", f"T={p.temperature:g}" if p.temperature != 1 else "off (T=1)", traced["temperature"]),
-        view("top_k", "after top-k", f"k={p.top_k}" if 0 < p.top_k < V else "off", traced["top_k"]),
-        view("top_p", "after top-p", f"p={p.top_p:g}" if p.top_p < 1 else "off", traced["top_p"]),
-        view("min_p", "after min-p", f"min_p={p.min_p:g}" if p.min_p > 0 else "off", traced["min_p"]),
-        view("typical_p", "after typical-p", f"typical_p={p.typical_p:g}" if p.typical_p < 1 else "off", traced["typical_p"]),
-    ]  # fmt: skip
+    # every stage of the sampler's chain after the bias, penalties and masks, each a knob of its own
+    stages += [view(name, f"after {name.replace('_', '-')}", KNOBS[name].setting(getattr(p, name)), traced[name])
+               for name in STAGES[STAGES.index("mask") + 1 :]]  # fmt: skip
     point = torch.full_like(biased, -math.inf)
     point[chosen] = 0.0
     if chosen not in pick:

@@ -17,6 +17,53 @@ BIAS_BAN = -100.0  # a logit_bias of exactly -100 bans the token (its logit beco
 MAX_TOP_LOGPROBS = 20
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A numeric sampling control, declared once here: its range and the value that turns it
+    off, and what every door derives from that: the CLI flag (`--top-p`) and its help, the
+    YAML config's key under `sampling:`, an extra field of the HTTP bodies (where OpenAI's
+    and Anthropic's own bodies lack it), the inspector's slider and the chain view's setting.
+    A new control is its SamplingParams field, its entry in KNOBS and its stage in the sampler."""
+
+    kind: type  # float or int
+    low: float
+    high: float | None  # None: no upper bound
+    off: float  # the value that changes nothing (the field's default)
+    help: str  # the CLI flag's help
+    label: str  # the chain view's setting: f"{label}={value}"
+    slider: tuple[float, float, float, float]  # the inspector's range: min, max, step, start
+    low_open: bool = False  # `low` itself is not allowed
+    extra: bool = True  # an extra field of the HTTP bodies (not one of OpenAI's own)
+    short: str | None = None  # the CLI's short flag
+
+    def check(self, name: str, v) -> None:
+        if self.kind is int:
+            _int(name, v, int(self.low), None if self.high is None else int(self.high), note=f"{self.off:g} = off")
+        else:
+            _range(name, v, self.low, self.high, low_open=self.low_open)
+
+    def setting(self, v) -> str:
+        """How the chain view names the value: "off" where it changes nothing."""
+        return "off" if v == self.off else f"{self.label}={v:g}"
+
+
+KNOBS: dict[str, Knob] = {
+    "temperature": Knob(float, 0.0, 100.0, 1.0, "0 = greedy.", "T", (0, 2, 0.05, 0.7), extra=False, short="-t"),
+    "top_k": Knob(int, 0, None, 0, "Keep the k most likely tokens (0 = off).", "k", (0, 200, 1, 40)),
+    "top_p": Knob(float, 0.0, 1.0, 1.0, "Keep the smallest set with this much probability (1 = off).", "p",
+                  (0.01, 1, 0.01, 0.95), low_open=True, extra=False),
+    "min_p": Knob(float, 0.0, 1.0, 0.0, "Keep tokens with p >= min_p * p_max (0 = off).", "min_p", (0, 1, 0.01, 0)),
+    "typical_p": Knob(float, 0.0, 1.0, 1.0, "Keep the tokens whose surprisal is closest to the entropy, up to this much "
+                      "probability (1 = off).", "typical_p", (0.01, 1, 0.01, 1), low_open=True),
+    "frequency_penalty": Knob(float, -2.0, 2.0, 0.0, "logit -= count * this, for generated tokens; -2..2.", "frequency",
+                              (-2, 2, 0.1, 0), extra=False),
+    "presence_penalty": Knob(float, -2.0, 2.0, 0.0, "logit -= this, for tokens generated at least once; -2..2.", "presence",
+                             (-2, 2, 0.1, 0), extra=False),
+    "repetition_penalty": Knob(float, 0.0, 10.0, 1.0, "Divide (multiply if negative) logits of tokens in prompt + output; "
+                               "1 = off.", "repetition", (0.5, 2, 0.05, 1), low_open=True),
+}  # fmt: skip
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -48,14 +95,8 @@ class SamplingParams:
             self.stop_token_ids = []
         if self.logit_bias is None:
             self.logit_bias = {}
-        _range("temperature", self.temperature, 0.0, 100.0)
-        _int("top_k", self.top_k, 0, None, note="0 = off")
-        _range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _range("min_p", self.min_p, 0.0, 1.0)
-        _range("typical_p", self.typical_p, 0.0, 1.0, low_open=True)
-        _range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        for name, knob in KNOBS.items():
+            knob.check(name, getattr(self, name))
         if self.max_tokens is not None:
             _int("max_tokens", self.max_tokens, 1, None)
         _int("min_tokens", self.min_tokens, 0, self.max_tokens, note="at most max_tokens" if self.max_tokens else "")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +33,13 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.requests import Request as HttpRequest
-from starlette.responses import FileResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from pellucid.errors import PellucidError
-from pellucid.sampling.params import BIAS_BAN, SamplingParams
+from pellucid.sampling.params import BIAS_BAN, KNOBS, SamplingParams
 from pellucid.sampling.params import FIELDS as SAMPLING_FIELDS
 from pellucid.server.errors import ApiError
 from pellucid.server.state import ServerState, new_id, off_loop, parse_body
@@ -60,7 +61,22 @@ def install(app: FastAPI, dependencies: list) -> None:
 
     @app.get("/", include_in_schema=False)
     async def page():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
+
+
+@functools.cache
+def page_html() -> str:
+    """The page, with one slider per numeric sampling control (sampling.params.KNOBS)."""
+    rows = []
+    for name, k in KNOBS.items():
+        lo, hi, step, start = k.slider
+        words = name.split("_")
+        label = "-".join(words) if len(words[-1]) == 1 else " ".join(words)  # top-k, min-p; frequency penalty
+        rows.append(f'    <label>{label} <output data-for="{name}"></output><input id="{name}" type="range" min="{lo:g}" '
+                    f'max="{hi:g}" step="{step:g}" value="{start:g}" data-knob data-off="{k.off:g}"></label>\n')
+    html = (STATIC / "index.html").read_text()
+    marker = html.index("    <!-- knobs:")
+    return html[:marker] + "".join(rows) + html[html.index("\n", marker) + 1 :]
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -74,20 +90,17 @@ class _Context(BaseModel):
     tokens: list[int] | None = None
 
 
-class NextTokenBody(_Context):
+class _NextTokenFields(_Context):
     generated: list[int] = Field(default_factory=list)  # already generated, after the context
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
     seed: int | None = None
     top: int = Field(10, ge=1, le=50)
+
+
+# and every numeric control of the sampler (sampling.params.KNOBS), None = the default
+NextTokenBody = create_model("NextTokenBody", __base__=_NextTokenFields,
+                             **{name: (k.kind | None, None) for name, k in KNOBS.items()})  # fmt: skip
 
 
 class AttentionBody(_Context):

@@ -2,9 +2,9 @@
 
 Unknown fields are an error naming the field, never silently ignored, except a few that
 change nothing here (`user`, `store`, `metadata`, `service_tier`). pellucid's extras
-(top_k, min_p, typical_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
-processed_logprobs) ride along as extra body fields; OpenAI's client sends them with
-`extra_body={...}`. Ranges are checked once, by SamplingParams, whose errors name the
+(the sampling controls OpenAI lacks, such as top_k, min_p and repetition_penalty, and
+min_tokens, stop_token_ids, ignore_eos, processed_logprobs) ride along as extra body
+fields; OpenAI's client sends them with `extra_body={...}`. Ranges are checked once, by SamplingParams, whose errors name the
 field and the allowed range.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from pellucid.sampling.params import KNOBS
 
 
 class _Body(BaseModel):
@@ -21,13 +23,9 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _Extras(_Body):
-    """pellucid's sampling extras, shared by every generation endpoint."""
+class _ExtraFields(_Body):
+    """pellucid's extras beside the numeric controls, shared by every generation endpoint."""
 
-    top_k: int | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
@@ -35,6 +33,13 @@ class _Extras(_Body):
     # the residual stream (pellucid.steering), checked by the request builder
     steer: Any = None
     capture: dict[str, Any] | None = None
+
+
+# the numeric controls that OpenAI's and Anthropic's bodies lack, from their declaration
+# (sampling.params.KNOBS): a new control is an extra field of every body without a line here
+_Extras = create_model(
+    "_Extras", __base__=_ExtraFields, **{name: (k.kind | None, None) for name, k in KNOBS.items() if k.extra}
+)  # fmt: skip
 
 
 STREAM_FIELDS = ("steer", "capture")

@@ -75,12 +75,14 @@ function showError(msg) {
 }
 
 // -- controls -------------------------------------------------------------------------------------
-const SLIDERS = ["temperature", "top_k", "top_p", "min_p", "typical_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "max_tokens"];
+// the sampler's numeric controls: the server renders one slider each (data-knob, data-off)
+const KNOBS = [...document.querySelectorAll("input[data-knob]")].map((e) => e.id);
+const SLIDERS = KNOBS.concat(["max_tokens"]);
 
 function showSliders() {
   for (const o of document.querySelectorAll("output[data-for]")) {
-    const v = $(o.dataset.for).value;
-    o.textContent = o.dataset.for === "top_k" && v === "0" ? "off" : v;
+    const e = $(o.dataset.for);
+    o.textContent = e.dataset.off !== undefined && Number(e.value) === Number(e.dataset.off) ? "off" : e.value;
   }
 }
 
@@ -88,7 +90,7 @@ function mode() { return document.querySelector("input[name=mode]:checked").valu
 
 function sampling() {
   const p = {};
-  for (const k of SLIDERS) if (k !== "max_tokens") p[k] = Number($(k).value);
+  for (const k of KNOBS) p[k] = Number($(k).value);
   const seed = $("seed").value.trim();
   if (seed !== "") p.seed = Number(seed);
   const bias = {};
