@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -146,6 +146,16 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_HOLE = "\x01pellucid-text\x01"  # a placeholder, found once in a template's own encoding
+
+
+def _template(obj: dict) -> Callable[[str], str]:
+    """The event `_sse(obj)` as a template with one string hole (the value _HOLE in obj): the
+    same bytes as encoding obj with the text in place, at the cost of encoding the text."""
+    pre, post = _sse(obj).split(json.dumps(_HOLE, ensure_ascii=False))
+    return lambda text: pre + json.dumps(text, ensure_ascii=False) + post
+
+
 def _chat_logprobs(tok, lps: list[TokenLogprob]) -> dict[str, Any]:
     def entry(tid: int, lp: float) -> dict[str, Any]:
         return {"token": tok.piece(tid), "logprob": lp, "bytes": list(tok.token_bytes(tid))}
@@ -227,6 +237,9 @@ async def _chat_stream(r: Received, created: int, include_usage: bool, t0: float
             choice["schema_error"] = schema_error
         return _sse({**head, "choices": [choice]})
 
+    # the most frequent event, a content delta of choice i, templated once
+    content = [_template({**head, "choices": [{"index": i, "delta": {"content": _HOLE}, "logprobs": None,
+                                                "finish_reason": None}]}) for i in range(n)]  # fmt: skip
     choices = [Choice() for _ in range(n)]
     parsers = [ToolCallParser(tools) if tools is not None else None for _ in range(n)]
     try:
@@ -251,8 +264,10 @@ async def _chat_stream(r: Received, created: int, include_usage: bool, t0: float
                         deltas = [{"content": ""}]
                     for k, d in enumerate(deltas):
                         yield chunk(i, d, _chat_logprobs(tok, lps) if want_lp and k == 0 else None)
-                elif text or (want_lp and lps):
-                    yield chunk(i, {"content": text}, _chat_logprobs(tok, lps) if want_lp else None)
+                elif want_lp and (text or lps):
+                    yield chunk(i, {"content": text}, _chat_logprobs(tok, lps))
+                elif text:
+                    yield content[i](text)
                 if last.finished:
                     calls = p is not None and p.complete
                     # the same check as a whole answer's: does the finished output match the real schema?
@@ -407,6 +422,8 @@ async def _completion_stream(r: Received, created: int, include_usage: bool, wan
             "system_fingerprint": FINGERPRINT}  # fmt: skip
     if include_usage:
         head["usage"] = None
+    text_only = [_template({**head, "choices": [{"index": i, "text": _HOLE, "logprobs": None, "finish_reason": None}]})
+                 for i in range(len(group.requests))]  # the most frequent event, templated once
     choices = [Choice() for _ in group.requests]
     offsets = [0] * len(group.requests)
     try:
@@ -422,7 +439,9 @@ async def _completion_stream(r: Received, created: int, include_usage: bool, wan
                 if last.finished:
                     lps = trim_stop_token(lps, last.stop_reason)
                 finish = _finish_reason(last.finish_reason) if last.finished else None
-                if text or finish or (want_lp and lps):
+                if text and not finish and not want_lp:
+                    yield text_only[i](text)
+                elif text or finish or (want_lp and lps):
                     lp_obj = None
                     if want_lp:
                         lp_obj, offsets[i] = _legacy_logprobs(tok, lps, offsets[i])
