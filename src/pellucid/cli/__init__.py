@@ -193,7 +193,10 @@ def _register() -> None:
 
 
 def main() -> None:
+    from pellucid import runtime
     from pellucid.errors import PellucidError
+
+    runtime.quick_start()  # until a model is loaded (cli.common.load_llm) or the command ends
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Other libraries' warnings (matplotlib's missing glyphs, torch's deprecations) are for their

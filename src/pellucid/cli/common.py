@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from pellucid import runtime
 from pellucid.config import load_config, merge_params
 from pellucid.registry import DEFAULT_MODEL, resolve
 from pellucid.sampling.bias import parse_bias_entry
@@ -146,6 +147,7 @@ def load_llm(model: str, dtype: str, quant: str | None = None, *, max_batch: int
     fmt = llm.loaded.quant or str(next(llm.model.parameters()).dtype).removeprefix("torch.")
     err.print(f"[dim]loaded {model} ({fmt}) in {seconds:.1f} s[/]")
     LOADED[model, dtype, quant] = llm
+    runtime.started()
     return llm
 
 

@@ -182,6 +182,7 @@ def _loader(cfg):
                   f"(max batch {sc.max_batch}, context {llm.engine.max_len:,}, prefix cache "
                   f"{'on' if llm.engine.prefix_cache else 'off'}; {llm.engine.memory_line()}; kernels: {runtime.kernels()})",
                   highlight=False)  # fmt: skip
+        runtime.started()
         return llm
 
     return load
