@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from pellucid.sampling import processors
+from pellucid.sampling.constraints import Constraint, allowed_masks
 from pellucid.sampling.params import SamplingParams
 
 STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p", "typical_p")
@@ -199,9 +200,9 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     """Step 3: the grammar's mask and min_tokens' bans; a row left with no token at all
     falls back to its raw logits."""
     dev, V = x.device, x.shape[1]
-    masks = [s.constraint.allowed_mask() if s.constraint is not None else None for s in seqs]
-    if any(m is not None for m in masks):
-        x = processors.apply_mask(x, _allowed(masks, V, dev))
+    constraints = [s.constraint for s in seqs]
+    if any(c is not None for c in constraints):
+        x = processors.apply_mask(x, _allowed(constraints, V, dev))
         check_alive = True
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
@@ -373,10 +374,13 @@ def _alive(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=-1, keepdim=True) > processors.NEG_INF
 
 
-def _allowed(masks: list, V: int, device: torch.device) -> torch.Tensor:
-    """Stack the constraints' (V,) masks into (B, V); None = everything allowed."""
+def _allowed(constraints: list, V: int, device: torch.device) -> torch.Tensor:
+    """(B, V) bool: each row's allowed tokens, every token for a row without a constraint."""
+    if all(c is None or (isinstance(c, Constraint) and c.vocab_size == V) for c in constraints):  # one bitmask, unpacked once
+        return allowed_masks(constraints, V).to(device)
     rows = []
-    for m in masks:
+    for c in constraints:  # any object with allowed_mask() (None: every token)
+        m = c.allowed_mask() if c is not None else None
         if m is None:
             rows.append(torch.ones(V, dtype=torch.bool, device=device))
             continue
