@@ -15,6 +15,9 @@ Workloads (`--workload chat shared`, both by default):
   (16 clients, --shared-tokens tokens each), against pellucid with its prefix cache,
   pellucid with --no-prefix-cache, and llama-server (whose slots keep their prompts).
   pellucid's two runs must give the same texts.
+- schema (`--workload schema`, pellucid alone): the chat clients asking for a list of
+  records as a `json_schema` answer, against the same clients without one, in alternating
+  rounds (`--schema-rounds`) on one server: what structured output costs under load.
 
 Per level: aggregate output tokens/s (all tokens / wall time), time to first token
 (request sent -> first content) p50/p95, inter-token gap as a client sees it p50/p99,
@@ -97,10 +100,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
-                      ban: dict[str, float], temperature: float = 0, seed: int = 0) -> Result:  # fmt: skip
+                      ban: dict[str, float], temperature: float = 0, seed: int = 0, extra: dict | None = None) -> Result:  # fmt: skip
     body = {
         "model": "bench", "stream": True, "max_tokens": max_tokens, "temperature": temperature, "logit_bias": ban,
-        "stream_options": {"include_usage": True}, "messages": messages,
+        "stream_options": {"include_usage": True}, "messages": messages, **(extra or {}),
     }  # fmt: skip
     if temperature:
         body["seed"] = seed
@@ -152,13 +155,13 @@ async def _stream_once(client: httpx.AsyncClient, url: str, body: dict) -> Resul
 
 
 async def run_level(url: str, clients: int, make_messages, requests: int, max_tokens: int, ban: dict[str, float],
-                    temperature: float = 0):  # fmt: skip
+                    temperature: float = 0, extra: dict | None = None):  # fmt: skip
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
 
         async def one_client(k: int) -> list[Result]:
-            return [await one_request(client, url, make_messages(k, j), max_tokens, ban, temperature, seed=k * requests + j)
-                    for j in range(requests)]
+            return [await one_request(client, url, make_messages(k, j), max_tokens, ban, temperature, seed=k * requests + j,
+                                      extra=extra) for j in range(requests)]  # fmt: skip
 
         t = time.perf_counter()
         per_client = await asyncio.gather(*(one_client(k) for k in range(clients)))
@@ -274,6 +277,43 @@ def bench_chat(server: Server, args, ban) -> list[dict]:
     return rows
 
 
+# A list of at least 60 records: far longer than --max-tokens, so no answer can end early
+# (the grammar allows no end-of-generation token before it closes), as the plain rows,
+# whose end tokens are banned, cannot either.
+RECORDS = {"type": "object", "required": ["records"], "properties": {"records": {
+    "type": "array", "minItems": 60, "items": {
+        "type": "object", "required": ["id", "name", "email", "role"], "additionalProperties": False,
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "email": {"type": "string"},
+                       "role": {"type": "string", "enum": ["admin", "user", "guest"]}}}}}}  # fmt: skip
+
+
+def bench_schema(server: Server, args, ban) -> list[dict]:
+    """The same clients with and without a json_schema answer, alternating rounds on one server."""
+
+    def messages(k: int, j: int) -> list[dict]:
+        return [{"role": "user", "content": f"List the staff of {TOPICS[(k + j) % len(TOPICS)]} as JSON records."}]
+
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "staff", "schema": RECORDS}}}
+    asyncio.run(run_level(server.url, min(args.slots, 4), messages, 1, 8, {}, extra=schema))  # warm up (compiles it)
+    rows = []
+    for c in args.clients:
+        for r in range(args.schema_rounds):
+            for name, bias, extra in (("plain", ban, None), ("schema", {}, schema)):
+                cpu0 = cpu_seconds(server.proc.pid)
+                results, wall = asyncio.run(run_level(server.url, c, messages, args.requests, args.max_tokens, bias,
+                                                      extra=extra))  # fmt: skip
+                row = summarize(results, wall, c) | {"server": server.name, "workload": name, "round": r,
+                                                     "server_cpu_s": cpu_seconds(server.proc.pid) - cpu0}  # fmt: skip
+                if name == "schema":  # every answer a prefix of valid JSON for the schema: it starts as one
+                    row["json_prefix"] = sum(x.text.lstrip().startswith('{"records"') for x in results)
+                rows.append(row)
+                print(line(row), flush=True)
+        plain = statistics.median(x["tok_s"] for x in rows if x["workload"] == "plain" and x["clients"] == c)
+        schem = statistics.median(x["tok_s"] for x in rows if x["workload"] == "schema" and x["clients"] == c)
+        print(f"  {c} clients: json_schema {schem:.1f} vs plain {plain:.1f} tok/s (medians): {schem / plain:.3f}", flush=True)
+    return rows
+
+
 def bench_shared(server: Server, system: str, args, ban) -> tuple[dict, list[str]]:
     def messages(k: int, j: int) -> list[dict]:
         q = QUESTIONS[(k * args.shared_requests + j) % len(QUESTIONS)]
@@ -302,7 +342,9 @@ def line(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-file", type=Path, default=None, help="GGUF file (default: the default model's)")
-    ap.add_argument("--workload", nargs="+", choices=["chat", "shared"], default=["chat", "shared"])
+    ap.add_argument("--workload", nargs="+", choices=["chat", "shared", "schema"], default=["chat", "shared"],
+                    help="schema: pellucid alone, the chat clients with and without a json_schema answer, alternating")
+    ap.add_argument("--schema-rounds", type=int, default=2, help="alternating rounds of the schema workload")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -340,6 +382,11 @@ def main() -> None:
         if peer:
             with llama_server(args.llama_server, args.model_file, args.slots, ctx, args.threads, logs / "bench-llama-server.log") as s:
                 rows += bench_chat(s, args, ban)
+    if "schema" in args.workload:
+        print(f"\nschema: {args.requests} requests x {args.max_tokens} tokens per client, with and without a json_schema; "
+              f"clients {args.clients}")  # fmt: skip
+        with pellucid_server(args.model_file, args.slots, extra, logs / "bench-pellucid.log") as s:
+            rows += bench_schema(s, args, ban)
     if "shared" in args.workload:
         system = shared_system_prompt(args.model_file, args.system_tokens)
         print(f"\nshared: a {args.system_tokens}-token system prompt, {args.shared_clients} clients x "
