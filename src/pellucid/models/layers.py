@@ -78,8 +78,8 @@ def rope_table(head_dim: int, max_len: int, base: float, scale: float = 1.0) -> 
     """cos, sin of shape (max_len, D) for the rotate-half (NeoX / HF) layout; positions divided by `scale`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64) / scale, inv_freq)  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos().float(), angles.sin().float()  # each half once, then side by side: (T, D)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 class Rope:
