@@ -221,6 +221,8 @@ for qtype in t.TYPES:
     for N, K in t.shapes(qtype)[:2]:
         t.check_batch_invariance(qtype, N, K)
 t.test_several_matrices_of_mixed_types_in_one_call()
+for qtype in (kernels.Q4_K, kernels.Q6_K):
+    t.test_super_block_integer_sums_at_their_bound(qtype)
 """
 
 
