@@ -10,7 +10,7 @@
 //   pellucid::glu(gu (..., 2F), act) -> (..., F)
 //       act(gate) * up with gu = [gate | up]; act 0: SiLU, 1: GELU (tanh approximation)
 //   pellucid::attention(qkv (B, T, (H + 2K) D), k_cache, v_cache (S, K, Lmax, D) f32/bf16/f16,
-//                       slots (B,), pos (B, T), cos, sin (P, D), H, K, scale, window,
+//                       slots (B,), pos (B, T), cos, sin (P, D/2), H, K, scale, window,
 //                       q_norm?, k_norm? (D,), norm_eps, norm_offset) -> (B, T, H D)
 //       per token: optional per-head RMSNorm of q and k, rotary (rotate-half layout), k and
 //       v written at cache[slots[b], :, pos[b, t]]; then per query head, softmax attention
@@ -319,11 +319,12 @@ struct AttnShape {
 };
 
 // Rotate-half rotary of x (D) at one position into out, exactly the reference's
-// x * cos + rotate_half(x) * sin (two products, one sum, no FMA).
+// x * cos + rotate_half(x) * sin (two products, one sum, no FMA); c and s hold the D/2
+// angles that both halves share.
 inline void rope(const float* x, const float* c, const float* s, float* out, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; ++i) out[i] = x[i] * c[i] + (-x[i + h]) * s[i];
-  for (int64_t i = h; i < D; ++i) out[i] = x[i] * c[i] + x[i - h] * s[i];
+  for (int64_t i = h; i < D; ++i) out[i] = x[i] * c[i - h] + x[i - h] * s[i - h];
 }
 
 // One token: norm + rotate its query heads into z (rounded to the cache type) and its key
@@ -334,8 +335,8 @@ void write_token(const AttnShape& a, int64_t bt, const float* qkv, float* z, T* 
                  float off) {
   const int64_t D = a.D, b = bt / a.T, p = pos[bt], slot = slots[b];
   const float* row = qkv + bt * (a.H + 2 * a.K) * D;
-  const float* c = cos + p * D;
-  const float* s = sin + p * D;
+  const float* c = cos + p * (D / 2);
+  const float* s = sin + p * (D / 2);
   alignas(32) float tmp[kMaxHeadDim];
   alignas(32) float rot[kMaxHeadDim];
   for (int64_t h = 0; h < a.H; ++h) {
@@ -758,8 +759,8 @@ at::Tensor attention(const at::Tensor& qkv_, at::Tensor& k_cache, at::Tensor& v_
               "pellucid::attention: slots must be (B,) = (", B, ",) int64, got ", slots_.sizes(), " ", slots_.scalar_type());
   TORCH_CHECK(pos_.scalar_type() == at::kLong && pos_.dim() == 2 && pos_.size(0) == B && pos_.size(1) == T,
               "pellucid::attention: pos must be (B, T) = (", B, ", ", T, ") int64, got ", pos_.sizes(), " ", pos_.scalar_type());
-  TORCH_CHECK(cos_.dim() == 2 && cos_.size(1) == D && sin_.sizes() == cos_.sizes(),
-              "pellucid::attention: cos and sin must be (P, D=", D, "), got ", cos_.sizes(), " and ", sin_.sizes());
+  TORCH_CHECK(cos_.dim() == 2 && cos_.size(1) == D / 2 && sin_.sizes() == cos_.sizes(),
+              "pellucid::attention: cos and sin must be (P, D/2=", D / 2, "), got ", cos_.sizes(), " and ", sin_.sizes());
   auto slots = slots_.contiguous();
   auto pos = pos_.contiguous();
   const int64_t* SL = slots.data_ptr<int64_t>();

@@ -146,7 +146,7 @@ class Decoder(HookedMixin, nn.Module):
             device = None
         for name, (base, scale) in self.rotary().items():
             cos, sin = rope_table(self.cfg.head_dim, self.max_len, base, scale)
-            self.register_buffer(f"{name}_cos", cos.to(device), persistent=False)  # (max_len, D)
+            self.register_buffer(f"{name}_cos", cos.to(device), persistent=False)  # (max_len, D/2)
             self.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
 
     def runs_fused(self) -> bool:

@@ -75,34 +75,34 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, max_len: int, base: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, D) for the rotate-half (NeoX / HF) layout; positions divided by `scale`."""
+    """cos, sin of shape (max_len, D/2) for the rotate-half (NeoX / HF) layout, whose two
+    halves of a head share these angles (so half the table is kept); positions divided by `scale`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64) / scale, inv_freq)  # (T, D/2)
-    cos, sin = angles.cos().float(), angles.sin().float()  # each half once, then side by side: (T, D)
-    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return angles.cos().float(), angles.sin().float()
 
 
 class Rope:
-    """A rotary table (cos, sin (P, D)) and this forward's positions (B, T); gathered once, on first use."""
+    """A rotary table (cos, sin (P, D/2)) and this forward's positions (B, T); gathered once, on first use."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor):
         self.cos, self.sin, self.pos = cos, sin, pos
         self._at: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def at_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, D) at each token's position."""
+        """cos, sin (B, T, D/2) at each token's position."""
         if self._at is None:
             self._at = (self.cos[self.pos], self.sin[self.pos])
         return self._at
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D); cos, sin (B, T, D) already gathered at each token's position."""
+    """x (B, T, H, D); cos, sin (B, T, D/2) already gathered at each token's position:
+    x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), as the reference computes it."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    xf = x.float()
-    out = xf * cos[:, :, None, :] + rotated.float() * sin[:, :, None, :]
-    return out.to(x.dtype)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * c + (-x2) * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 @dataclass
