@@ -224,11 +224,16 @@ def test_cli_make_list_show_and_generate(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(llm, folder):
+    from pellucid.api import LLM
     from pellucid.server.app import ServerThread, create_app
     from pellucid.server.state import ServerConfig
+    from pellucid.steering import SteeringLibrary
 
     cfg = ServerConfig(model="smollm2-135m-instruct", max_batch=4, max_len=1024, steer_dir=str(folder))
-    s = ServerThread(create_app(cfg, loader=lambda c: llm)).start()
+    # its own engine over the same loaded weights: the test's local calls step `llm`'s engine
+    # from this thread, and one engine stepped by two threads mixes their requests
+    s = ServerThread(create_app(cfg, loader=lambda c: LLM(loaded=llm.loaded, max_batch=c.max_batch, max_len=c.max_len))).start()
+    llm.steering = SteeringLibrary(folder)  # the local references read the server's vectors
     assert s.wait_ready(120)
     yield s
     s.stop()

@@ -60,7 +60,9 @@ def served(real_path, tmp_path_factory):
     llm = LLM(MODEL, max_batch=4, max_len=1024)
     tok_dir = tmp_path_factory.mktemp("tokenizer")
     llm.tokenizer.save_hf(tok_dir)
-    s = ServerThread(create_app(ServerConfig(model=MODEL, max_batch=4, max_len=1024), loader=lambda c: llm)).start()
+    # the server gets its own engine over the same weights (one engine stepped by two threads mixes their requests)
+    serve = lambda c: LLM(loaded=llm.loaded, max_batch=c.max_batch, max_len=c.max_len)  # noqa: E731
+    s = ServerThread(create_app(ServerConfig(model=MODEL, max_batch=4, max_len=1024), loader=serve)).start()
     assert s.wait_ready(120)
     yield s, llm, tok_dir
     s.stop()
