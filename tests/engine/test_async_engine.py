@@ -146,6 +146,37 @@ def test_aborts_from_another_thread_while_stepping(tiny_lm):
         ae.shutdown()
 
 
+def test_a_second_thread_stepping_the_same_engine_is_refused(tiny_lm):
+    """While one thread is inside step(), another thread's step() is an error that says what to do
+    (two would compute and finish each other's requests), and the engine goes on afterwards."""
+    eng = Engine(tiny_lm, max_batch=2, max_len=64)
+    req = eng.make_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0))
+    eng.add_request(req)
+    inside, leave = threading.Event(), threading.Event()
+    real = eng._step
+
+    def slow_step():  # the first thread waits inside its step until the second has tried
+        inside.set()
+        leave.wait(10)
+        return real()
+
+    eng._step = slow_step
+    t = threading.Thread(target=eng.step)
+    t.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(PellucidError, match="already stepping in another thread.*LLM\\(loaded=") as e:
+            eng.step()
+        assert e.value.code == "engine_busy"
+    finally:
+        leave.set()
+        t.join(10)
+    eng._step = real
+    while eng.has_unfinished():
+        eng.step()
+    assert req.finished and len(req.output_ids) == 3
+
+
 def test_full_waiting_queue_is_429(tiny_lm):
     eng = Engine(tiny_lm, max_batch=1, max_len=64)
     ae = AsyncEngine(eng, max_waiting=1).start()

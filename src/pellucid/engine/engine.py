@@ -130,6 +130,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.lock = threading.Lock()  # add/abort may come from other threads than step()
+        self._stepping = threading.Lock()  # held by the one thread inside step()
         self._forwarding = False  # a forward is writing the cache (an abort's release waits for it)
         self._late: list[tuple] = []  # releases that wait for the forward
 
@@ -231,6 +232,17 @@ class Engine:
     # -- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        # one thread at a time: two would each compute and finish the other's requests
+        if not self._stepping.acquire(blocking=False):
+            raise PellucidError("this engine is already stepping in another thread (an LLM whose engine a server runs "
+                                "cannot also generate directly: give the server its own LLM(loaded=llm.loaded, ...))",
+                                status=409, code="engine_busy")  # fmt: skip
+        try:
+            return self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> list[RequestOutput]:
         with self.lock:
             self._admit()
             work = self._schedule()
