@@ -310,7 +310,10 @@ def bench_schema(server: Server, args, ban) -> list[dict]:
                 print(line(row), flush=True)
         plain = statistics.median(x["tok_s"] for x in rows if x["workload"] == "plain" and x["clients"] == c)
         schem = statistics.median(x["tok_s"] for x in rows if x["workload"] == "schema" and x["clients"] == c)
-        print(f"  {c} clients: json_schema {schem:.1f} vs plain {plain:.1f} tok/s (medians): {schem / plain:.3f}", flush=True)
+        started = sum(x["json_prefix"] for x in rows if x["workload"] == "schema" and x["clients"] == c)
+        answers = sum(x["requests"] for x in rows if x["workload"] == "schema" and x["clients"] == c)
+        print(f"  {c} clients: json_schema {schem:.1f} vs plain {plain:.1f} tok/s (medians): {schem / plain:.3f}; "
+              f"{started}/{answers} schema answers start as its JSON", flush=True)  # fmt: skip
     return rows
 
 

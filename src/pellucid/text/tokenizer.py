@@ -297,17 +297,21 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> tuple[HFT
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=pre in ("llama-bpe", "llama3")))
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
-    return tok, [_piece_bytes(t) for t in tokens]
+    table = _stand_in_table()
+    return tok, [_piece_bytes(t, table) for t in tokens]
 
 
-def _piece_bytes(t: str, table: dict[int, str] = {}) -> bytes:  # noqa: B006  (the table, built once)
+def _stand_in_table() -> dict[int, str]:
+    """str.translate's table for byte-level pieces: each of GPT-2's stand-ins becomes the char
+    of its byte value, any other char below 256 becomes U+FFFF (which latin-1 refuses)."""
+    table = {c: "\uffff" for c in range(256)}
+    table.update({ord(c): chr(b) for c, b in _byte_decoder().items()})
+    return table
+
+
+def _piece_bytes(t: str, table: dict[int, str]) -> bytes:
     """A byte-level piece's bytes (each char GPT-2's stand-in for one byte); a piece with any
-    other char is its own UTF-8. One str.translate: each stand-in becomes the char of its
-    byte value, any other char below 256 becomes U+FFFF, so latin-1 refuses all but pure
-    stand-in pieces."""
-    if not table:
-        table.update({c: "\uffff" for c in range(256)})
-        table.update({ord(c): chr(b) for c, b in _byte_decoder().items()})
+    other char is its own UTF-8: one translate, and latin-1 refuses all but pure stand-ins."""
     try:
         return t.translate(table).encode("latin-1")
     except UnicodeEncodeError:
