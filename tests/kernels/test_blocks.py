@@ -1,7 +1,8 @@
 """pellucid::block_mm / block_rows, the kernels on GGUF's block formats read in place: every
 block type's values equal to gguf's own dequantizer bit for bit, the matmul's exact
 arithmetic (int16 activations per block of 32 or super-block of 256, exact integer dots,
-float32 scaling; the integer sums at their bound)
+float32 scaling; the integer sums at their bound), the same for 8-bit activations (types +
+kernels.A8: VPDPBUSD kernels for Q4_K and Q6_K where the CPU has VNNI)
 against a float64 reference, bit-identical rows whatever the batch and thread count,
 several matrices of mixed types in one call (with a bias and reordered outputs), both ISA
 paths (AVX2 forced in a subprocess), and argument checks."""
@@ -50,50 +51,50 @@ def reference(data: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     return torch.from_numpy(dequantize(data.numpy(), GGMLQuantizationType(qtype)).reshape(data.shape[0], K))
 
 
-def quantized_activations(x: torch.Tensor, qtype: int) -> torch.Tensor:
+def quantized_activations(x: torch.Tensor, qtype: int, bits: int = 16) -> torch.Tensor:
     """The kernels' activations as float64: per row and scale block (32 values; a super-block
-    of 256 for Q4_K and Q6_K), dx = max|x| / 32767, xq = round-half-even(x / dx) in float32
-    (0 when the block is all zero), xq * dx."""
+    of 256 for Q4_K and Q6_K), dx = max|x| / 32767 (bits 16; 127 for 8), xq =
+    round-half-even(x / dx) in float32 (0 when the block is all zero), xq * dx."""
     M, K = x.shape
     block = 256 if qtype in (kernels.Q4_K, kernels.Q6_K) else 32
     xb = x.view(M, K // block, block)
-    dx = xb.abs().amax(-1, keepdim=True) / 32767
+    dx = xb.abs().amax(-1, keepdim=True) / (32767 if bits == 16 else 127)
     xq = torch.where(dx > 0, torch.round(xb / torch.where(dx > 0, dx, 1)), 0)
     return (xq.double() * dx.double()).view(M, K)
 
 
-def mm(x, data, qtype, bias=None, out_index=None):
-    return torch.ops.pellucid.block_mm(x, [data], [qtype], bias, out_index)
+def mm(x, data, qtype, bias=None, out_index=None, bits=16):
+    return torch.ops.pellucid.block_mm(x, [data], [qtype + (kernels.A8 if bits == 8 else 0)], bias, out_index)
 
 
-def check_accuracy(qtype: int, N: int, K: int, M: int, seed: int = 0) -> None:
+def check_accuracy(qtype: int, N: int, K: int, M: int, seed: int = 0, bits: int = 16) -> None:
     data = random_blocks(qtype, N, K, seed)
     w = reference(data, qtype, K).double()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1))
     x[0, :32] = 0.0  # an all-zero block: dx = 0
-    y = mm(x, data, qtype)
+    y = mm(x, data, qtype, bits=bits)
     assert y.shape == (M, N) and y.dtype == torch.float32
-    ref = quantized_activations(x, qtype) @ w.t()
+    ref = quantized_activations(x, qtype, bits) @ w.t()
     err = (y.double() - ref).abs().max().item()
-    assert err <= 1e-5 * ref.abs().max().item(), (NAMES[qtype], N, K, M, err)
-    exact = x.double() @ w.t()  # int16 activations are within ~1e-5 of float32's
+    assert err <= 1e-5 * ref.abs().max().item(), (NAMES[qtype], N, K, M, bits, err)
+    exact = x.double() @ w.t()  # int16 activations are within ~1e-5 of float32's, int8 ones ~1e-2
     err32 = (y.double() - exact).abs().max().item()
-    assert err32 <= 2e-4 * exact.abs().max().item(), (NAMES[qtype], N, K, M, err32)
+    assert err32 <= (2e-4 if bits == 16 else 5e-2) * exact.abs().max().item(), (NAMES[qtype], N, K, M, bits, err32)
 
 
-def check_batch_invariance(qtype: int, N: int, K: int) -> None:
+def check_batch_invariance(qtype: int, N: int, K: int, bits: int = 16) -> None:
     """Row i of any batch equals row i alone, bit for bit, with 1 or 2 threads."""
     data = random_blocks(qtype, N, K, seed=3)
     x = torch.randn(128, K, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([mm(x[i : i + 1], data, qtype) for i in range(128)])
+        alone = torch.cat([mm(x[i : i + 1], data, qtype, bits=bits) for i in range(128)])
         for t in sorted({1, 2, threads}):
             torch.set_num_threads(t)
             for M in (1, 2, 3, 5, 16, 33, 128):
-                assert torch.equal(mm(x[:M], data, qtype), alone[:M]), (NAMES[qtype], N, K, M, t)
-            assert torch.equal(mm(x[37:42], data, qtype), alone[37:42]), (NAMES[qtype], N, K, t)
+                assert torch.equal(mm(x[:M], data, qtype, bits=bits), alone[:M]), (NAMES[qtype], N, K, M, t, bits)
+            assert torch.equal(mm(x[37:42], data, qtype, bits=bits), alone[37:42]), (NAMES[qtype], N, K, t, bits)
     finally:
         torch.set_num_threads(threads)
 
@@ -125,27 +126,31 @@ def test_float_rows_are_read_as_stored(qtype):
     assert torch.equal(got, stored.float()[[6, 0]])
 
 
+@pytest.mark.parametrize("bits", [16, 8], ids=["a16", "a8"])
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES.get)
 @pytest.mark.parametrize("M", [1, 4, 7])
-def test_mm_equals_float64_reference_of_its_arithmetic(qtype, M):
+def test_mm_equals_float64_reference_of_its_arithmetic(qtype, M, bits):
     for N, K in shapes(qtype):
-        check_accuracy(qtype, N, K, M)
+        check_accuracy(qtype, N, K, M, bits=bits)
 
 
+@pytest.mark.parametrize("bits", [16, 8], ids=["a16", "a8"])
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES.get)
-def test_rows_bit_identical_whatever_the_batch_and_threads(qtype):
+def test_rows_bit_identical_whatever_the_batch_and_threads(qtype, bits):
     for N, K in shapes(qtype)[:2]:
-        check_batch_invariance(qtype, N, K)
+        check_batch_invariance(qtype, N, K, bits)
 
 
-def test_several_matrices_of_mixed_types_in_one_call():
+@pytest.mark.parametrize("bits", [16, 8], ids=["a16", "a8"])
+def test_several_matrices_of_mixed_types_in_one_call(bits):
     """q/k/v of a Q4_K_M file mix Q4_K and Q6_K: one call, outputs side by side, each part's
     bits as alone; a bias added in output order; out_index moves row n to column out_index[n]."""
     K = 512
-    parts = [(random_blocks(kernels.Q4_K, 40, K, 1), kernels.Q4_K), (random_blocks(kernels.Q6_K, 24, K, 2), kernels.Q6_K),
-             (random_blocks(kernels.Q8_0, 8, K, 3), kernels.Q8_0)]  # fmt: skip
+    a = kernels.A8 if bits == 8 else 0
+    parts = [(random_blocks(kernels.Q4_K, 40, K, 1), kernels.Q4_K + a), (random_blocks(kernels.Q6_K, 24, K, 2), kernels.Q6_K + a),
+             (random_blocks(kernels.Q8_0, 8, K, 3), kernels.Q8_0 + a)]  # fmt: skip
     x = torch.randn(5, K)
-    alone = torch.cat([mm(x, d, t) for d, t in parts], dim=1)
+    alone = torch.cat([torch.ops.pellucid.block_mm(x, [d], [t]) for d, t in parts], dim=1)
     ws, ts = [d for d, _ in parts], [t for _, t in parts]
     assert torch.equal(torch.ops.pellucid.block_mm(x, ws, ts), alone)
     bias = torch.randn(72)
@@ -156,11 +161,12 @@ def test_several_matrices_of_mixed_types_in_one_call():
     assert torch.equal(y, expect + bias)
 
 
+@pytest.mark.parametrize("bits", [16, 8], ids=["a16", "a8"])
 @pytest.mark.parametrize("qtype", [kernels.Q4_K, kernels.Q6_K], ids=["Q4_K", "Q6_K"])
-def test_super_block_integer_sums_at_their_bound(qtype):
+def test_super_block_integer_sums_at_their_bound(qtype, bits):
     """Every product at its largest (Q4_K: q 15 times sub-block scale 63; Q6_K: q -32 times
-    scale -128) against activations all at the int16 limit: the int32 sums over a
-    super-block reach their bound (2,147,418,112 for Q6_K) without wrapping."""
+    scale -128) against activations all at the integer limit: the int32 sums over a
+    super-block reach their bound (2,147,418,112 for Q6_K on int16) without wrapping."""
     K = 512
     b = np.zeros((3, K // 256, kernels.BLOCK_SIZES[qtype][1]), dtype=np.uint8)
     if qtype == kernels.Q4_K:
@@ -176,7 +182,7 @@ def test_super_block_integer_sums_at_their_bound(qtype):
     w = reference(data, qtype, K).double()
     for sign in (1.0, -1.0):
         x = torch.full((2, K), sign * 3.5)
-        y = mm(x, data, qtype).double()
+        y = mm(x, data, qtype, bits=bits).double()
         exact = x.double() @ w.t()
         assert torch.allclose(y, exact, rtol=1e-6, atol=0), (NAMES[qtype], y[0, 0].item(), exact[0, 0].item())
 
@@ -214,15 +220,16 @@ from pellucid import kernels
 assert kernels.available()
 print(torch.ops.pellucid.cpu_isa())
 import test_blocks as t
-for qtype in t.TYPES:
-    for N, K in t.shapes(qtype):
-        for M in (1, 5):
-            t.check_accuracy(qtype, N, K, M)
-    for N, K in t.shapes(qtype)[:2]:
-        t.check_batch_invariance(qtype, N, K)
-t.test_several_matrices_of_mixed_types_in_one_call()
-for qtype in (kernels.Q4_K, kernels.Q6_K):
-    t.test_super_block_integer_sums_at_their_bound(qtype)
+for bits in (16, 8):
+    for qtype in t.TYPES:
+        for N, K in t.shapes(qtype):
+            for M in (1, 5):
+                t.check_accuracy(qtype, N, K, M, bits=bits)
+        for N, K in t.shapes(qtype)[:2]:
+            t.check_batch_invariance(qtype, N, K, bits)
+    t.test_several_matrices_of_mixed_types_in_one_call(bits)
+    for qtype in (kernels.Q4_K, kernels.Q6_K):
+        t.test_super_block_integer_sums_at_their_bound(qtype, bits)
 """
 
 
@@ -255,6 +262,7 @@ def test_bad_arguments_name_the_argument():
         (lambda: bm(x, [q4k], [kernels.Q4_K], torch.ones(7)), r"bias must be \(8,\) float32"),
         (lambda: bm(x, [q4k], [kernels.Q4_K], None, torch.zeros(8, dtype=torch.long)), "permutation of 0..7"),
         (lambda: bm(x, [torch.zeros(4, 1024, dtype=torch.uint8)], [kernels.F32]), "block formats only"),
+        (lambda: bm(x, [q4k, q4k], [kernels.Q4_K + kernels.A8, kernels.Q4_K]), "mix 8-bit activations"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

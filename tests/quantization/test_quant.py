@@ -9,7 +9,13 @@ from tiny import tiny_hf_llama, write_llama_gguf
 
 from pellucid import kernels
 from pellucid.errors import PellucidError
-from pellucid.quantization.apply import model_nbytes, parse_quant, quantize_model, quantized_layers
+from pellucid.quantization.apply import (
+    activation_bits,
+    model_nbytes,
+    parse_quant,
+    quantize_model,
+    quantized_layers,
+)
 from pellucid.quantization.blocks import BlockEmbedding, BlockLinear, quantize_blocks
 from pellucid.quantization.embedding import RowEmbedding
 from pellucid.quantization.int4 import (
@@ -142,7 +148,9 @@ def test_parse_quant():
     assert parse_quant("int4-g64") == ("int4", 64)
     assert parse_quant("int8") == ("int8", 0)
     assert parse_quant(None) == (None, 0) and parse_quant("none") == (None, 0)
-    for bad in ("int3", "int8-g32", "int4-gx"):
+    assert parse_quant("int4-a8") == ("int4", 32) and parse_quant("int4-g64-a8") == ("int4", 64)
+    assert [activation_bits(q) for q in ("int4", "int4-a8", "int8-a8", "int4-g64-a8", None)] == [16, 8, 8, 8, 16]
+    for bad in ("int3", "int8-g32", "int4-gx", "int4-a4", "a8", "none-a8"):
         with pytest.raises(PellucidError, match="quant"):
             parse_quant(bad)
 
@@ -200,6 +208,30 @@ def test_load_with_quant_swaps_every_linear(tiny_gguf, quant):
     assert torch.isfinite(b).all()
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > (0.99 if quant == "int8" else 0.95)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="8-bit activations are a mode of pellucid's CPU kernels")
+def test_eight_bit_activations_reach_every_block_layer(tiny_gguf):
+    """'int4-a8': the same blocks, every block layer (the head too, and the fused C++ stack
+    through its types) on int8 activations; logits close to the 16-bit ones, not equal."""
+    from pellucid.engine.kv_cache import KVCache
+    from pellucid.loading import load_model
+    from pellucid.models.layers import ForwardContext
+
+    a16 = load_model(tiny_gguf, dtype="float32", quant="int4")
+    a8 = load_model(tiny_gguf, dtype="float32", quant="int4-a8")
+    layers = quantized_layers(a8.model)
+    assert layers and all(isinstance(m, BlockLinear) and m.act_bits == 8 and m.mm_type == m.qtype + kernels.A8
+                          for m in layers.values())  # fmt: skip
+    assert "int8 activations" in repr(layers["lm_head"])
+    ids = torch.tensor([[5, 60, 61, 62, 70, 80, 90, 100]])
+    out = []
+    for lm in (a16, a8):
+        ctx = ForwardContext(torch.arange(8)[None], KVCache(lm.config, 1, 8, torch.float32), torch.tensor([0]), 8)
+        with torch.no_grad():
+            out.append(lm.model(ids, ctx).flatten())  # the cached (fused) path
+    assert not torch.equal(out[0], out[1])
+    assert torch.nn.functional.cosine_similarity(out[0], out[1], dim=0) > 0.99
 
 
 def test_quantize_model_keeps_head_when_asked(tiny_gguf):

@@ -41,6 +41,7 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 8, 12, 14, 30
 BLOCK_TYPES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
 ROW_TYPES = {**BLOCK_TYPES, F32: "F32", F16: "F16", BF16: "BF16"}  # block_rows reads these too
+A8 = 256  # added to a type in block_mm's types: 8-bit activations (as llama.cpp), not the default 16
 # (values per block, bytes per block)
 BLOCK_SIZES = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
                Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210)}  # fmt: skip

@@ -5,7 +5,8 @@
 //                      out_index (sum N_i,) int64?) -> (M, sum N_i) f32
 //       y[m, c(n)] = sum_k x[m, k] * W[n, k] (+ bias[c(n)]), W the rows of every w in order,
 //       each dequantized as ggml does (dequantize_row_*), c(n) = out_index[n] or n. Types
-//       (ggml's ids): Q4_0 2, Q4_1 3, Q5_0 6, Q8_0 8, Q4_K 12, Q6_K 14.
+//       (ggml's ids): Q4_0 2, Q4_1 3, Q5_0 6, Q8_0 8, Q4_K 12, Q6_K 14; each plus 256 (kA8)
+//       for 8-bit activations (every type of a call alike; see below).
 //   pellucid::block_rows(w uint8 (N, row bytes), type, K, ids int64 (...)) -> (..., K) f32
 //       rows ids of W, each value equal to ggml's dequantized value bit for bit (also for F32 0,
 //       F16 1, BF16 30).
@@ -30,6 +31,11 @@
 // the last bits); PELLUCID_ISA=avx2|avx512 (read when the library is loaded) forces a
 // lower path.
 //
+// 8-bit activations (types + 256): the same arithmetic with dx = amax / 127 and xq in
+// -127..127 per scale block, as llama.cpp quantizes them (its fidelity, not float32's). On
+// AVX-512 VNNI, Q4_K and Q6_K run their own kernels (VPDPBUSD, twice the products an
+// instruction; see q4_k8); elsewhere the 16-bit kernels sum the same 8-bit values.
+//
 // Layout: a unit is GPU scale groups (4 on AVX-512, 2 on AVX2), one per 128-bit lane:
 // operand j (of gs / 8) holds, in lane g, elements 8j..8j+7 of group g. Each format's
 // decoder turns the file's bytes into that order in registers (nibble unpacks, lane
@@ -53,6 +59,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kA8 = 256;  // added to a type id in block_mm's types: 8-bit activations
 
 enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
@@ -250,60 +258,75 @@ struct Job {
   const int64_t* col; // output column of each row, or null (column = n0 + row)
   int64_t col0;       // first output column of this matrix when col is null
   float* y;           // (M, ldy)
+  // 8-bit activations for the VPDPBUSD super-block kernels (prep_row8), else null
+  const int8_t* xb;   // (M, K)
+  const float* xbd;   // (M, K / 256) dx
+  const int32_t* xbg; // (M, K / 16) 32 * sum(xq) per group of 16
+  const float* xbs;   // (M, K / 16) dx * sum(xq) per group of 16
 };
 
-// Quantize one row of x to int16 per scale block (32 values, or 256 for the K-quant
-// super-block formats) and write it in the unit order of a path with `gpu` scale groups of
-// `gs` elements per unit. Plain IEEE max / divide / round to nearest even: the same bits
-// whatever the path or vector width. Scales and sums: per block of 32, dxl holds dx in each
-// lane of its group and sxl dx * sum(xq) in the group's first lane; per super-block c,
-// dxl[c] holds dx and sxl[c * lanes + lanes - 8 + j] dx * sum(xq) of its group j of 32.
-void prep_row(const float* x, int64_t K, int gs, int gpu, bool super, int16_t* xq, int64_t KP, float* dxl,
+// The scale of one scale block of n values: dx = amax / qmax (plain IEEE max and divide: the
+// same bits whatever the path); NaN when x holds a NaN or an infinity (NaN out); 0 when amax
+// is 0 or dx underflows.
+inline float block_dx(const float* x, int64_t n, float qmax) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float dx = amax / qmax;
+  if (_mm256_movemask_ps(bad) != 0 || !std::isfinite(amax)) return std::numeric_limits<float>::quiet_NaN();
+  return dx > 0.0f ? dx : 0.0f;
+}
+
+// 32 values of x as q = nearbyint(x / dx) (to nearest even), clamped to +-qmax (only a
+// subnormal dx reaches the clamp), into q[32] in order; returns their sum. All 0 unless dx > 0.
+inline int32_t quant32(const float* x, float dx, int qmax, int16_t* q) {
+  if (!(dx > 0.0f)) {
+    std::memset(q, 0, 32 * sizeof(int16_t));
+    return 0;
+  }
+  const __m256 dv = _mm256_set1_ps(dx);
+  const __m256i hi = _mm256_set1_epi32(qmax), lo = _mm256_set1_epi32(-qmax);
+  __m256i s = _mm256_setzero_si256();
+  for (int i = 0; i < 4; i += 2) {  // cvtps: the MXCSR rounding, to nearest even
+    const __m256 va = _mm256_loadu_ps(x + 8 * i), vc = _mm256_loadu_ps(x + 8 * i + 8);
+    __m256i a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(va, dv))));
+    __m256i d = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(vc, dv))));
+    s = _mm256_add_epi32(s, _mm256_add_epi32(a, d));
+    __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, d), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * i), p);
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(t);
+}
+
+// Quantize one row of x per scale block (32 values, or 256 for the K-quant super-block
+// formats) to integers of at most qmax (32767: 16-bit activations; 127: 8-bit) and write
+// it in the unit order of a path with `gpu` scale groups of `gs` elements per unit. Scales
+// and sums: per block of 32, dxl holds dx in each lane of its group and sxl dx * sum(xq) in
+// the group's first lane; per super-block c, dxl[c] holds dx and sxl[c * lanes + lanes - 8
+// + j] dx * sum(xq) of its group j of 32.
+void prep_row(const float* x, int64_t K, int qmax, int gs, int gpu, bool super, int16_t* xq, int64_t KP, float* dxl,
               float* sxl, int64_t LP) {
   const int64_t SB = super ? 256 : 32, unit = static_cast<int64_t>(gpu) * gs, lanes = 4 * gpu;
   std::memset(xq + KP - unit, 0, unit * sizeof(int16_t));  // the last unit may be part empty
   std::memset(dxl, 0, LP * sizeof(float));
   if (sxl) std::memset(sxl, 0, LP * sizeof(float));
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   alignas(32) int16_t q[32];
   for (int64_t c = 0; c < K / SB; ++c) {
-    __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int64_t i = 0; i < SB; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + SB * c + i);
-      mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
-    float dx = amax / 32767.0f;
-    const bool nan = _mm256_movemask_ps(bad) != 0 || !std::isfinite(amax);  // NaN / inf in: NaN out
-    if (nan) dx = std::numeric_limits<float>::quiet_NaN();
-    else if (!(dx > 0.0f)) dx = 0.0f;  // amax == 0 (or so small that dx underflows)
+    const float dx = block_dx(x + SB * c, SB, static_cast<float>(qmax));
     if (super) dxl[c] = dx;
     for (int64_t b = SB * c / 32; b < SB * (c + 1) / 32; ++b) {  // blocks of 32
-      int32_t qsum = 0;
-      if (dx > 0.0f) {
-        const __m256 dv = _mm256_set1_ps(dx);
-        // |x / dx| <= 32767 but for a subnormal dx (amax < ~4e-34): clamp, so xq and its sum agree
-        const __m256i hi = _mm256_set1_epi32(32767), lo = _mm256_set1_epi32(-32767);
-        __m256i s = _mm256_setzero_si256();
-        for (int i = 0; i < 4; i += 2) {  // cvtps: the MXCSR rounding, to nearest even
-          const __m256 va = _mm256_loadu_ps(x + 32 * b + 8 * i), vc = _mm256_loadu_ps(x + 32 * b + 8 * i + 8);
-          __m256i a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(va, dv))));
-          __m256i d = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_div_ps(vc, dv))));
-          s = _mm256_add_epi32(s, _mm256_add_epi32(a, d));
-          __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, d), _MM_SHUFFLE(3, 1, 2, 0));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), p);
-        }
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
-        qsum = _mm_cvtsi128_si32(t);
-      } else {
-        std::memset(q, 0, sizeof(q));
-      }
+      const int32_t qsum = quant32(x + 32 * b, dx, qmax, q);
       for (int k = 0; k < 4; ++k) {  // 8-element pieces to (unit, operand j, lane group g)
         const int64_t e = 32 * b + 8 * k, g = e / gs, j = (e % gs) / 8, u = g / gpu, gg = g % gpu;
         std::memcpy(xq + u * unit + j * (8 * gpu) + gg * 8, q + 8 * k, 16);
@@ -316,6 +339,34 @@ void prep_row(const float* x, int64_t K, int gs, int gpu, bool super, int16_t* x
         float* p = dxl + (g / gpu) * lanes + (g % gpu) * 4;
         p[0] = p[1] = p[2] = p[3] = dx;
         if (sxl) sxl[(g / gpu) * lanes + (g % gpu) * 4] = dx * static_cast<float>(qsum);
+      }
+    }
+  }
+}
+
+// 8-bit activations for the VPDPBUSD super-block kernels (the same values as prep_row with
+// qmax 127): per super-block c of 256, dx[c]; xq in the order those kernels read, byte
+// 256 c + 64 t + 4 l + i <- element 16 l + 4 t + i (operand t, int32 lane l: group l of 16
+// values); per group l, g32[16 c + l] = 32 * sum(xq) (Q6_K's offset of 32) and
+// sx[16 c + l] = dx * sum(xq) (Q4_K's mins).
+void prep_row8(const float* x, int64_t K, int8_t* xq, float* dx8, int32_t* g32, float* sx) {
+  alignas(32) int16_t q[32];
+  for (int64_t c = 0; c < K / 256; ++c) {
+    const float dx = block_dx(x + 256 * c, 256, 127.0f);
+    dx8[c] = dx;
+    for (int64_t b = 0; b < 8; ++b) {  // blocks of 32: groups 2b, 2b + 1
+      quant32(x + 256 * c + 32 * b, dx, 127, q);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t l = 2 * b + h;
+        int32_t s = 0;
+        for (int t = 0; t < 4; ++t)
+          for (int i = 0; i < 4; ++i) {
+            const int16_t v = q[16 * h + 4 * t + i];
+            xq[256 * c + 64 * t + 4 * l + i] = static_cast<int8_t>(v);
+            s += v;
+          }
+        g32[16 * c + l] = 32 * s;
+        sx[16 * c + l] = dx * static_cast<float>(s);
       }
     }
   }
@@ -384,6 +435,13 @@ KernelFn pick(Isa isa, int64_t t) {
 #undef PK_PICK
 }
 
+// K-quant kernels on 8-bit activations (VPDPBUSD): AVX-512 VNNI only; elsewhere, or for
+// other types, 8-bit activations run the 16-bit kernels on the same 8-bit values.
+KernelFn pick8(Isa isa, int64_t t) {
+  if (isa != Isa::avx512_vnni) return nullptr;
+  return t == Q4_K ? k_avx512_vnni::q4_k8 : t == Q6_K ? k_avx512_vnni::q6_k8 : nullptr;
+}
+
 bool has_offset(int64_t t) { return t == Q4_0 || t == Q4_1 || t == Q5_0 || t == Q4_K; }
 int group_size(int64_t t) { return t == Q6_K ? 16 : 32; }
 bool is_super(int64_t t) { return t == Q4_K || t == Q6_K; }  // activations scaled per super-block of 256
@@ -431,7 +489,8 @@ struct Prepared {
   at::Tensor xq, dxl, sxl;
 };
 
-Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool super, bool offsets, const at::TensorOptions& opt) {
+Prepared prepare(const float* X, int64_t M, int64_t K, int qmax, int gs, bool super, bool offsets,
+                 const at::TensorOptions& opt) {
   const int gpu = kIsa == Isa::avx2 ? 2 : 4;  // scale groups per unit (one per 128-bit lane)
   Prepared p;
   p.gs = gs;
@@ -446,20 +505,52 @@ Prepared prepare(const float* X, int64_t M, int64_t K, int gs, bool super, bool 
   const int64_t KP = p.KP, LP = p.LP;
   auto body = [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      prep_row(X + m * K, K, gs, gpu, super, xq + m * KP, KP, dxl + m * LP, sxl ? sxl + m * LP : nullptr, LP);
+      prep_row(X + m * K, K, qmax, gs, gpu, super, xq + m * KP, KP, dxl + m * LP, sxl ? sxl + m * LP : nullptr, LP);
   };
   if (M * K < (1 << 15)) body(0, M);
   else at::parallel_for(0, M, 16, body);
   return p;
 }
 
-at::Tensor block_mm(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef types, const std::optional<at::Tensor>& bias_,
+// 8-bit activations in the order of the VPDPBUSD super-block kernels (prep_row8).
+struct Prepared8 {
+  at::Tensor xb, xbd, xbg, xbs;
+};
+
+Prepared8 prepare8(const float* X, int64_t M, int64_t K, const at::TensorOptions& opt) {
+  Prepared8 p;
+  p.xb = at::empty({M, K}, opt.dtype(at::kChar));
+  p.xbd = at::empty({M, K / 256}, opt.dtype(at::kFloat));
+  p.xbg = at::empty({M, K / 16}, opt.dtype(at::kInt));
+  p.xbs = at::empty({M, K / 16}, opt.dtype(at::kFloat));
+  int8_t* xb = p.xb.data_ptr<int8_t>();
+  float* xbd = p.xbd.data_ptr<float>();
+  int32_t* xbg = p.xbg.data_ptr<int32_t>();
+  float* xbs = p.xbs.data_ptr<float>();
+  auto body = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      prep_row8(X + m * K, K, xb + m * K, xbd + m * (K / 256), xbg + m * (K / 16), xbs + m * (K / 16));
+  };
+  if (M * K < (1 << 15)) body(0, M);
+  else at::parallel_for(0, M, 16, body);
+  return p;
+}
+
+at::Tensor block_mm(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef types_, const std::optional<at::Tensor>& bias_,
                     const std::optional<at::Tensor>& out_index_) {
   const char* op = "pellucid::block_mm";
   TORCH_CHECK(x_.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x_.sizes());
   TORCH_CHECK(x_.scalar_type() == at::kFloat, op, ": x must be float32, got ", dtype_name(x_.scalar_type()));
-  TORCH_CHECK(ws.size() >= 1 && ws.size() == types.size(), op, ": one type per weight (", ws.size(), " weights, ",
-              types.size(), " types)");
+  TORCH_CHECK(ws.size() >= 1 && ws.size() == types_.size(), op, ": one type per weight (", ws.size(), " weights, ",
+              types_.size(), " types)");
+  // a type + kA8: 8-bit activations (every weight of a call alike)
+  const bool a8 = (types_[0] & kA8) != 0;
+  std::vector<int64_t> types(types_.begin(), types_.end());
+  for (size_t i = 0; i < types.size(); ++i) {
+    TORCH_CHECK(((types[i] & kA8) != 0) == a8, op, ": types ", types_, " mix 8-bit activations (+", kA8,
+                ") with 16-bit ones; one call takes one kind");
+    types[i] &= ~kA8;
+  }
   const int64_t M = x_.size(0), K = x_.size(1);
   TORCH_CHECK(K > 0 && K % 32 == 0, op, ": x (M, K) needs K a positive multiple of 32, got K = ", K);
   int64_t N = 0;
@@ -497,29 +588,41 @@ at::Tensor block_mm(const at::Tensor& x_, at::TensorList ws, at::IntArrayRef typ
   const float* X = x.data_ptr<float>();
 
   Prepared preps[3];  // blocks of 32; Q4_K's super-blocks (groups of 32); Q6_K's (groups of 16)
+  Prepared8 prep8;    // 8-bit activations for VPDPBUSD (Q4_K and Q6_K alike)
   std::vector<Job> jobs(ws.size());
   std::vector<KernelFn> fns(ws.size());
   std::vector<int64_t> rows(ws.size()), cost(ws.size());
   int64_t n0 = 0;
   for (size_t i = 0; i < ws.size(); ++i) {
-    Prepared& p = preps[layout(types[i])];
-    if (p.gs == 0) {
-      bool off = false;  // one preparation with offsets serves every matrix of this layout
-      for (size_t k = 0; k < ws.size(); ++k) off |= layout(types[k]) == layout(types[i]) && has_offset(types[k]);
-      p = prepare(X, M, K, group_size(types[i]), is_super(types[i]), off, x.options());
-    }
     Job& J = jobs[i];
-    J.M = M, J.K = K, J.ldy = N, J.KP = p.KP, J.LP = p.LP;
+    J = Job{};
+    J.M = M, J.K = K, J.ldy = N;
+    fns[i] = a8 ? pick8(kIsa, types[i]) : nullptr;
+    if (fns[i]) {
+      if (!prep8.xb.defined()) prep8 = prepare8(X, M, K, x.options());
+      J.xb = prep8.xb.data_ptr<int8_t>();
+      J.xbd = prep8.xbd.data_ptr<float>();
+      J.xbg = prep8.xbg.data_ptr<int32_t>();
+      J.xbs = prep8.xbs.data_ptr<float>();
+    } else {  // 16-bit operands (with 8-bit values under a8 where no VPDPBUSD kernel is)
+      Prepared& p = preps[layout(types[i])];
+      if (p.gs == 0) {
+        bool off = false;  // one preparation with offsets serves every matrix of this layout
+        for (size_t k = 0; k < ws.size(); ++k) off |= layout(types[k]) == layout(types[i]) && has_offset(types[k]);
+        p = prepare(X, M, K, a8 ? 127 : 32767, group_size(types[i]), is_super(types[i]), off, x.options());
+      }
+      J.KP = p.KP, J.LP = p.LP;
+      J.xq = p.xq.data_ptr<int16_t>();
+      J.dxl = p.dxl.data_ptr<float>();
+      J.sxl = p.sxl.defined() ? p.sxl.data_ptr<float>() : nullptr;
+      fns[i] = pick(kIsa, types[i]);
+    }
     J.wrow = ws[i].size(1);
-    J.xq = p.xq.data_ptr<int16_t>();
-    J.dxl = p.dxl.data_ptr<float>();
-    J.sxl = p.sxl.defined() ? p.sxl.data_ptr<float>() : nullptr;
     J.w = ws[i].data_ptr<uint8_t>();
     J.bias = bias;
     J.col = col ? col + n0 : nullptr;
     J.col0 = n0;
     J.y = y.data_ptr<float>();
-    fns[i] = pick(kIsa, types[i]);
     rows[i] = ws[i].size(0);
     cost[i] = J.wrow;
     n0 += rows[i];
@@ -666,6 +769,15 @@ inline __m128 fp16x4(const uint8_t* p, int64_t s, int r) {
   return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
 }
 
+// Q4_K's 6-bit scales and mins of a super-block at p: bytes 0..7 sc[0..7], 8..15 mn[0..7]
+inline __m128i q4k_scale_bytes(const uint8_t* p) {
+  const uint32_t u0 = load32(p + 4), u1 = load32(p + 8), u2 = load32(p + 12);
+  const uint32_t s_lo = u0 & 0x3F3F3F3F, m_lo = u1 & 0x3F3F3F3F;
+  const uint32_t s_hi = (u2 & 0x0F0F0F0F) | ((u0 >> 2) & 0x30303030);
+  const uint32_t m_hi = ((u2 >> 4) & 0x0F0F0F0F) | ((u1 >> 2) & 0x30303030);
+  return _mm_setr_epi32(static_cast<int>(s_lo), static_cast<int>(s_hi), static_cast<int>(m_lo), static_cast<int>(m_hi));
+}
+
 #if PK_WIDTH == 512
 
 typedef __m512i iv;
@@ -810,12 +922,7 @@ struct FQ4_K {
     const uint8_t* q;
   };
   static inline Chunk begin(const uint8_t* p) {
-    const uint32_t u0 = load32(p + 4), u1 = load32(p + 8), u2 = load32(p + 12);
-    const uint32_t s_lo = u0 & 0x3F3F3F3F, m_lo = u1 & 0x3F3F3F3F;
-    const uint32_t s_hi = (u2 & 0x0F0F0F0F) | ((u0 >> 2) & 0x30303030);
-    const uint32_t m_hi = ((u2 >> 4) & 0x0F0F0F0F) | ((u1 >> 2) & 0x30303030);
-    const __m128i b = _mm_setr_epi32(static_cast<int>(s_lo), static_cast<int>(s_hi), static_cast<int>(m_lo),
-                                     static_cast<int>(m_hi));
+    const __m128i b = q4k_scale_bytes(p);
     const fv s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
     return {_mm512_cvtepu8_epi16(_mm256_castsi128_si256(b)), _mm512_set1_ps(fp16(p)),
             _mm512_maskz_mul_ps(0xFF00, s, _mm512_set1_ps(-fp16(p + 2))), p + 16};
@@ -1227,6 +1334,15 @@ void decode_rows(const Job& J, int64_t n0, int64_t n1, int64_t E, char* panel) {
   }
 }
 
+// A panel tile's weight rows (n0 + r + j: their outputs, pp: their entries) and zero sums.
+template <int mr, int nr>
+__attribute__((always_inline)) inline void panel_tile_start(const char* panel, int64_t row_bytes, int64_t n0, int64_t r,
+                                                            int64_t* n, const char** pp, fv (&acc)[mr][nr]) {
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + r + nn, pp[nn] = panel + (r + nn) * row_bytes;
+  for (int mm = 0; mm < mr; ++mm)
+    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+}
+
 // Outputs y[m0 + i, n0 + r + j] for i < mr, j < nr from the panel of rows n0...
 template <class F, int mr, int nr>
 void panel_tile(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t r, int64_t m0) {
@@ -1237,10 +1353,8 @@ void panel_tile(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t 
   act_rows<mr>(J, m0, xp, xd, xs);
   int64_t n[nr];
   const char* pp[nr];
-  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + r + nn, pp[nn] = panel + (r + nn) * E * S;
   fv acc[mr][nr];
-  for (int mm = 0; mm < mr; ++mm)
-    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+  panel_tile_start<mr, nr>(panel, E * S, n0, r, n, pp, acc);
   for (int64_t e = 0; e < E; ++e) {
     if constexpr (IsSuper<F>::value) {
       const iv* q[nr];
@@ -1277,6 +1391,41 @@ inline char* panel_buffer(int64_t bytes) {  // one per thread, grown as needed, 
   return reinterpret_cast<char*>((p + 63) / 64 * 64);
 }
 
+// Weight rows [n_begin, n_end) in blocks of nb rows (a multiple of NR): each block decoded
+// into a panel of `entry` bytes per row (decode(b0, b1, panel)), then every tile of MR
+// activation rows passes over it (tile(mr, nr, panel, b0, r, m0), mr and nr as
+// std::integral_constant).
+template <class Decode, class Tile>
+void panel_pass(const Job& J, int64_t n_begin, int64_t n_end, int64_t nb, int64_t entry, Decode decode, Tile tile) {
+  using std::integral_constant;
+  char* panel = panel_buffer(nb * entry);
+  for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
+    const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
+    decode(b0, b1, panel);
+    for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
+      const int64_t left = J.M - m0;
+      const int mr = left >= MR ? MR : static_cast<int>(left);
+      int64_t r = 0;
+      for (; r + NR <= b1 - b0; r += NR) {
+        switch (mr) {
+          case 1: tile(integral_constant<int, 1>(), integral_constant<int, NR>(), panel, b0, r, m0); break;
+          case 2: tile(integral_constant<int, 2>(), integral_constant<int, NR>(), panel, b0, r, m0); break;
+          case 3: tile(integral_constant<int, 3>(), integral_constant<int, NR>(), panel, b0, r, m0); break;
+          default: tile(integral_constant<int, MR>(), integral_constant<int, NR>(), panel, b0, r, m0); break;
+        }
+      }
+      for (; r < b1 - b0; ++r) {
+        switch (mr) {
+          case 1: tile(integral_constant<int, 1>(), integral_constant<int, 1>(), panel, b0, r, m0); break;
+          case 2: tile(integral_constant<int, 2>(), integral_constant<int, 1>(), panel, b0, r, m0); break;
+          case 3: tile(integral_constant<int, 3>(), integral_constant<int, 1>(), panel, b0, r, m0); break;
+          default: tile(integral_constant<int, MR>(), integral_constant<int, 1>(), panel, b0, r, m0); break;
+        }
+      }
+    }
+  }
+}
+
 // Weight rows [n_begin, n_end). A few activation rows (decode): one pass over the weights,
 // from memory, with software prefetch ahead. More rows: blocks of weight rows that stay in
 // L2 while every tile of MR activation rows passes over them, decoded once into a panel when
@@ -1308,33 +1457,12 @@ void run(const Job& J, int64_t n_begin, int64_t n_end) {
     return;
   }
   int64_t nb = (int64_t{256} << 10) / (E * S);
-  nb = nb < 2 ? 2 : nb - nb % 2;
-  char* panel = panel_buffer(nb * E * S);
-  for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
-    const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
-    decode_rows<F>(J, b0, b1, E, panel);
-    for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
-      const int64_t left = J.M - m0;
-      const int mr = left >= MR ? MR : static_cast<int>(left);
-      int64_t r = 0;
-      for (; r + NR <= b1 - b0; r += NR) {
-        switch (mr) {
-          case 1: panel_tile<F, 1, NR>(J, panel, E, b0, r, m0); break;
-          case 2: panel_tile<F, 2, NR>(J, panel, E, b0, r, m0); break;
-          case 3: panel_tile<F, 3, NR>(J, panel, E, b0, r, m0); break;
-          default: panel_tile<F, MR, NR>(J, panel, E, b0, r, m0); break;
-        }
-      }
-      for (; r < b1 - b0; ++r) {
-        switch (mr) {
-          case 1: panel_tile<F, 1, 1>(J, panel, E, b0, r, m0); break;
-          case 2: panel_tile<F, 2, 1>(J, panel, E, b0, r, m0); break;
-          case 3: panel_tile<F, 3, 1>(J, panel, E, b0, r, m0); break;
-          default: panel_tile<F, MR, 1>(J, panel, E, b0, r, m0); break;
-        }
-      }
-    }
-  }
+  panel_pass(
+      J, n_begin, n_end, nb < 2 ? 2 : nb - nb % 2, E * S,
+      [&](int64_t b0, int64_t b1, char* panel) { decode_rows<F>(J, b0, b1, E, panel); },
+      [&](auto mr, auto nr, const char* panel, int64_t b0, int64_t r, int64_t m0) {
+        panel_tile<F, decltype(mr)::value, decltype(nr)::value>(J, panel, E, b0, r, m0);
+      });
 }
 
 void q4_0(const Job& J, int64_t n0, int64_t n1) { run<FQ4_0>(J, n0, n1); }
@@ -1343,6 +1471,162 @@ void q5_0(const Job& J, int64_t n0, int64_t n1) { run<FQ5_0>(J, n0, n1); }
 void q8_0(const Job& J, int64_t n0, int64_t n1) { run<FQ8_0>(J, n0, n1); }
 void q4_k(const Job& J, int64_t n0, int64_t n1) { run<FQ4_K>(J, n0, n1); }
 void q6_k(const Job& J, int64_t n0, int64_t n1) { run<FQ6_K>(J, n0, n1); }
+
+#if PK_VNNI
+// ---- K-quant super-blocks on 8-bit activations (VPDPBUSD: 64 byte products an instruction,
+// twice VPDPWSSD's). Operand t (of 4) of a super-block holds in int32 lane l the 4 values
+// 16 l + 4 t .. 16 l + 4 t + 3, so lane l sums group l of 16 over the 4 operands and one
+// scale per lane follows: per output and super-block, isum_l = sum q * xq over group l
+// exactly in int32 (unsigned q: Q4_K's 0..15, Q6_K's 0..63 less 32 * sum xq, subtracted
+// exactly), then acc += float(isum) * ((d * sc_l) * dx) and for Q4_K acc += -(dmin * mn_l)
+// * (dx * sum xq); lanes summed once at the end. Weight rows are decoded into this order
+// once, into a panel, for any number of activation rows, so a row's result is the same bits
+// batched or alone.
+
+// operand t from the two register pairs holding groups 0..7 (a0, b0) and 8..15 (a1, b1)
+inline iv gather_groups(iv a0, iv b0, iv a1, iv b1, iv idx) {
+  return _mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(a0, idx, b0), _mm512_permutex2var_epi32(a1, idx, b1));
+}
+
+// where group l % 8 of a register pair starts (dword index of permutex2var), plus t
+inline iv group_index(const int (&base)[8], int t) {
+  alignas(64) int idx[16];
+  for (int l = 0; l < 16; ++l) idx[l] = base[l % 8] + t;
+  return _mm512_load_si512(idx);
+}
+
+struct A8Q4_K {
+  static constexpr int64_t CB = 144;
+  static constexpr bool OFF = true;
+  // q bytes 0..63: low nibbles sub-blocks 0, 2 (groups 0, 1, 4, 5), high nibbles 1, 3 (2, 3, 6, 7)
+  static inline void decode(const uint8_t* p, iv* W, fv* dsc, fv* mn) {
+    static constexpr int base[8] = {0, 4, 16, 20, 8, 12, 24, 28};
+    const iv m = _mm512_set1_epi8(0x0F), r0 = ldi(p + 16), r1 = ldi(p + 80);
+    const iv lo0 = _mm512_and_si512(r0, m), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), m);
+    const iv lo1 = _mm512_and_si512(r1, m), hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), m);
+    for (int t = 0; t < 4; ++t) W[t] = gather_groups(lo0, hi0, lo1, hi1, group_index(base, t));
+    const __m128i b = q4k_scale_bytes(p);
+    const __m128i sc = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    const __m128i mi = _mm_shuffle_epi8(b, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
+    *dsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)), _mm512_set1_ps(fp16(p)));
+    *mn = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mi)), _mm512_set1_ps(-fp16(p + 2)));
+  }
+};
+
+struct A8Q6_K {
+  static constexpr int64_t CB = 210;
+  static constexpr bool OFF = false;
+  // half h: ql 64h..64h+63 and qh 32h..32h+31 give values 128h + 0..63 (groups 8h + 0..3) and
+  // 128h + 64..127 (8h + 4..7)
+  static inline void decode(const uint8_t* p, iv* W, fv* dsc, fv*) {
+    static constexpr int base[8] = {0, 4, 8, 12, 16, 20, 24, 28};
+    const iv m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
+    const iv up = _mm512_set_epi64(2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL,
+                                   2 * 0x0001000100010001LL, 4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL,
+                                   4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL);
+    const iv dn = _mm512_set_epi64(2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL, 2 * 0x0001000100010001LL,
+                                   2 * 0x0001000100010001LL, 0, 0, 0, 0);
+    iv lo[2], hi[2];
+    for (int h = 0; h < 2; ++h) {
+      const iv L = ldi(p + 64 * h), H = _mm512_broadcast_i64x4(ldi2(p + 128 + 32 * h));
+      // bits 4, 5 of each byte: qh bits 0, 1 (first 32 bytes) or 2, 3 (last 32); then 4, 5 or 6, 7
+      lo[h] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(_mm512_sllv_epi16(H, up), m2));
+      hi[h] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(_mm512_srlv_epi16(H, dn), m2));
+    }
+    for (int t = 0; t < 4; ++t) W[t] = gather_groups(lo[0], hi[0], lo[1], hi[1], group_index(base, t));
+    *dsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ldi1(p + 192))), _mm512_set1_ps(fp16(p + 208)));
+  }
+};
+
+template <class F>
+constexpr int64_t entry8() {  // bytes of one decoded super-block: 4 operands, d * sc (and the mins)
+  return (4 + 1 + (F::OFF ? 1 : 0)) * static_cast<int64_t>(sizeof(iv));
+}
+
+template <class F>
+void decode_rows8(const Job& J, int64_t n0, int64_t n1, int64_t E, char* panel) {
+  const int64_t S = entry8<F>();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = J.w + n * J.wrow;
+    for (int64_t c = 0; c < E; ++c) {
+      const uint8_t* p = w + c * F::CB;
+      for (int64_t o = 0; o < F::CB; o += 64)  // the file's bytes are read once: ask for them ahead
+        _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T0);
+      iv* o = reinterpret_cast<iv*>(panel + ((n - n0) * E + c) * S);
+      iv W[4];
+      fv dsc, mn = fzero();
+      F::decode(p, W, &dsc, &mn);
+      for (int t = 0; t < 4; ++t) _mm512_store_si512(o + t, W[t]);
+      _mm512_store_ps(reinterpret_cast<float*>(o + 4), dsc);
+      if constexpr (F::OFF) _mm512_store_ps(reinterpret_cast<float*>(o + 5), mn);
+    }
+  }
+}
+
+// Outputs y[m0 + i, n0 + r + j] for i < mr, j < nr from the panel of rows n0...
+template <class F, int mr, int nr>
+void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t r, int64_t m0) {
+  const int64_t S = entry8<F>(), G = J.K / 16;
+  const int8_t* xp[mr];
+  const float* xd[mr];
+  const int32_t* xg[mr];
+  const float* xs[mr];
+  for (int mm = 0; mm < mr; ++mm) {
+    const int64_t m = m0 + mm;
+    xp[mm] = J.xb + m * J.K, xd[mm] = J.xbd + m * (J.K / 256), xg[mm] = J.xbg + m * G, xs[mm] = J.xbs + m * G;
+  }
+  int64_t n[nr];
+  const char* pp[nr];
+  fv acc[mr][nr];
+  panel_tile_start<mr, nr>(panel, E * S, n0, r, n, pp, acc);
+  for (int64_t e = 0; e < E; ++e) {
+    const iv* q[nr];
+    fv dsc[nr], mn[nr];
+    for (int nn = 0; nn < nr; ++nn) {
+      q[nn] = reinterpret_cast<const iv*>(pp[nn] + e * S);
+      dsc[nn] = _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 4));
+      mn[nn] = F::OFF ? _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 5)) : fzero();
+    }
+    for (int mm = 0; mm < mr; ++mm) {
+      const int8_t* x = xp[mm] + 256 * e;
+      iv X[4];
+      for (int t = 0; t < 4; ++t) X[t] = ldi(x + 64 * t);
+      const fv dx = fset1(xd[mm][e]);
+      const fv sx = F::OFF ? ldf(xs[mm] + 16 * e) : fzero();
+      const iv g = F::OFF ? _mm512_setzero_si512() : ldi(xg[mm] + 16 * e);
+      for (int nn = 0; nn < nr; ++nn) {
+        iv s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_load_si512(q[nn]), X[0]);
+        for (int t = 1; t < 4; ++t) s = _mm512_dpbusd_epi32(s, _mm512_load_si512(q[nn] + t), X[t]);
+        if constexpr (!F::OFF) s = _mm512_sub_epi32(s, g);
+        acc[mm][nn] = ffma(i2f(s), fmul(dsc[nn], dx), acc[mm][nn]);
+        if constexpr (F::OFF) acc[mm][nn] = ffma(mn[nn], sx, acc[mm][nn]);
+      }
+    }
+  }
+  store_tile<mr, nr>(J, acc, m0, n);
+}
+
+// Weight rows [n_begin, n_end), any number of activation rows: blocks of weight rows decoded
+// into a panel (NR rows, still in L1, for a few activation rows; ~256 KiB, in L2, for many).
+template <class F>
+void run8(const Job& J, int64_t n_begin, int64_t n_end) {
+  const int64_t E = J.K / 256;
+  int64_t nb = NR;
+  if (J.M > MR) {
+    nb = (int64_t{256} << 10) / (E * entry8<F>());
+    nb = nb < NR ? NR : nb - nb % NR;
+  }
+  panel_pass(
+      J, n_begin, n_end, nb, E * entry8<F>(),
+      [&](int64_t b0, int64_t b1, char* panel) { decode_rows8<F>(J, b0, b1, E, panel); },
+      [&](auto mr, auto nr, const char* panel, int64_t b0, int64_t r, int64_t m0) {
+        panel_tile8<F, decltype(mr)::value, decltype(nr)::value>(J, panel, E, b0, r, m0);
+      });
+}
+
+void q4_k8(const Job& J, int64_t n0, int64_t n1) { run8<A8Q4_K>(J, n0, n1); }
+void q6_k8(const Job& J, int64_t n0, int64_t n1) { run8<A8Q6_K>(J, n0, n1); }
+#endif  // PK_VNNI
 
 }  // namespace PK_NS
 }  // namespace

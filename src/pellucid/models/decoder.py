@@ -268,7 +268,7 @@ def _mm_parts(linear: nn.Module) -> tuple | None:
     if "_ws" in linear.__dict__:  # FusedBlockLinear
         return linear.__dict__["_ws"], linear.__dict__["_types"], linear.bias, linear.out_index
     if "data" in getattr(linear, "_buffers", {}) and hasattr(linear, "qtype"):  # BlockLinear
-        return [linear._buffers["data"]], [linear.qtype], linear._buffers.get("bias"), linear._buffers.get("out_index")
+        return [linear._buffers["data"]], [linear.mm_type], linear._buffers.get("bias"), linear._buffers.get("out_index")
     return None
 
 

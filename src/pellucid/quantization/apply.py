@@ -9,6 +9,7 @@ load never holds the whole float model and Q4 blocks survive bit for bit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -23,15 +24,29 @@ from pellucid.quantization.int8 import Int8Linear
 from pellucid.quantization.kernels import check_linear_shapes, kernel_dtype
 from pellucid.runtime import FLOAT_FORMATS, FORMATS, QUANT_FORMATS  # noqa: F401  (the format names live in runtime)
 
+log = logging.getLogger("pellucid")
+
+
+A8_SUFFIX = "-a8"  # int4-a8, int8-a8, int4-g64-a8: the same weights on 8-bit activations
+
 
 def parse_quant(quant: str | None) -> tuple[str | None, int]:
-    """'int4' -> ('int4', 32); 'int4-g64' -> ('int4', 64); 'int8' -> ('int8', 0); None/'none' -> (None, 0)."""
+    """'int4' -> ('int4', 32); 'int4-g64' -> ('int4', 64); 'int8' -> ('int8', 0); None/'none' -> (None, 0);
+    a trailing '-a8' (8-bit activations, see activation_bits) does not change the weights."""
     if quant is None or quant in ("", "none", "None"):
         return None, 0
-    fmt, _, g = quant.partition("-g")
+    fmt, _, g = quant.removesuffix(A8_SUFFIX).partition("-g")
     if fmt not in QUANT_FORMATS or (g and (fmt != "int4" or not g.isdigit())):
-        raise PellucidError(f"quant {quant!r} is not one of: none, int8, int4 (int4-g32/-g64/-g128 for a group size)", param="quant")
+        raise PellucidError(f"quant {quant!r} is not one of: none, int8, int4 (int4-g32/-g64/-g128 for a group size; "
+                            f"'{A8_SUFFIX}' after any of them for 8-bit activations)", param="quant")  # fmt: skip
     return fmt, (int(g) if g else 32) if fmt == "int4" else 0
+
+
+def activation_bits(quant: str | None) -> int:
+    """8 for a format ending in '-a8' (block layers quantize their inputs to int8 per block, as
+    llama.cpp does: faster prefill and batches, llama.cpp's fidelity), else 16 (the default:
+    int16 per block, float32's fidelity)."""
+    return 8 if quant and parse_quant(quant)[0] and quant.endswith(A8_SUFFIX) else 16
 
 
 def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torch.Tensor] | None = None,
@@ -59,7 +74,15 @@ def quantize_model(model: nn.Module, quant: str, *, source: Callable[[str], torc
     act = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dev.type in ("cpu", "meta") and kernels.available():
-        return _to_blocks(model, fmt, group, source, source_blocks, head, embedding, skip, act)
+        _to_blocks(model, fmt, group, source, source_blocks, head, embedding, skip, act)
+        if activation_bits(quant) == 8:
+            for m in model.modules():
+                if isinstance(m, BlockLinear):
+                    m.set_activation_bits(8)
+        return model
+    if activation_bits(quant) == 8:
+        log.warning("quant %r: 8-bit activations need pellucid's CPU kernels (not available here); "
+                    "the weights are %s, the activations stay %s", quant, fmt, str(act).removeprefix("torch."))
     dtype = dtype or kernel_dtype(act)
     head_fmt = {"auto": "int4x2" if fmt == "int4" else "int8", "same": quant}.get(head, head)  # type: ignore[arg-type]
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}  # a tied weight keeps its first name

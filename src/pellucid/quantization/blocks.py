@@ -94,6 +94,8 @@ class BlockLinear(nn.Module):
             raise PellucidError(f"{kernels.BLOCK_TYPES[qtype]} rows of {in_features} values are "
                                 f"{kernels.row_bytes(qtype, in_features)} bytes; got {tuple(data.shape)} {data.dtype}")  # fmt: skip
         self.qtype, self.in_features, self.out_features = qtype, in_features, data.shape[0]
+        self.act_bits = 16  # activations quantized per block to int16 (8: int8, see set_activation_bits)
+        self.mm_type = qtype  # block_mm's type: qtype, plus kernels.A8 for 8-bit activations
         self.register_buffer("data", data)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.register_buffer("out_index", out_index, persistent=False)
@@ -103,6 +105,15 @@ class BlockLinear(nn.Module):
         """Quantize a float weight (N, K) (or a row source) to Q4_1 (bits=4) or Q8_0 (bits=8) blocks."""
         qtype = kernels.Q4_1 if bits == 4 else kernels.Q8_0
         return cls(quantize_blocks(w, qtype, group_size), qtype, w.shape[1], bias)
+
+    def set_activation_bits(self, bits: int) -> None:
+        """16 (the default: a per-block int16 copy of the activations, summed exactly) or 8
+        (int8, as llama.cpp does: the K-quants' VNNI kernels do twice the products an
+        instruction, at llama.cpp's fidelity rather than float32's)."""
+        if bits not in (8, 16):
+            raise PellucidError(f"activation bits {bits!r}: must be 8 or 16", param="quant")
+        self.act_bits = bits
+        self.mm_type = self.qtype + (kernels.A8 if bits == 8 else 0)
 
     @property
     def kind(self) -> str:
@@ -125,7 +136,7 @@ class BlockLinear(nn.Module):
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 on CPU -> (M, N) float32: the kernel with the bias, nothing else (the fused path)."""
         b = self._buffers  # plain dict reads: this runs once per layer and step
-        return torch.ops.pellucid.block_mm(x, [b["data"]], [self.qtype], b["bias"], b["out_index"])
+        return torch.ops.pellucid.block_mm(x, [b["data"]], [self.mm_type], b["bias"], b["out_index"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
@@ -141,7 +152,8 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         where = ", rows reordered" if self.out_index is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}{where}"
+        acts = ", int8 activations" if self.act_bits == 8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}{where}{acts}"
 
 
 class FusedBlockLinear(nn.Module):
@@ -166,7 +178,7 @@ class FusedBlockLinear(nn.Module):
         reordered = any(p.out_index is not None for p in parts)
         self.out_index = torch.cat(index) if reordered else None
         self.bias = torch.cat(bias) if any(p.bias is not None for p in parts) else None
-        self._ws, self._types = [p.data for p in parts], [p.qtype for p in parts]
+        self._ws, self._types = [p.data for p in parts], [p.mm_type for p in parts]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         d = self.__dict__
