@@ -356,17 +356,25 @@ void prep_row8(const float* x, int64_t K, int8_t* xq, float* dx8, int32_t* g32, 
     dx8[c] = dx;
     for (int64_t b = 0; b < 8; ++b) {  // blocks of 32: groups 2b, 2b + 1
       quant32(x + 256 * c + 32 * b, dx, 127, q);
+      const __m128i a0 = _mm_load_si128(reinterpret_cast<const __m128i*>(q)), a1 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 8));
+      const __m128i b0 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16)), b1 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 24));
+      // operand t: 4 values of group 2b then 4 of group 2b + 1, at 64 t + 8 b
+      const __m128i lo = _mm_packs_epi16(a0, a1), hi = _mm_packs_epi16(b0, b1);
+      const __m128i u0 = _mm_unpacklo_epi32(lo, hi), u1 = _mm_unpackhi_epi32(lo, hi);
+      int8_t* o = xq + 256 * c + 8 * b;
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o), u0);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 64), _mm_unpackhi_epi64(u0, u0));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 128), u1);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 192), _mm_unpackhi_epi64(u1, u1));
+      const __m128i one = _mm_set1_epi16(1);
+      __m128i sa = _mm_add_epi32(_mm_madd_epi16(a0, one), _mm_madd_epi16(a1, one));
+      __m128i sb = _mm_add_epi32(_mm_madd_epi16(b0, one), _mm_madd_epi16(b1, one));
+      sa = _mm_hadd_epi32(sa, sb);  // a a b b
+      sa = _mm_hadd_epi32(sa, sa);  // sum a, sum b
+      const int32_t s[2] = {_mm_cvtsi128_si32(sa), _mm_extract_epi32(sa, 1)};
       for (int h = 0; h < 2; ++h) {
-        const int64_t l = 2 * b + h;
-        int32_t s = 0;
-        for (int t = 0; t < 4; ++t)
-          for (int i = 0; i < 4; ++i) {
-            const int16_t v = q[16 * h + 4 * t + i];
-            xq[256 * c + 64 * t + 4 * l + i] = static_cast<int8_t>(v);
-            s += v;
-          }
-        g32[16 * c + l] = 32 * s;
-        sx[16 * c + l] = dx * static_cast<float>(s);
+        g32[16 * c + 2 * b + h] = 32 * s[h];
+        sx[16 * c + 2 * b + h] = dx * static_cast<float>(s[h]);
       }
     }
   }
@@ -1563,18 +1571,47 @@ void decode_rows8(const Job& J, int64_t n0, int64_t n1, int64_t E, char* panel) 
   }
 }
 
+template <int mr>
+__attribute__((always_inline)) inline void act_rows8(const Job& J, int64_t m0, const int8_t** xp, const float** xd,
+                                                     const int32_t** xg, const float** xs) {
+  for (int mm = 0; mm < mr; ++mm) {
+    const int64_t m = m0 + mm;
+    xp[mm] = J.xb + m * J.K, xd[mm] = J.xbd + m * (J.K / 256), xg[mm] = J.xbg + m * (J.K / 16);
+    xs[mm] = J.xbs + m * (J.K / 16);
+  }
+}
+
+// Super-block e of an mr x nr tile, operand t of weight row nn from w(nn, t).
+template <class F, int mr, int nr, class Get>
+__attribute__((always_inline)) inline void sb_step8(fv (&acc)[mr][nr], Get w, const fv (&dsc)[nr], const fv (&mn)[nr],
+                                                    const int8_t* const* xp, const float* const* xd,
+                                                    const int32_t* const* xg, const float* const* xs, int64_t e) {
+  for (int mm = 0; mm < mr; ++mm) {
+    const int8_t* x = xp[mm] + 256 * e;
+    iv X[4];
+    for (int t = 0; t < 4; ++t) X[t] = ldi(x + 64 * t);
+    const fv dx = fset1(xd[mm][e]);
+    const fv sx = F::OFF ? ldf(xs[mm] + 16 * e) : fzero();
+    const iv g = F::OFF ? _mm512_setzero_si512() : ldi(xg[mm] + 16 * e);
+    for (int nn = 0; nn < nr; ++nn) {
+      iv s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(nn, 0), X[0]);
+      for (int t = 1; t < 4; ++t) s = _mm512_dpbusd_epi32(s, w(nn, t), X[t]);
+      if constexpr (!F::OFF) s = _mm512_sub_epi32(s, g);
+      acc[mm][nn] = ffma(i2f(s), fmul(dsc[nn], dx), acc[mm][nn]);
+      if constexpr (F::OFF) acc[mm][nn] = ffma(mn[nn], sx, acc[mm][nn]);
+    }
+  }
+}
+
 // Outputs y[m0 + i, n0 + r + j] for i < mr, j < nr from the panel of rows n0...
 template <class F, int mr, int nr>
 void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t r, int64_t m0) {
-  const int64_t S = entry8<F>(), G = J.K / 16;
+  const int64_t S = entry8<F>();
   const int8_t* xp[mr];
   const float* xd[mr];
   const int32_t* xg[mr];
   const float* xs[mr];
-  for (int mm = 0; mm < mr; ++mm) {
-    const int64_t m = m0 + mm;
-    xp[mm] = J.xb + m * J.K, xd[mm] = J.xbd + m * (J.K / 256), xg[mm] = J.xbg + m * G, xs[mm] = J.xbs + m * G;
-  }
+  act_rows8<mr>(J, m0, xp, xd, xg, xs);
   int64_t n[nr];
   const char* pp[nr];
   fv acc[mr][nr];
@@ -1587,35 +1624,68 @@ void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t
       dsc[nn] = _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 4));
       mn[nn] = F::OFF ? _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 5)) : fzero();
     }
-    for (int mm = 0; mm < mr; ++mm) {
-      const int8_t* x = xp[mm] + 256 * e;
-      iv X[4];
-      for (int t = 0; t < 4; ++t) X[t] = ldi(x + 64 * t);
-      const fv dx = fset1(xd[mm][e]);
-      const fv sx = F::OFF ? ldf(xs[mm] + 16 * e) : fzero();
-      const iv g = F::OFF ? _mm512_setzero_si512() : ldi(xg[mm] + 16 * e);
-      for (int nn = 0; nn < nr; ++nn) {
-        iv s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_load_si512(q[nn]), X[0]);
-        for (int t = 1; t < 4; ++t) s = _mm512_dpbusd_epi32(s, _mm512_load_si512(q[nn] + t), X[t]);
-        if constexpr (!F::OFF) s = _mm512_sub_epi32(s, g);
-        acc[mm][nn] = ffma(i2f(s), fmul(dsc[nn], dx), acc[mm][nn]);
-        if constexpr (F::OFF) acc[mm][nn] = ffma(mn[nn], sx, acc[mm][nn]);
-      }
-    }
+    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return _mm512_load_si512(q[nn] + t); }, dsc, mn, xp, xd, xg, xs, e);
   }
   store_tile<mr, nr>(J, acc, m0, n);
 }
 
-// Weight rows [n_begin, n_end), any number of activation rows: blocks of weight rows decoded
-// into a panel (NR rows, still in L1, for a few activation rows; ~256 KiB, in L2, for many).
+// Outputs y[m0 + i, n0 + j * ns] for i < mr, j < nr, decoding the weights from the rows
+// themselves into registers: the same sequence per output as panel_tile8, so the same bits.
+template <class F, int mr, int nr>
+void tile8(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
+  const int64_t E = J.K / 256;
+  const int8_t* xp[mr];
+  const float* xd[mr];
+  const int32_t* xg[mr];
+  const float* xs[mr];
+  act_rows8<mr>(J, m0, xp, xd, xg, xs);
+  int64_t n[nr];
+  const uint8_t* wp[nr];
+  for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + nn * ns, wp[nn] = J.w + n[nn] * J.wrow;
+  fv acc[mr][nr];
+  for (int mm = 0; mm < mr; ++mm)
+    for (int nn = 0; nn < nr; ++nn) acc[mm][nn] = fzero();
+  for (int64_t e = 0; e < E; ++e) {
+    iv W[nr][4];
+    fv dsc[nr], mn[nr];
+    for (int nn = 0; nn < nr; ++nn) {
+      const uint8_t* p = wp[nn] + e * F::CB;
+      for (int64_t o = 0; o < F::CB; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + o), _MM_HINT_T0);
+      mn[nn] = fzero();
+      F::decode(p, W[nn], &dsc[nn], &mn[nn]);
+    }
+    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return W[nn][t]; }, dsc, mn, xp, xd, xg, xs, e);
+  }
+  store_tile<mr, nr>(J, acc, m0, n);
+}
+
+// Weight rows [n_begin, n_end), any number of activation rows. A few (decode): one pass over
+// the weights from memory, decoded into registers, NR streams with prefetch ahead; more:
+// blocks of weight rows (~256 KiB, in L2) decoded once into a panel that every tile of MR
+// activation rows reads.
 template <class F>
 void run8(const Job& J, int64_t n_begin, int64_t n_end) {
   const int64_t E = J.K / 256;
-  int64_t nb = NR;
-  if (J.M > MR) {
-    nb = (int64_t{256} << 10) / (E * entry8<F>());
-    nb = nb < NR ? NR : nb - nb % NR;
+  if (J.M < MR) {
+    const int64_t part = (n_end - n_begin) / NR;
+    for (int64_t i = 0; i < part; ++i) {
+      switch (J.M) {
+        case 1: tile8<F, 1, NR>(J, 0, n_begin + i, part); break;
+        case 2: tile8<F, 2, NR>(J, 0, n_begin + i, part); break;
+        default: tile8<F, 3, NR>(J, 0, n_begin + i, part); break;
+      }
+    }
+    for (int64_t r = n_begin + NR * part; r < n_end; ++r) {
+      switch (J.M) {
+        case 1: tile8<F, 1, 1>(J, 0, r, 1); break;
+        case 2: tile8<F, 2, 1>(J, 0, r, 1); break;
+        default: tile8<F, 3, 1>(J, 0, r, 1); break;
+      }
+    }
+    return;
   }
+  int64_t nb = (int64_t{256} << 10) / (E * entry8<F>());
+  nb = nb < NR ? NR : nb - nb % NR;
   panel_pass(
       J, n_begin, n_end, nb, E * entry8<F>(),
       [&](int64_t b0, int64_t b1, char* panel) { decode_rows8<F>(J, b0, b1, E, panel); },
