@@ -1571,28 +1571,33 @@ void decode_rows8(const Job& J, int64_t n0, int64_t n1, int64_t E, char* panel) 
   }
 }
 
+// Activation rows m0 .. m0 + mr of a call's 8-bit activations (see prep_row8).
 template <int mr>
-__attribute__((always_inline)) inline void act_rows8(const Job& J, int64_t m0, const int8_t** xp, const float** xd,
-                                                     const int32_t** xg, const float** xs) {
-  for (int mm = 0; mm < mr; ++mm) {
-    const int64_t m = m0 + mm;
-    xp[mm] = J.xb + m * J.K, xd[mm] = J.xbd + m * (J.K / 256), xg[mm] = J.xbg + m * (J.K / 16);
-    xs[mm] = J.xbs + m * (J.K / 16);
+struct Acts8 {
+  const int8_t* xp[mr];
+  const float* xd[mr];
+  const int32_t* xg[mr];
+  const float* xs[mr];
+  Acts8(const Job& J, int64_t m0) {
+    for (int mm = 0; mm < mr; ++mm) {
+      const int64_t m = m0 + mm;
+      xp[mm] = J.xb + m * J.K, xd[mm] = J.xbd + m * (J.K / 256), xg[mm] = J.xbg + m * (J.K / 16);
+      xs[mm] = J.xbs + m * (J.K / 16);
+    }
   }
-}
+};
 
 // Super-block e of an mr x nr tile, operand t of weight row nn from w(nn, t).
 template <class F, int mr, int nr, class Get>
 __attribute__((always_inline)) inline void sb_step8(fv (&acc)[mr][nr], Get w, const fv (&dsc)[nr], const fv (&mn)[nr],
-                                                    const int8_t* const* xp, const float* const* xd,
-                                                    const int32_t* const* xg, const float* const* xs, int64_t e) {
+                                                    const Acts8<mr>& xa, int64_t e) {
   for (int mm = 0; mm < mr; ++mm) {
-    const int8_t* x = xp[mm] + 256 * e;
+    const int8_t* x = xa.xp[mm] + 256 * e;
     iv X[4];
     for (int t = 0; t < 4; ++t) X[t] = ldi(x + 64 * t);
-    const fv dx = fset1(xd[mm][e]);
-    const fv sx = F::OFF ? ldf(xs[mm] + 16 * e) : fzero();
-    const iv g = F::OFF ? _mm512_setzero_si512() : ldi(xg[mm] + 16 * e);
+    const fv dx = fset1(xa.xd[mm][e]);
+    const fv sx = F::OFF ? ldf(xa.xs[mm] + 16 * e) : fzero();
+    const iv g = F::OFF ? _mm512_setzero_si512() : ldi(xa.xg[mm] + 16 * e);
     for (int nn = 0; nn < nr; ++nn) {
       iv s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w(nn, 0), X[0]);
       for (int t = 1; t < 4; ++t) s = _mm512_dpbusd_epi32(s, w(nn, t), X[t]);
@@ -1607,11 +1612,7 @@ __attribute__((always_inline)) inline void sb_step8(fv (&acc)[mr][nr], Get w, co
 template <class F, int mr, int nr>
 void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t r, int64_t m0) {
   const int64_t S = entry8<F>();
-  const int8_t* xp[mr];
-  const float* xd[mr];
-  const int32_t* xg[mr];
-  const float* xs[mr];
-  act_rows8<mr>(J, m0, xp, xd, xg, xs);
+  const Acts8<mr> xa(J, m0);
   int64_t n[nr];
   const char* pp[nr];
   fv acc[mr][nr];
@@ -1624,7 +1625,7 @@ void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t
       dsc[nn] = _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 4));
       mn[nn] = F::OFF ? _mm512_load_ps(reinterpret_cast<const float*>(q[nn] + 5)) : fzero();
     }
-    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return _mm512_load_si512(q[nn] + t); }, dsc, mn, xp, xd, xg, xs, e);
+    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return _mm512_load_si512(q[nn] + t); }, dsc, mn, xa, e);
   }
   store_tile<mr, nr>(J, acc, m0, n);
 }
@@ -1634,11 +1635,7 @@ void panel_tile8(const Job& J, const char* panel, int64_t E, int64_t n0, int64_t
 template <class F, int mr, int nr>
 void tile8(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
   const int64_t E = J.K / 256;
-  const int8_t* xp[mr];
-  const float* xd[mr];
-  const int32_t* xg[mr];
-  const float* xs[mr];
-  act_rows8<mr>(J, m0, xp, xd, xg, xs);
+  const Acts8<mr> xa(J, m0);
   int64_t n[nr];
   const uint8_t* wp[nr];
   for (int nn = 0; nn < nr; ++nn) n[nn] = n0 + nn * ns, wp[nn] = J.w + n[nn] * J.wrow;
@@ -1654,7 +1651,7 @@ void tile8(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
       mn[nn] = fzero();
       F::decode(p, W[nn], &dsc[nn], &mn[nn]);
     }
-    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return W[nn][t]; }, dsc, mn, xp, xd, xg, xs, e);
+    sb_step8<F, mr, nr>(acc, [&](int nn, int t) { return W[nn][t]; }, dsc, mn, xa, e);
   }
   store_tile<mr, nr>(J, acc, m0, n);
 }
