@@ -255,13 +255,18 @@ def test_quantize_report_cli_on_a_tiny_model(tiny_gguf, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     r = CliRunner().invoke(app, ["quantize-report", str(tiny_gguf), "--text", str(text), "--tokens", "96", "--window", "32",
-                                 "--formats", "float32,bfloat16,int8", "--out", str(tmp_path), "--json"])  # fmt: skip
+                                 "--formats", "float32,bfloat16,int8,int8-a8", "--out", str(tmp_path), "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = {row["label"]: row for row in json.loads(r.stdout[r.stdout.index("{"):])["rows"]}
-    assert set(rows) == {"float32", "bfloat16", "int8"}
+    assert set(rows) == {"float32", "bfloat16", "int8", "int8-a8"}
     assert rows["float32"]["kl_mean"] == 0 and rows["float32"]["top1_agreement"] == 1
     assert rows["int8"]["bytes_per_param"] < rows["bfloat16"]["bytes_per_param"] < rows["float32"]["bytes_per_param"]
+    assert rows["int8-a8"]["bytes_per_param"] == rows["int8"]["bytes_per_param"]  # the same weights
+    if kernels.available():  # int8 activations add their own rounding
+        assert rows["int8-a8"]["kl_mean"] > rows["int8"]["kl_mean"]
     assert (tmp_path / "quantize_report.png").is_file()
+    bad = CliRunner().invoke(app, ["quantize-report", str(tiny_gguf), "--text", str(text), "--formats", "int4-a4"])
+    assert bad.exit_code != 0 and "'int4-a4' is not one of" in f"{bad.output}{bad.exception}"
 
 
 def test_quantize_report_default_text_comes_with_pellucid(tiny_gguf, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from pellucid.sampling.params import KNOBS
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Registry name, .gguf file or HF folder. Default: the config's model.name, else smollm2-135m-instruct.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Activations: auto (float32 for quantized weights on CPU; else bfloat16 where the CPU computes it natively, else float32), float32, bfloat16 or float16.")]
-Quant = Annotated[str, typer.Option("--quant", help="Weights: auto (the default: int4 unless the model's measured quality says int8 or none), int4 (the file's own quantized blocks; int4-g64, ...), int8, or none.")]
+Quant = Annotated[str, typer.Option("--quant", help="Weights: auto (the default: int4 unless the model's measured quality says int8 or none), int4 (the file's own quantized blocks; int4-g64, ...), int8, or none; int4-a8 / int8-a8: 8-bit activations (faster prefill and batches, llama.cpp's fidelity).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML inference config (model, sampling, control, system_prompt); flags override it.")]
 S = "Sampling"  # the help panel of the shared sampling flags
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate.", rich_help_panel=S)]

@@ -15,7 +15,7 @@ from pellucid.cli.display import Col, SizedAtUse, show_table
 from pellucid.cli.display import console as out_console
 from pellucid.errors import PellucidError
 from pellucid.registry import DEFAULT_MODEL
-from pellucid.runtime import FORMATS
+from pellucid.runtime import FLOAT_FORMATS, FORMATS
 
 console = SizedAtUse(stderr=True)
 
@@ -97,10 +97,24 @@ def quantize_report(
 def _formats(formats: str) -> list[str]:
     """The --formats list, float32 (the reference) first; unknown formats are errors."""
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in fmts if (split_format(f)[0] or split_format(f)[1]).split("-g")[0] not in FORMATS]
+    bad = [f for f in fmts if not _known(f)]
     if bad:
-        raise PellucidError(f"format {bad[0]!r} is not one of {', '.join(FORMATS)}", param="formats")
+        raise PellucidError(f"format {bad[0]!r} is not one of {', '.join(FORMATS)} (int4-g64, ...; '-a8' after int4 "
+                            "or int8 for 8-bit activations; '@bfloat16' for a quantized format's activation type)",
+                            param="formats")  # fmt: skip
     return ["float32", *(f for f in fmts if f != "float32")]
+
+
+def _known(label: str) -> bool:
+    from pellucid.quantization.apply import parse_quant
+
+    quant, act = split_format(label)
+    if act not in FLOAT_FORMATS:
+        return False
+    try:
+        return quant is None or parse_quant(quant)[0] is not None
+    except PellucidError:
+        return False
 
 
 def _show_table(rep, model: str, text: Path) -> None:
