@@ -65,10 +65,13 @@ MEASURED_KL: dict[str, dict[str, float]] = {
 
 
 def resolve_quant(quant: str | None, model: str) -> tuple[str | None, str]:
-    """"auto" -> (the format for `model` by the quality rule, why it is not int4 or ""); other values unchanged
-    ("none" -> None)."""
+    """"auto" -> (the format for `model` by the quality rule, why it is not int4 or ""); "auto-a8" -> that
+    format with 8-bit activations; other values unchanged ("none" -> None)."""
     if quant in (None, "", "none", "None"):
         return None, ""
+    if quant == "auto-a8":  # the same choice, on 8-bit activations (quantized weights only)
+        fmt, why = resolve_quant("auto", model)
+        return (fmt and fmt + "-a8"), why
     if quant != "auto":
         return quant, ""
     kl = MEASURED_KL.get(str(model))

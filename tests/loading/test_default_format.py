@@ -27,12 +27,15 @@ def test_a_model_whose_int4_fails_falls_back_and_says_why(monkeypatch):
     assert "int4" in why and "0.5" in why and "0.01" in why
     monkeypatch.setitem(runtime.MEASURED_KL, "worse-model", {"llama.cpp": 0.01, "int4": 0.5, "int8": 0.2})
     assert runtime.resolve_quant("auto", "worse-model")[0] is None  # no quantized format passes: float weights
+    assert runtime.resolve_quant("auto-a8", "some-model") == ("int8-a8", why)  # the same choice, 8-bit activations
+    assert runtime.resolve_quant("auto-a8", "worse-model")[0] is None
 
 
 def test_unmeasured_models_and_explicit_formats_are_left_alone():
     assert runtime.resolve_quant("auto", "/some/new.gguf") == ("int4", "")
     assert runtime.resolve_quant("int8", "smollm2-135m-instruct") == ("int8", "")
     assert runtime.resolve_quant("none", "gemma3-270m") == (None, "")
+    assert runtime.resolve_quant("auto-a8", "qwen2.5-coder-1.5b-instruct") == ("int4-a8", "")
 
 
 def test_loading_with_auto_applies_the_rule_and_logs_it(tmp_path, monkeypatch, caplog):

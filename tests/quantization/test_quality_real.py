@@ -4,7 +4,8 @@ worse than llama.cpp running the same file, on WikiText-2, through the path user
 
 llama.cpp's figures are recorded, not computed here: `pellucid quantize-report MODEL
 --tokens 1024 --window 256 --formats float32,int4 --peer-python <llama-cpp-python>`
-(llama-cpp-python 0.3.36, BENCHMARKS.md). This test scores the first 256-token window.
+(llama-cpp-python 0.3.36, BENCHMARKS.md). This test scores the first 256-token window, for
+the default format and for its 8-bit-activation variant (`-a8`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,19 @@ def test_default_format_is_at_least_as_faithful_as_llama_cpp(name):
     window = text_windows(ref.tokenizer, TEXT, 256, 256)[0]
     ref_logp = _logp(ref, window, cached=False)
     del ref
-    lm = load_model(path, quant=runtime.DEFAULT_QUANT)
-    acc = Accumulator()
-    acc.add(_logp(lm, window, cached=True), torch.tensor(window[1:]), ref_logp)
-    r = acc.result()
     kl, top1 = LLAMA_CPP[name]
+    lm = load_model(path, quant=runtime.DEFAULT_QUANT)
+    r = _score(lm, window, ref_logp)
     assert r["kl_mean"] <= kl, r
     assert r["top1_agreement"] >= top1, r
+    # 8-bit activations (opt-in) trade the default's fidelity for speed: they land in
+    # llama.cpp's band (its KL and top-1 come from its own 8-bit activations), not better
+    a8 = _score(load_model(path, quant=runtime.DEFAULT_QUANT + "-a8"), window, ref_logp)
+    assert r["kl_mean"] < a8["kl_mean"] <= 2 * kl, (a8, r)
+    assert a8["top1_agreement"] >= top1 - 0.03, a8
+
+
+def _score(lm, window: list[int], ref_logp: torch.Tensor) -> dict:
+    acc = Accumulator()
+    acc.add(_logp(lm, window, cached=True), torch.tensor(window[1:]), ref_logp)
+    return acc.result()
