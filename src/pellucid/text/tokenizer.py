@@ -15,6 +15,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -202,7 +203,8 @@ class Tokenizer:
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         if not tokens:
             raise PellucidError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-        types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+        raw_types = meta.get("tokenizer.ggml.token_type")
+        types: list[int] = [NORMAL] * len(tokens) if raw_types is None else np.asarray(raw_types, dtype=np.int64).tolist()
         bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
         eot = meta.get("tokenizer.ggml.eot_token_id")
         if model == "gpt2":
@@ -215,8 +217,9 @@ class Tokenizer:
             add_bos_default = True
         else:
             raise PellucidError(f"Unsupported tokenizer model {model!r} (tokenizer.ggml.model). Supported: gpt2 (byte-level BPE), llama (SentencePiece BPE).")
-        eog_texts = {i for i, t in enumerate(tokens) if t in END_OF_GENERATION_TEXTS}
-        special = sorted({i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)} | eog_texts)
+        eog_texts = {i for t in set(END_OF_GENERATION_TEXTS).intersection(tokens) for i in _indices(tokens, t)}
+        tarr = np.asarray(types)
+        special = sorted(set(np.flatnonzero((tarr == CONTROL) | (tarr == USER_DEFINED)).tolist()) | eog_texts)
         # llama.cpp makes end-of-generation texts control tokens, whatever their type (Gemma's
         # user-defined "</s>", Qwen2.5's normal one)
         control = {i for i in special if types[i] == CONTROL or i in eog_texts}
@@ -269,6 +272,17 @@ class Tokenizer:
             add_bos = _post_processor_prepends(json.loads(tok.to_str()).get("post_processor"), cfg.get("bos_token"))
         return cls(tok, bos_id=tid("bos_token"), eos_id=tid("eos_token"), add_bos=bool(add_bos),
                    special_ids=added, token_bytes=tbytes)  # fmt: skip
+
+
+def _indices(items: list[str], x: str) -> list[int]:
+    """Every index of x in items (list.index's C scan, for a value known to be there)."""
+    out, i = [], -1
+    try:
+        while True:
+            i = items.index(x, i + 1)
+            out.append(i)
+    except ValueError:
+        return out
 
 
 def _post_processor_prepends(pp: dict | None, bos) -> bool:
