@@ -154,15 +154,16 @@ def resolve_dtype(dtype: str, quant: str | None, device: str = "cpu") -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
-def kernels(device: str = "cpu") -> str:
-    """Which kernels a quantized model runs on here, in words (printed by bench and serve)."""
+def kernels(device: str = "cpu", quant: str | None = None) -> str:
+    """Which kernels a quantized model (of format `quant`) runs on here, in words (printed by bench and serve)."""
     if device != "cpu":
         return f"torch's kernels on {device}"
     from pellucid import kernels
 
     if not kernels.available():
         return "torch's kernels (pellucid's CPU kernels unavailable)"
-    return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, int16 activations per block)"
+    acts = "int8" if quant and quant.endswith("-a8") else "int16"
+    return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, {acts} activations per block)"
 
 
 _helper = threading.local()

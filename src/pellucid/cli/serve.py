@@ -180,7 +180,7 @@ def _loader(cfg):
                                                            where=lambda k: cfg.where("control.logit_bias"))  # fmt: skip
         err.print(f"[green]ready[/]: {sc.model} loaded in {time.perf_counter() - t:.1f} s "
                   f"(max batch {sc.max_batch}, context {llm.engine.max_len:,}, prefix cache "
-                  f"{'on' if llm.engine.prefix_cache else 'off'}; {llm.engine.memory_line()}; kernels: {runtime.kernels()})",
+                  f"{'on' if llm.engine.prefix_cache else 'off'}; {llm.engine.memory_line()}; kernels: {runtime.kernels(quant=llm.loaded.quant)})",
                   highlight=False)  # fmt: skip
         runtime.started()
         return llm
