@@ -1,8 +1,8 @@
 """Structured output: the cost of the grammar mask per token, and decode speed with and
 without a JSON schema, side by side in one run.
 
-    .venv/bin/python benchmarks/structured.py                 # bfloat16, batch 1 and 4
-    .venv/bin/python benchmarks/structured.py --dtype float32 --rounds 5
+    .venv/bin/python benchmarks/structured.py                 # the default format, batch 1 and 4
+    .venv/bin/python benchmarks/structured.py --quant none --dtype bfloat16 --rounds 5
 
 1. Mask cost on the real vocabulary (49,152 tokens): the constrained outputs of part 2 are
    replayed token by token through a fresh constraint, timing llguidance's bitmask fill,
@@ -113,19 +113,21 @@ def mask_costs(tok, outputs: list[list[int]]) -> dict[str, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="activations (default: the CLI default)")
+    ap.add_argument("--quant", default=None, help="weights (default: the CLI default format)")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", default="1,4")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    from pellucid import registry
+    from pellucid import registry, runtime
     from pellucid.api import LLM
     from pellucid.sampling.constraints import ll_tokenizer, make_constraint
 
-    llm = LLM(args.model or registry.DEFAULT_MODEL, dtype=args.dtype, max_batch=4, max_len=2048)
+    llm = LLM(args.model or registry.DEFAULT_MODEL, dtype=args.dtype, quant=args.quant or runtime.DEFAULT_QUANT,
+              max_batch=4, max_len=2048)  # fmt: skip
     tok = llm.tokenizer
-    print(f"model {llm.model_name} ({args.dtype}), vocab {tok.vocab_size}, torch threads {torch.get_num_threads()}, "
+    print(f"model {llm.model_name} ({llm.loaded.quant or 'float'} weights, {args.dtype} activations), vocab {tok.vocab_size}, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     t0 = time.perf_counter()
     ll_tokenizer(tok)
