@@ -318,3 +318,29 @@ def test_other_ops_bad_arguments_are_named():
         ops.glu(torch.randn(2, 7), 0)
     with pytest.raises(RuntimeError, match="act must be"):
         ops.glu(x, 2)
+
+
+@pytest.mark.parametrize("V", [64, 100, 49_152, 49_155])
+def test_apply_bitmask_equals_the_unpacked_mask(V):
+    """pellucid::apply_bitmask: the grammar bitmask applied in one pass equals masked_fill
+    with the unpacked bool mask, bit for bit (words all set, all clear, mixed; a part-filled
+    last word; fewer words than the vocabulary), and alive says which rows kept a finite logit."""
+    from pellucid.sampling.constraints import unpack_bitmask
+
+    g = torch.Generator().manual_seed(V)
+    B, W = 5, (V + 31) // 32
+    x = torch.randn(B, V, generator=g)
+    x[3, ::2] = float("-inf")
+    bits = torch.randint(-(2**31), 2**31 - 1, (B, W), dtype=torch.int32, generator=g)
+    bits[1] = -1  # every token
+    bits[2] = 0  # none: a dead row
+    bits[3] = 0x55555555  # only the even tokens, which are -inf: dead too
+    bits[4, W // 2 :] = 0
+    y, alive = torch.ops.pellucid.apply_bitmask(x, bits, float("-inf"))
+    ref = x.masked_fill(~unpack_bitmask(bits, V), float("-inf"))
+    assert torch.equal(y, ref)
+    assert alive.tolist() == (ref.amax(-1) > float("-inf")).tolist() == [True, True, False, False, True]
+    short, _ = torch.ops.pellucid.apply_bitmask(x, bits[:, : W // 2].contiguous(), float("-inf"))
+    assert torch.equal(short[:, 32 * (W // 2) :], torch.full_like(short[:, 32 * (W // 2) :], float("-inf")))
+    with pytest.raises(RuntimeError, match=r"bits must be \(B, W\) int32"):
+        torch.ops.pellucid.apply_bitmask(x, bits.long(), float("-inf"))

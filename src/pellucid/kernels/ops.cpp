@@ -9,6 +9,9 @@
 //       residual += x (in place), then rms_norm(residual)
 //   pellucid::glu(gu (..., 2F), act) -> (..., F)
 //       act(gate) * up with gu = [gate | up]; act 0: SiLU, 1: GELU (tanh approximation)
+//   pellucid::apply_bitmask(logits (B, V) f32, bits (B, W) int32, fill) -> (masked, alive (B,) bool)
+//       a grammar's bitmask applied in one pass: token v kept where bit v % 32 of word v / 32
+//       is set, else fill; alive: the row kept a value above fill
 //   pellucid::attention(qkv (B, T, (H + 2K) D), k_cache, v_cache (S, K, Lmax, D) f32/bf16/f16,
 //                       slots (B,), pos (B, T), cos, sin (P, D/2), H, K, scale, window,
 //                       q_norm?, k_norm? (D,), norm_eps, norm_offset) -> (B, T, H D)
@@ -37,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -309,6 +313,59 @@ at::Tensor glu(const at::Tensor& gu_, int64_t act) {
   else
     for_rows(M, F, [&](int64_t m) { glu_row<1>(G + m * 2 * F, Y + m * F, F); });
   return y;
+}
+
+// ---------------------------------------------------------------- grammar masks
+
+// One row: y = x where the token's bit is set in w (W words), else fill; returns whether a
+// kept value is above fill.
+bool mask_row(const float* x, const uint32_t* w, int64_t W, int64_t V, float fill, float* y) {
+  const __m256 f = _mm256_set1_ps(fill);
+  const __m256i one = _mm256_set1_epi32(1);
+  __m256i any = _mm256_setzero_si256();
+  bool alive = false;
+  int64_t j = 0;
+  for (; j + 32 <= V; j += 32) {
+    const uint32_t m = j / 32 < W ? w[j / 32] : 0u;
+    if (m == 0) {
+      for (int k = 0; k < 32; k += 8) _mm256_storeu_ps(y + j + k, f);
+      continue;
+    }
+    const __m256i mv = _mm256_set1_epi32(static_cast<int>(m));
+    for (int k = 0; k < 32; k += 8) {
+      const __m256i sh = _mm256_setr_epi32(k, k + 1, k + 2, k + 3, k + 4, k + 5, k + 6, k + 7);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srlv_epi32(mv, sh), one), one));
+      const __m256 v = _mm256_loadu_ps(x + j + k);
+      _mm256_storeu_ps(y + j + k, _mm256_blendv_ps(f, v, keep));
+      any = _mm256_or_si256(any, _mm256_castps_si256(_mm256_and_ps(keep, _mm256_cmp_ps(v, f, _CMP_GT_OQ))));
+    }
+  }
+  for (; j < V; ++j) {  // the vocabulary's last part-word
+    const bool keep = j / 32 < W && ((w[j / 32] >> (j % 32)) & 1u);
+    y[j] = keep ? x[j] : fill;
+    alive |= keep && x[j] > fill;
+  }
+  return alive || !_mm256_testz_si256(any, any);
+}
+
+// pellucid::apply_bitmask(logits (B, V) float32, bits (B, W) int32, fill) -> (masked, alive (B,) bool)
+std::tuple<at::Tensor, at::Tensor> apply_bitmask(const at::Tensor& logits_, const at::Tensor& bits_, double fill) {
+  TORCH_CHECK(logits_.dim() == 2 && logits_.scalar_type() == at::kFloat,
+              "pellucid::apply_bitmask: logits must be (B, V) float32, got ", logits_.scalar_type(), " of shape ", logits_.sizes());
+  TORCH_CHECK(bits_.dim() == 2 && bits_.scalar_type() == at::kInt && bits_.size(0) == logits_.size(0),
+              "pellucid::apply_bitmask: bits must be (B, W) int32 with B = ", logits_.size(0), ", got ",
+              bits_.scalar_type(), " of shape ", bits_.sizes());
+  auto x = logits_.contiguous();
+  auto bits = bits_.contiguous();
+  const int64_t B = x.size(0), V = x.size(1), W = bits.size(1);
+  auto y = at::empty_like(x);
+  auto alive = at::empty({B}, x.options().dtype(at::kBool));
+  const float* X = x.data_ptr<float>();
+  const uint32_t* M = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
+  float* Y = y.data_ptr<float>();
+  bool* A = alive.data_ptr<bool>();
+  for_rows(B, V, [&](int64_t b) { A[b] = mask_row(X + b * V, M + b * W, W, V, static_cast<float>(fill), Y + b * V); });
+  return {y, alive};
 }
 
 // ---------------------------------------------------------------- attention
@@ -901,6 +958,7 @@ TORCH_LIBRARY_FRAGMENT(pellucid, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor w, float eps, float offset) -> Tensor");
   m.def("glu(Tensor gu, int act) -> Tensor");
+  m.def("apply_bitmask(Tensor logits, Tensor bits, float fill) -> (Tensor, Tensor)");
   m.def(
       "attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor pos, Tensor cos, "
       "Tensor sin, int n_heads, int n_kv_heads, float scale, int window, Tensor? q_norm, Tensor? k_norm, "
@@ -911,5 +969,6 @@ TORCH_LIBRARY_IMPL(pellucid, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("glu", &glu);
+  m.impl("apply_bitmask", &apply_bitmask);
   m.impl("attention", &attention);
 }

@@ -203,9 +203,9 @@ def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ((bits[:, :, None] >> _shifts()) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab_size]  # (B, V)
 
 
-def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor | None:
-    """One bool (B, V) mask for a batch (rows without a constraint allow every token), or
-    None when no row has a constraint. Cheaper than B calls of `allowed_mask()`."""
+def bitmasks(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor | None:
+    """A batch's allowed tokens as one int32 (B, W) bitmask (token 32 w + i is bit i of word
+    w; a row without a constraint allows every token), or None when no row has a constraint."""
     if all(c is None for c in constraints):
         return None
     import torch
@@ -214,7 +214,14 @@ def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torc
     for i, c in enumerate(constraints):
         if c is not None:
             c.fill_bitmask(bits, i)
-    return unpack_bitmask(bits, vocab_size)
+    return bits
+
+
+def allowed_masks(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor | None:
+    """One bool (B, V) mask for a batch (rows without a constraint allow every token), or
+    None when no row has a constraint. Cheaper than B calls of `allowed_mask()`."""
+    bits = bitmasks(constraints, vocab_size)
+    return None if bits is None else unpack_bitmask(bits, vocab_size)
 
 
 # -- building constraints --------------------------------------------------------------------

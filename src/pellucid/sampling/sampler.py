@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from pellucid.sampling import processors
-from pellucid.sampling.constraints import Constraint, allowed_masks
+from pellucid.sampling.constraints import Constraint, allowed_masks, bitmasks
 from pellucid.sampling.params import SamplingParams
 
 STAGES = ("raw", "logit_bias", "penalties", "mask", "temperature", "top_k", "top_p", "min_p", "typical_p")
@@ -201,8 +201,13 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
     falls back to its raw logits."""
     dev, V = x.device, x.shape[1]
     constraints = [s.constraint for s in seqs]
+    alive = None  # (B, 1) bool once known
     if any(c is not None for c in constraints):
-        x = processors.apply_mask(x, _allowed(constraints, V, dev))
+        if _one_pass(constraints, x):  # the bitmask applied in C++, no (B, V) bool mask
+            x, kept = torch.ops.pellucid.apply_bitmask(x, bitmasks(constraints, V), processors.NEG_INF)
+            alive = kept[:, None]
+        else:
+            x = processors.apply_mask(x, _allowed(constraints, V, dev))
         check_alive = True
     banned = [i for i, s in enumerate(seqs) if s.bans_active]
     if banned:
@@ -212,8 +217,9 @@ def _constrain(x: torch.Tensor, raw: torch.Tensor, seqs: list[SequenceSampler], 
         processors.apply_bans(x, rows, ids, inplace=True)
         # a row with nothing else left may end: put its end tokens back
         x.index_put_((rows, ids), torch.where(_alive(x)[rows, 0], processors.NEG_INF, saved))
+        alive = None  # bans changed the rows
     if check_alive:
-        alive = _alive(x)
+        alive = _alive(x) if alive is None else alive
         if dev.type != "cpu" or not bool(alive.all()):  # on the CPU a check is cheaper than a pass
             x = torch.where(alive, x, raw)  # nothing left at all: fall back to the raw row
     note("mask", x)
@@ -372,6 +378,13 @@ def _col(values: list[float], device: torch.device) -> torch.Tensor:
 def _alive(x: torch.Tensor) -> torch.Tensor:
     """(B, 1) bool: the row still has a token with a finite logit."""
     return x.amax(dim=-1, keepdim=True) > processors.NEG_INF
+
+
+def _one_pass(constraints: list, x: torch.Tensor) -> bool:
+    """Whether pellucid::apply_bitmask can mask x: float32 on the CPU with the op loaded, every
+    constraint a grammar Constraint over x's vocabulary."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch.ops.pellucid, "apply_bitmask")
+            and all(c is None or (isinstance(c, Constraint) and c.vocab_size == x.shape[1]) for c in constraints))  # fmt: skip
 
 
 def _allowed(constraints: list, V: int, device: torch.device) -> torch.Tensor:
