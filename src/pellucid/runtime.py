@@ -162,7 +162,9 @@ def kernels(device: str = "cpu", quant: str | None = None) -> str:
 
     if not kernels.available():
         return "torch's kernels (pellucid's CPU kernels unavailable)"
-    acts = "int8" if quant and quant.endswith("-a8") else "int16"
+    from pellucid.quantization.apply import activation_bits
+
+    acts = f"int{activation_bits(quant)}"
     return f"pellucid CPU kernels ({kernels.isa()}, the file's blocks in place, {acts} activations per block)"
 
 

@@ -380,16 +380,20 @@ def _alive(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=-1, keepdim=True) > processors.NEG_INF
 
 
+def _grammars(constraints: list, V: int) -> bool:
+    """Every constraint a grammar Constraint over V tokens (None: no constraint): the batch has one bitmask."""
+    return all(c is None or (isinstance(c, Constraint) and c.vocab_size == V) for c in constraints)
+
+
 def _one_pass(constraints: list, x: torch.Tensor) -> bool:
-    """Whether pellucid::apply_bitmask can mask x: float32 on the CPU with the op loaded, every
-    constraint a grammar Constraint over x's vocabulary."""
+    """Whether pellucid::apply_bitmask can mask x: float32 on the CPU with the op loaded, one bitmask."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch.ops.pellucid, "apply_bitmask")
-            and all(c is None or (isinstance(c, Constraint) and c.vocab_size == x.shape[1]) for c in constraints))  # fmt: skip
+            and _grammars(constraints, x.shape[1]))  # fmt: skip
 
 
 def _allowed(constraints: list, V: int, device: torch.device) -> torch.Tensor:
     """(B, V) bool: each row's allowed tokens, every token for a row without a constraint."""
-    if all(c is None or (isinstance(c, Constraint) and c.vocab_size == V) for c in constraints):  # one bitmask, unpacked once
+    if _grammars(constraints, V):  # one bitmask, unpacked once
         return allowed_masks(constraints, V).to(device)
     rows = []
     for c in constraints:  # any object with allowed_mask() (None: every token)

@@ -204,7 +204,8 @@ class Tokenizer:
         if not tokens:
             raise PellucidError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
         raw_types = meta.get("tokenizer.ggml.token_type")
-        types: list[int] = [NORMAL] * len(tokens) if raw_types is None else np.asarray(raw_types, dtype=np.int64).tolist()
+        tarr = np.full(len(tokens), NORMAL, dtype=np.int64) if raw_types is None else np.asarray(raw_types, dtype=np.int64)
+        types: list[int] = tarr.tolist()
         bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
         eot = meta.get("tokenizer.ggml.eot_token_id")
         if model == "gpt2":
@@ -218,7 +219,6 @@ class Tokenizer:
         else:
             raise PellucidError(f"Unsupported tokenizer model {model!r} (tokenizer.ggml.model). Supported: gpt2 (byte-level BPE), llama (SentencePiece BPE).")
         eog_texts = {i for t in set(END_OF_GENERATION_TEXTS).intersection(tokens) for i in _indices(tokens, t)}
-        tarr = np.asarray(types)
         special = sorted(set(np.flatnonzero((tarr == CONTROL) | (tarr == USER_DEFINED)).tolist()) | eog_texts)
         # llama.cpp makes end-of-generation texts control tokens, whatever their type (Gemma's
         # user-defined "</s>", Qwen2.5's normal one)
