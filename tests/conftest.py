@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before torch loads libgomp (this process's and every process a test starts): an OpenMP
+# thread waiting at a barrier spins ~10k rounds, not 300k, before it sleeps. Under xdist two
+# workers share the cores, and a waiting thread that spins keeps the thread it waits for off
+# its core: a speculative-decoding test ran 69 s beside a busy neighbour against 22 s with
+# this (9 s alone), and a chat subprocess ran past its 300 s timeout in CI.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
