@@ -80,6 +80,35 @@ def test_group_of_requests_shares_one_queue(tiny_lm):
         ae.shutdown()
 
 
+def test_outputs_that_pile_up_while_the_loop_is_busy_all_arrive_and_each_loop_gets_its_own(tiny_lm):
+    """The engine thread hands outputs over through a pipe the loop watches: steps made while
+    the loop is blocked arrive together and in order, and a second event loop (a later
+    asyncio.run) gets its own; the first one's pipe is closed once its loop has closed."""
+    import time
+
+    ref = _sync_greedy(tiny_lm, PROMPTS[:2])
+    ae = AsyncEngine(Engine(tiny_lm, max_batch=4, max_len=64)).start()
+
+    async def main(p):
+        group = ae.add(ae.engine.make_request(p, GREEDY))
+        time.sleep(0.3)  # the loop blocked: every step of the request is made meanwhile
+        ids, outs = [], 0
+        async for out in group:
+            ids += out.new_token_ids
+            outs += 1
+        return ids, outs
+
+    try:
+        ids, outs = asyncio.run(main(PROMPTS[0]))
+        assert ids == ref[0] and outs >= 2  # one output per step, none lost or merged away
+        (first,) = ae._wakers.values()
+        ids, _ = asyncio.run(main(PROMPTS[1]))
+        assert ids == ref[1]
+        assert first.closed and first not in ae._wakers.values() and len(ae._wakers) == 1
+    finally:
+        ae.shutdown()
+
+
 def test_a_step_fills_its_token_budget_with_prompt_chunks(tiny_lm):
     eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16, step_tokens=8)
     eng.attention_share = 0  # tokens alone (what attention adds to a chunk's cost: the next test)
