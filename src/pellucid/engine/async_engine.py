@@ -63,7 +63,8 @@ class _Waker:
     """Hands items from any thread to one event loop: a deque and a pipe the loop reads.
 
     At most one byte is in the pipe at a time; the loop drains the deque on each wake-up, so
-    outputs that pile up while it is busy arrive together.
+    outputs that pile up while it is busy arrive together. A loop that cannot watch a pipe
+    (add_reader: not on Windows' proactor) is woken by call_soon_threadsafe instead.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -73,20 +74,33 @@ class _Waker:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
-        loop.add_reader(self.rfd, self._drain)
+        try:
+            loop.add_reader(self.rfd, self._drain)
+            self.piped = True
+        except NotImplementedError:
+            self.piped = False
 
     def post(self, items: list) -> None:
         """(queue, item) pairs to put on their queues on the loop's thread (call from any thread)."""
+        if self.closed:
+            return  # its loop has gone: nobody would read them
         self.items.append(items)
         if not self.pending:
             self.pending = True
-            _write_byte(self.wfd)  # a full pipe refuses it: a wake-up is waiting anyway
+            if self.piped:
+                _write_byte(self.wfd)  # a full pipe refuses it: a wake-up is waiting anyway
+            else:
+                try:
+                    self.loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # the loop is closed
+                    pass
 
     def _drain(self) -> None:
-        try:
-            os.read(self.rfd, 4096)
-        except BlockingIOError:
-            pass
+        if self.piped:
+            try:
+                os.read(self.rfd, 4096)
+            except BlockingIOError:
+                pass
         self.pending = False  # before emptying the deque: a post from now on writes again
         while self.items:
             for q, item in self.items.popleft():
@@ -96,7 +110,7 @@ class _Waker:
         if self.closed:
             return
         self.closed = True
-        if not self.loop.is_closed():
+        if self.piped and not self.loop.is_closed():
             self.loop.remove_reader(self.rfd)
         os.close(self.rfd)
         os.close(self.wfd)
