@@ -20,8 +20,9 @@ Workloads (`--workload chat shared`, both by default):
   rounds (`--schema-rounds`) on one server: what structured output costs under load.
 
 Per level: aggregate output tokens/s (all tokens / wall time), time to first token
-(request sent -> first content) p50/p95, inter-token gap as a client sees it p50/p99,
-failed requests, and the server's CPU seconds (utime + stime from /proc). Both servers get
+(request sent -> first content) p50/p95, inter-token gap as a client sees it p50/p99, a
+stream's own rate after its first token (tokens after the first / time from the first
+content to the last: the figure `pellucid bench` calls decode), failed requests, and the server's CPU seconds (utime + stime from /proc). Both servers get
 the same number of parallel slots (--slots: pellucid --max-batch, llama-server -np) and
 all the machine's cores.
 """
@@ -179,6 +180,9 @@ def summarize(results: list[Result], wall: float, clients: int) -> dict:
         "ttft_p50": statistics.median(ttft), "ttft_p95": pct(ttft, 95),
         "itl_p50_ms": 1000 * statistics.median(gaps) if gaps else float("nan"),
         "itl_p99_ms": 1000 * pct(gaps, 99) if gaps else float("nan"),
+        # a stream's own rate after its first token (what `pellucid bench` calls decode): the
+        # tokens after the first over the time from the first content to the last
+        "stream_tok_s": sum(r.tokens - 1 for r in ok if r.gaps) / (sum(sum(r.gaps) for r in ok) or float("nan")),
         "cached_tokens": sum(r.cached for r in ok),
         "first_error": next((r.error for r in results if r.error), None),
     }  # fmt: skip
@@ -339,7 +343,7 @@ def line(r: dict) -> str:
     err = f"  [{r['errors']} errors: {r['first_error']}]" if r["errors"] else ""
     return (f"  {r['server']:<22} {r['workload']:<6} {r['clients']:>3} clients: {r['tok_s']:7.1f} tok/s  "
             f"TTFT p50 {r['ttft_p50']:.3f} s p95 {r['ttft_p95']:.3f}  ITL p50 {r['itl_p50_ms']:.1f} ms "
-            f"p99 {r['itl_p99_ms']:.1f}  CPU {r['server_cpu_s']:.0f} s  cached {r['cached_tokens']}{err}")  # fmt: skip
+            f"p99 {r['itl_p99_ms']:.1f}  stream {r['stream_tok_s']:.1f} tok/s  CPU {r['server_cpu_s']:.0f} s  cached {r['cached_tokens']}{err}")  # fmt: skip
 
 
 def main() -> None:
@@ -407,11 +411,12 @@ def main() -> None:
             with llama_server(args.llama_server, args.model_file, args.slots, ctx, args.threads, logs / "bench-llama-server.log") as s:
                 rows.append(bench_shared(s, system, args, ban)[0])
 
-    print("\n| workload | server | clients | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | ITL p99 ms | errors | server CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| workload | server | clients | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | ITL p99 ms | stream tok/s | errors | server CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | "
-              f"{r['ttft_p95']:.3f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['errors']} | {r['server_cpu_s']:.0f} |")  # fmt: skip
+              f"{r['ttft_p95']:.3f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {r['stream_tok_s']:.1f} | {r['errors']} | "
+              f"{r['server_cpu_s']:.0f} |")  # fmt: skip
     by = {(r["server"], r["workload"], r["clients"]): r for r in rows}
     for c in args.clients:
         a, b = by.get(("pellucid", "chat", c)), by.get(("llama-server", "chat", c))
