@@ -1434,20 +1434,30 @@ void panel_pass(const Job& J, int64_t n_begin, int64_t n_end, int64_t nb, int64_
   }
 }
 
-// Weight rows [n_begin, n_end). A few activation rows (decode): one pass over the weights,
-// from memory, with software prefetch ahead. More rows: blocks of weight rows that stay in
-// L2 while every tile of MR activation rows passes over them, decoded once into a panel when
-// their rows are short (measured: faster for K up to ~2,000, slower for K = 8,960).
+// Activation rows from which a block of short weight rows is worth decoding once into a
+// panel; below it every tile of MR rows decodes the weights in registers. Measured on the
+// 2-core AVX-512 host (all of a model's block matmuls, int16 activations): at 4 rows the
+// panel took 1.9-2.3x the time of one pass in registers (SmolLM2 Q4_1 10.9 -> 5.9 ms,
+// Qwen2.5 1.5B Q4_K/Q6_K 76-91 -> 36-42 ms), at 8 rows 1.3-1.4x, at 16 1.05-1.2x; at 32
+// they were even and from 64 on the panel was faster (1.5B: 459 against 474 ms).
+constexpr int64_t kPanelRows = 32;
+
+// Weight rows [n_begin, n_end). Up to MR activation rows (decode): one pass over the weights,
+// from memory, with software prefetch ahead. More: blocks of weight rows (~256 KiB) that stay
+// in L2 while every tile of MR activation rows passes over them, decoded in registers by
+// each tile, or, from kPanelRows rows on and when their rows are short, decoded once into a
+// panel (measured: faster for K up to ~2,000, slower for K = 8,960).
 template <class F>
 void run(const Job& J, int64_t n_begin, int64_t n_end) {
   switch (J.M) {
     case 1: return rows<F, 1, NR, true>(J, 0, n_begin, n_end);
     case 2: return rows<F, 2, NR, true>(J, 0, n_begin, n_end);
     case 3: return rows<F, 3, NR, true>(J, 0, n_begin, n_end);
+    case MR: return rows<F, MR, NR, true>(J, 0, n_begin, n_end);
     default: break;
   }
   const int64_t S = panel_entry<F>(), E = IsSuper<F>::value ? J.K / F::CE : J.KP / (GPU * F::GS);
-  if (E * S > (int64_t{8} << 10)) {  // long rows (K of several thousand): decoded rows would crowd L2; decode in place
+  if (J.M < kPanelRows || E * S > (int64_t{8} << 10)) {  // few rows, or long ones (decoded rows would crowd L2)
     int64_t nb = (int64_t{256} << 10) / J.wrow;
     nb = nb < 8 ? 8 : nb - nb % 8;
     for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
@@ -1656,27 +1666,38 @@ void tile8(const Job& J, int64_t m0, int64_t n0, int64_t ns) {
   store_tile<mr, nr>(J, acc, m0, n);
 }
 
-// Weight rows [n_begin, n_end), any number of activation rows. A few (decode): one pass over
-// the weights from memory, decoded into registers, NR streams with prefetch ahead; more:
-// blocks of weight rows (~256 KiB, in L2) decoded once into a panel that every tile of MR
-// activation rows reads.
+// Weight rows [n0, n1) against activation rows [m0, m0 + mr), decoded in registers; a tile's
+// NR weight rows come from NR equal parts of the range (NR sequential streams).
+template <class F, int mr>
+void rows8(const Job& J, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t part = (n1 - n0) / NR;
+  for (int64_t i = 0; i < part; ++i) tile8<F, mr, NR>(J, m0, n0 + i, part);
+  for (int64_t r = n0 + NR * part; r < n1; ++r) tile8<F, mr, 1>(J, m0, r, 1);
+}
+
+// 8-bit activations' panels pay off sooner (the 1.5B's block matmuls at 16 rows: 92-94 ms
+// with panels against 96-97 in registers; at 8 rows 59 against 50-52; at 4, 41-42 against 28).
+constexpr int64_t kPanelRows8 = 16;
+
+// Weight rows [n_begin, n_end), any number of activation rows, as run() for 16 bits: up to MR
+// (decode), one pass over the weights from memory, decoded into registers; fewer than
+// kPanelRows8, blocks of weight rows (~256 KiB, in L2) that every tile of MR activation rows
+// decodes in registers; more, each block decoded once into a panel that every tile reads.
 template <class F>
 void run8(const Job& J, int64_t n_begin, int64_t n_end) {
   const int64_t E = J.K / 256;
-  if (J.M < MR) {
-    const int64_t part = (n_end - n_begin) / NR;
-    for (int64_t i = 0; i < part; ++i) {
-      switch (J.M) {
-        case 1: tile8<F, 1, NR>(J, 0, n_begin + i, part); break;
-        case 2: tile8<F, 2, NR>(J, 0, n_begin + i, part); break;
-        default: tile8<F, 3, NR>(J, 0, n_begin + i, part); break;
-      }
-    }
-    for (int64_t r = n_begin + NR * part; r < n_end; ++r) {
-      switch (J.M) {
-        case 1: tile8<F, 1, 1>(J, 0, r, 1); break;
-        case 2: tile8<F, 2, 1>(J, 0, r, 1); break;
-        default: tile8<F, 3, 1>(J, 0, r, 1); break;
+  const int64_t nb_rows = J.M <= MR ? n_end - n_begin : std::max<int64_t>(8, ((int64_t{256} << 10) / J.wrow) / 8 * 8);
+  if (J.M < kPanelRows8) {
+    for (int64_t b0 = n_begin; b0 < n_end; b0 += nb_rows) {
+      const int64_t b1 = b0 + nb_rows < n_end ? b0 + nb_rows : n_end;
+      for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
+        const int64_t left = J.M - m0;
+        switch (left >= MR ? MR : left) {
+          case 1: rows8<F, 1>(J, m0, b0, b1); break;
+          case 2: rows8<F, 2>(J, m0, b0, b1); break;
+          case 3: rows8<F, 3>(J, m0, b0, b1); break;
+          default: rows8<F, MR>(J, m0, b0, b1); break;
+        }
       }
     }
     return;
