@@ -109,6 +109,22 @@ def test_outputs_that_pile_up_while_the_loop_is_busy_all_arrive_and_each_loop_ge
         ae.shutdown()
 
 
+def test_a_waker_delivers_what_was_posted_before_it_closes_and_nothing_after():
+    from pellucid.engine.async_engine import _Waker
+
+    async def main():
+        w = _Waker(asyncio.get_running_loop())
+        q: asyncio.Queue = asyncio.Queue()
+        t = threading.Thread(target=w.post, args=([(q, 1), (q, 2)],))  # from another thread, as the engine
+        t.start()
+        t.join()
+        w.close()  # on the loop's thread, before the loop has read the pipe
+        w.post([(q, 3)])  # after: dropped, and nothing is written to the released fds
+        return [q.get_nowait() for _ in range(q.qsize())], w.closed, (w.rfd, w.wfd)
+
+    assert asyncio.run(main()) == ([1, 2], True, (-1, -1))
+
+
 def test_a_step_fills_its_token_budget_with_prompt_chunks(tiny_lm):
     eng = Engine(tiny_lm, max_batch=4, max_len=64, prefill_chunk=16, step_tokens=8)
     eng.attention_share = 0  # tokens alone (what attention adds to a chunk's cost: the next test)

@@ -52,7 +52,7 @@ def _gil_holding_write() -> Callable[[int], object]:
         write = ctypes.PyDLL(None).write
         write.argtypes, write.restype = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t), ctypes.c_ssize_t
         return lambda fd: write(fd, b"\0", 1)
-    except (OSError, AttributeError):  # no C library symbols in this process
+    except (OSError, AttributeError, TypeError):  # no C library symbols in this process (or no dlopen(NULL))
         return lambda fd: os.write(fd, b"\0")
 
 
@@ -64,20 +64,24 @@ class _Waker:
 
     At most one byte is in the pipe at a time; the loop drains the deque on each wake-up, so
     outputs that pile up while it is busy arrive together. A loop that cannot watch a pipe
-    (add_reader: not on Windows' proactor) is woken by call_soon_threadsafe instead.
+    (add_reader: not on Windows' proactor) is woken by call_soon_threadsafe instead. The
+    hand-over relies on the GIL for the order of `pending` and the deque.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.items: deque[list] = deque()
         self.pending = self.closed = False
-        self.rfd, self.wfd = os.pipe()
-        os.set_blocking(self.rfd, False)
-        os.set_blocking(self.wfd, False)
+        self._fd_lock = threading.Lock()  # no write once close() has let the fds go (they may be reused)
+        self.rfd = self.wfd = -1
         try:
+            self.rfd, self.wfd = os.pipe()
+            os.set_blocking(self.rfd, False)
+            os.set_blocking(self.wfd, False)
             loop.add_reader(self.rfd, self._drain)
             self.piped = True
-        except NotImplementedError:
+        except (NotImplementedError, OSError):
+            self._close_fds()
             self.piped = False
 
     def post(self, items: list) -> None:
@@ -88,7 +92,9 @@ class _Waker:
         if not self.pending:
             self.pending = True
             if self.piped:
-                _write_byte(self.wfd)  # a full pipe refuses it: a wake-up is waiting anyway
+                with self._fd_lock:
+                    if not self.closed:
+                        _write_byte(self.wfd)  # a full pipe refuses it: a wake-up is waiting anyway
             else:
                 try:
                     self.loop.call_soon_threadsafe(self._drain)
@@ -107,13 +113,23 @@ class _Waker:
                 q.put_nowait(item)
 
     def close(self) -> None:
+        """Stop watching the pipe and close it. On the loop's thread (or with the loop not
+        running): what was posted before is delivered first."""
         if self.closed:
             return
-        self.closed = True
-        if self.piped and not self.loop.is_closed():
-            self.loop.remove_reader(self.rfd)
-        os.close(self.rfd)
-        os.close(self.wfd)
+        if not self.loop.is_closed():
+            self._drain()
+            if self.piped:
+                self.loop.remove_reader(self.rfd)
+        with self._fd_lock:
+            self.closed = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
 
 
 @dataclass
@@ -212,12 +228,17 @@ class AsyncEngine:
         for rid in list(self._streams):
             self.engine.abort(rid)
         self._streams.clear()
-        for waker in self._wakers.values():
-            try:
-                waker.loop.call_soon_threadsafe(waker.close)
-            except RuntimeError:  # its loop is closed: nothing watches the pipe any more
-                waker.close()
-        self._wakers.clear()
+        with self._lock:
+            wakers = list(self._wakers.values())
+            self._wakers.clear()
+        for waker in wakers:
+            if waker.loop.is_running() and not waker.loop.is_closed():
+                try:
+                    waker.loop.call_soon_threadsafe(waker.close)  # on its own thread
+                    continue
+                except RuntimeError:  # closed meanwhile
+                    pass
+            waker.close()  # nothing runs the loop: safe from here
 
     @property
     def alive(self) -> bool:
