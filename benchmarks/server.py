@@ -22,8 +22,9 @@ Workloads (`--workload chat shared`, both by default):
 Per level: aggregate output tokens/s (all tokens / wall time), time to first token
 (request sent -> first content) p50/p95, inter-token gap as a client sees it p50/p99, a
 stream's own rate after its first token (tokens after the first / time from the first
-content to the last: the figure `pellucid bench` calls decode), failed requests, and the server's CPU seconds (utime + stime from /proc). Both servers get
-the same number of parallel slots (--slots: pellucid --max-batch, llama-server -np) and
+content to the last: the figure `pellucid bench` calls decode), failed requests, and the
+server's CPU seconds (utime + stime from /proc). Both servers get the same number of
+parallel slots (--slots: pellucid --max-batch, llama-server -np) and
 all the machine's cores.
 """
 

@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PEER = """
@@ -30,16 +31,19 @@ print(llm(sys.argv[2], max_tokens=1, temperature=0)["choices"][0]["text"])
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Run cmd; (wall seconds, peak RSS MiB, stdout)."""
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    out, err = p.stdout.read(), p.stderr.read()
-    p.stdout.close(), p.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[:3]} failed:\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, out
+    """Run cmd; (wall seconds, peak RSS MiB, stdout). Its output goes to files, not pipes, so
+    a chatty child cannot block on a full pipe while we wait for it."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0), err.seek(0)
+        text, errors = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{errors[-2000:]}")
+    return wall, usage.ru_maxrss / 1024, text
 
 
 def main() -> None:

@@ -1434,6 +1434,32 @@ void panel_pass(const Job& J, int64_t n_begin, int64_t n_end, int64_t nb, int64_
   }
 }
 
+// Weight rows in L2-sized blocks (~256 KiB, a multiple of 8 rows) for the passes below.
+inline int64_t l2_block_rows(const Job& J) {
+  const int64_t nb = (int64_t{256} << 10) / J.wrow;
+  return nb < 8 ? 8 : nb - nb % 8;
+}
+
+// Weight rows [n_begin, n_end) in blocks of nb rows, every tile of MR activation rows passing
+// over each block in turn (rows_of(mr, m0, b0, b1), mr as std::integral_constant): the weights
+// are decoded in registers by each tile and stay in L2 between the tiles.
+template <class Rows>
+void blocked_pass(const Job& J, int64_t n_begin, int64_t n_end, int64_t nb, Rows rows_of) {
+  using std::integral_constant;
+  for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
+    const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
+    for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
+      const int64_t left = J.M - m0;
+      switch (left >= MR ? MR : left) {
+        case 1: rows_of(integral_constant<int, 1>(), m0, b0, b1); break;
+        case 2: rows_of(integral_constant<int, 2>(), m0, b0, b1); break;
+        case 3: rows_of(integral_constant<int, 3>(), m0, b0, b1); break;
+        default: rows_of(integral_constant<int, MR>(), m0, b0, b1); break;
+      }
+    }
+  }
+}
+
 // Activation rows from which a block of short weight rows is worth decoding once into a
 // panel; below it every tile of MR rows decodes the weights in registers. Measured on the
 // 2-core AVX-512 host (all of a model's block matmuls, int16 activations): at 4 rows the
@@ -1458,21 +1484,9 @@ void run(const Job& J, int64_t n_begin, int64_t n_end) {
   }
   const int64_t S = panel_entry<F>(), E = IsSuper<F>::value ? J.K / F::CE : J.KP / (GPU * F::GS);
   if (J.M < kPanelRows || E * S > (int64_t{8} << 10)) {  // few rows, or long ones (decoded rows would crowd L2)
-    int64_t nb = (int64_t{256} << 10) / J.wrow;
-    nb = nb < 8 ? 8 : nb - nb % 8;
-    for (int64_t b0 = n_begin; b0 < n_end; b0 += nb) {
-      const int64_t b1 = b0 + nb < n_end ? b0 + nb : n_end;
-      for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
-        const int64_t left = J.M - m0;
-        switch (left >= MR ? MR : left) {
-          case 1: rows<F, 1, NR, false>(J, m0, b0, b1); break;
-          case 2: rows<F, 2, NR, false>(J, m0, b0, b1); break;
-          case 3: rows<F, 3, NR, false>(J, m0, b0, b1); break;
-          default: rows<F, MR, NR, false>(J, m0, b0, b1); break;
-        }
-      }
-    }
-    return;
+    return blocked_pass(J, n_begin, n_end, l2_block_rows(J), [&](auto mr, int64_t m0, int64_t b0, int64_t b1) {
+      rows<F, decltype(mr)::value, NR, false>(J, m0, b0, b1);
+    });
   }
   int64_t nb = (int64_t{256} << 10) / (E * S);
   panel_pass(
@@ -1686,21 +1700,11 @@ constexpr int64_t kPanelRows8 = 16;
 template <class F>
 void run8(const Job& J, int64_t n_begin, int64_t n_end) {
   const int64_t E = J.K / 256;
-  const int64_t nb_rows = J.M <= MR ? n_end - n_begin : std::max<int64_t>(8, ((int64_t{256} << 10) / J.wrow) / 8 * 8);
-  if (J.M < kPanelRows8) {
-    for (int64_t b0 = n_begin; b0 < n_end; b0 += nb_rows) {
-      const int64_t b1 = b0 + nb_rows < n_end ? b0 + nb_rows : n_end;
-      for (int64_t m0 = 0; m0 < J.M; m0 += MR) {
-        const int64_t left = J.M - m0;
-        switch (left >= MR ? MR : left) {
-          case 1: rows8<F, 1>(J, m0, b0, b1); break;
-          case 2: rows8<F, 2>(J, m0, b0, b1); break;
-          case 3: rows8<F, 3>(J, m0, b0, b1); break;
-          default: rows8<F, MR>(J, m0, b0, b1); break;
-        }
-      }
-    }
-    return;
+  if (J.M < kPanelRows8) {  // up to MR rows: the whole range is one block (one pass from memory)
+    const int64_t nb = J.M <= MR ? std::max<int64_t>(1, n_end - n_begin) : l2_block_rows(J);
+    return blocked_pass(J, n_begin, n_end, nb, [&](auto mr, int64_t m0, int64_t b0, int64_t b1) {
+      rows8<F, decltype(mr)::value>(J, m0, b0, b1);
+    });
   }
   int64_t nb = (int64_t{256} << 10) / (E * entry8<F>());
   nb = nb < NR ? NR : nb - nb % NR;
